@@ -1,0 +1,1 @@
+"""hacbo-jax: budget-controlled full fine-tuning of language models in JAX."""

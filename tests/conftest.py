@@ -1,0 +1,7 @@
+"""Shared pytest configuration."""
+import os
+
+# Tests never touch a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
