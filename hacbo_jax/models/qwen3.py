@@ -1,0 +1,642 @@
+"""Qwen3 (dense) in Flax NNX, with Hugging Face checkpoint load/save and logit parity.
+
+Reference: transformers' ``modeling_qwen3.py`` (PyTorch) and the Qwen3 technical report.
+Architecture per decoder layer (pre-norm)::
+
+    h = x + o_proj(attn(rope(q_norm(q_proj(rms(x)))), rope(k_norm(k_proj(rms(x)))), v_proj(rms(x))))
+    y = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+
+with grouped-query attention (query head n reads key/value head n // (N / K)), a per-head
+RMSNorm on queries and keys before RoPE, RoPE angles and softmax in float32, and logits
+``norm(h) @ E^T`` when the embeddings are tied (one parameter, not a copy).
+
+Parameter paths mirror Hugging Face's names (``model.layers.3.self_attn.q_proj``); projection
+kernels are stored input-axes-first with heads split out (q_proj: [D, N, H], o_proj: [N, H, D]),
+and :func:`hf_to_param` / :func:`param_to_hf` are the one place that converts to and from
+Hugging Face's ``[out, in]`` layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+__all__ = [
+    "Qwen3Config",
+    "Qwen3ForCausalLM",
+    "qwen3_labels",
+    "hf_name",
+    "hf_to_param",
+    "param_to_hf",
+    "positions_from_mask",
+]
+
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Hyper-parameters of a dense Qwen3 model, with Hugging Face's field names.
+
+    Only the fields the architecture uses are kept; :meth:`from_hf` reads each of them from a
+    ``config.json`` (falling back to transformers' own ``Qwen3Config`` defaults for keys the
+    file omits) and rejects configs that need features this port does not implement.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):  # keep the config hashable (it is static in jit)
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"Qwen3Config.{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @classmethod
+    def qwen3_0_6b(cls) -> Qwen3Config:
+        """The Qwen/Qwen3-0.6B architecture (values from its published config.json)."""
+        return cls(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                   head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                   tie_word_embeddings=True, attention_bias=False,
+                   max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
+        """Builds a config from a Hugging Face ``config.json`` (a dict, the file, or its directory).
+
+        ``rope_theta`` is read from ``rope_parameters`` (transformers >= 5) or from the top level
+        (older files). Raises ValueError for a model_type other than ``qwen3``, sliding-window
+        attention, RoPE scaling other than ``default``, or an activation other than ``silu``.
+        """
+        if not isinstance(config, Mapping):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                config = json.load(f)
+        cfg = dict(config)
+        if cfg.get("model_type") != "qwen3":
+            raise ValueError(
+                f"not a Qwen3 config: model_type={cfg.get('model_type')!r} (expected 'qwen3')")
+        problems = []
+        if cfg.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu' is implemented)")
+        if cfg.get("use_sliding_window", False):
+            problems.append("use_sliding_window=True (sliding-window attention is not implemented)")
+        layer_types = cfg.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            problems.append(f"layer_types={sorted(set(layer_types))} (only 'full_attention' is "
+                            "implemented)")
+        rope = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling") or {}
+        for source, params in (("rope_parameters", rope), ("rope_scaling", rope_scaling)):
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            if rope_type != "default":
+                problems.append(f"{source}.rope_type={rope_type!r} (only 'default' RoPE is "
+                                "implemented)")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                               "num_hidden_layers", "num_attention_heads") if k not in cfg]
+        if missing:
+            problems.append(f"missing required keys {missing}")
+        if problems:
+            raise ValueError("unsupported Qwen3 config: " + "; ".join(problems))
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        n_heads = cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads if kv_heads is None else kv_heads,
+            head_dim=cfg.get("head_dim") or 128,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            initializer_range=float(cfg.get("initializer_range", 0.02)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+        )
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers.Qwen3ForCausalLM`` loads."""
+        d = dataclasses.asdict(self)
+        d.pop("rope_theta")
+        d.update(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=self.num_hidden_layers,
+            layer_types=["full_attention"] * self.num_hidden_layers,
+            attention_dropout=0.0,
+            use_cache=True,
+            dtype=dtype,
+        )
+        if isinstance(d["eos_token_id"], tuple):
+            d["eos_token_id"] = list(d["eos_token_id"])
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+class Linear(nnx.Module):
+    """A bias-optional projection ``y = einsum(spec, x, kernel) (+ bias)``.
+
+    The kernel is stored input axes first (``in_shape + out_shape``) in ``param_dtype`` and cast
+    to ``dtype`` for the matmul, so fp32 master weights can drive bf16 compute.
+    """
+
+    def __init__(self, einsum: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
+                 use_bias: bool, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.einsum = einsum
+        self.dtype = dtype
+        self.kernel = nnx.Param(
+            std * jax.random.normal(rngs.params(), in_shape + out_shape, param_dtype))
+        self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.einsum, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """``w * x / sqrt(mean(x^2) + eps)`` over the last axis, normalised in float32.
+
+    Like transformers, the normalised value is cast back to the input dtype before the scale.
+    """
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * x32.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``weight[V, D]``; also the output projection when tied."""
+
+    def __init__(self, vocab: int, dim: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.weight = nnx.Param(std * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("BTD,VD->BTV", h, self.weight[...].astype(self.dtype))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Token positions counted over real tokens only (0 at the first non-pad token).
+
+    Pads get position 0; their outputs are never used. This is what transformers' ``generate``
+    passes as ``position_ids``, so left-padded rows see the same positions as unpadded ones.
+    """
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, head_dim] with angles ``pos * theta^(-2i/head_dim)`` in float32."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates pairs (i, i + H/2) of x[B, T, N, H]: ``x cos + rotate_half(x) sin``."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Qwen3Attention(nnx.Module):
+    """Grouped-query self-attention with per-head q/k RMSNorm and RoPE."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, n, k, h = (config.hidden_size, config.num_attention_heads,
+                      config.num_key_value_heads, config.head_dim)
+        common = dict(use_bias=config.attention_bias, std=config.initializer_range, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear("BTD,DNH->BTNH", (d,), (n, h), **common)
+        self.k_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
+        self.v_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
+        self.o_proj = Linear("BTNH,NHD->BTD", (n, h), (d,), **common)
+        self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.scale = h ** -0.5
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)
+        v = self.v_proj(x)
+        if cache is not None:
+            # Left-padded batches write all rows at the same slot, so one dynamic slice suffices.
+            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype),
+                                             (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
+                                             (0, cache_index, 0, 0))
+            cache = (k, v)
+        # jax.nn.dot_product_attention groups query heads as [K, N/K] (repeat, not tile) and
+        # takes the softmax in float32.
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                           scale=self.scale)
+        return self.o_proj(out), cache
+
+
+class Qwen3MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        common = dict(use_bias=False, std=config.initializer_range, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear("BTD,DF->BTF", (d,), (f,), **common)
+        self.up_proj = Linear("BTD,DF->BTF", (d,), (f,), **common)
+        self.down_proj = Linear("BTF,FD->BTD", (f,), (d,), **common)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nnx.Module):
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
+                                       param_dtype=param_dtype)
+        self.self_attn = Qwen3Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                dtype=dtype, param_dtype=param_dtype)
+        self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+def _remat_layer(layer: Qwen3DecoderLayer, x, cos, sin, mask):
+    return layer(x, cos, sin, mask)[0]
+
+
+class Qwen3Model(nnx.Module):
+    """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree)."""
+
+    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      std=config.initializer_range, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([
+            Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.remat = remat
+        self.head_dim = config.head_dim
+        self.rope_theta = config.rope_theta
+
+    def __call__(self, input_ids, positions, mask, cache: KVCache | None = None,
+                 cache_index=None) -> tuple[jax.Array, KVCache | None]:
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            if cache is None and self.remat:
+                x = nnx.remat(_remat_layer)(layer, x, cos, sin, mask)
+            else:
+                x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i],
+                                       cache_index)
+                new_cache.append(layer_cache)
+        return self.norm(x), (None if cache is None else tuple(new_cache))
+
+
+# --------------------------------------------------------------------------------------------
+# Causal LM
+# --------------------------------------------------------------------------------------------
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 causal language model (``transformers.Qwen3ForCausalLM`` in Flax NNX).
+
+    Args:
+      config: the architecture.
+      dtype: compute dtype (activations and matmuls); logits are returned in float32.
+      param_dtype: storage dtype of the parameters (e.g. float32 master weights with bf16 compute).
+      remat: rematerialise each decoder layer in the backward pass (``nnx.remat``).
+      rngs: initialisation randomness (normal(0, initializer_range) weights, unit norms).
+    """
+
+    def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs | None = None):
+        rngs = nnx.Rngs(0) if rngs is None else rngs
+        self.config = config
+        self.dtype = dtype
+        self.model = Qwen3Model(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                rngs=rngs)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear("BTD,DV->BTV", (config.hidden_size,), (config.vocab_size,),
+                                  use_bias=False, std=config.initializer_range, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits float32[B, T, V] for input_ids int[B, T].
+
+        ``attention_mask`` (1 = token, 0 = pad; left or right padding) masks pad keys and sets
+        positions to the count of real tokens before each one. Outputs at pad positions are
+        meaningless.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
+        valid = attention_mask.astype(jnp.bool_)
+        t = input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+        mask = causal[None, None] & valid[:, None, None, :]
+        logits, _ = self.forward_with_cache(input_ids, positions_from_mask(valid), mask)
+        return logits
+
+    def forward_with_cache(self, input_ids, positions, mask, cache: KVCache | None = None,
+                           cache_index=None) -> tuple[jax.Array, KVCache | None]:
+        """Low-level forward used by generation.
+
+        Args:
+          input_ids: int[B, T]; positions: int[B, T] (RoPE positions).
+          mask: bool[B, 1, T, S], True where query t may attend key slot s (S = T without a cache,
+            the cache length with one).
+          cache: per-layer (keys, values), each [B, S, K, H]; the new keys/values are written at
+            slots ``cache_index .. cache_index + T``.
+        Returns: (logits float32[B, T, V], updated cache or None).
+        """
+        h, cache = self.model(input_ids, positions, mask, cache, cache_index)
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32), cache
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """Zeroed key/value cache, [B, max_length, K, H] per layer in the compute dtype."""
+        c = self.config
+        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+                     for _ in range(c.num_hidden_layers))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
+                        param_dtype=jnp.float32, remat: bool = False) -> Qwen3ForCausalLM:
+        """Loads a Hugging Face Qwen3 checkpoint (local directory, or a hub id when online).
+
+        The model is built abstractly (``nnx.eval_shape``) and each parameter is read tensor by
+        tensor with ``safetensors.safe_open``, so the weights are held in memory once. Missing
+        tensors, unexpected tensors and shape mismatches are reported together in one ValueError.
+        A tied checkpoint may also contain ``lm_head.weight``; it is ignored.
+        """
+        directory = _resolve_checkpoint_dir(path_or_hub_id)
+        config = Qwen3Config.from_hf(directory)
+        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
+                                              remat=remat, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        flat = nnx.to_flat_state(state)
+        files = _checkpoint_files(directory)
+        expected = {hf_name(path): (path, var) for path, var in flat}
+        present = set(files)
+        missing = sorted(set(expected) - present)
+        unexpected = sorted(present - set(expected)
+                            - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        mismatched = []
+        from safetensors import safe_open
+        loaded = {}
+        by_file: dict[str, list[str]] = {}
+        for name in expected:
+            if name in files:
+                by_file.setdefault(files[name], []).append(name)
+        for filename, names in by_file.items():
+            with safe_open(os.path.join(directory, filename), framework="flax") as f:
+                for name in names:
+                    path, var = expected[name]
+                    hf_shape = tuple(f.get_slice(name).get_shape())
+                    want = param_to_hf_shape(path, tuple(var.shape))
+                    if hf_shape != want:
+                        mismatched.append(f"{name}: checkpoint {hf_shape}, model expects {want}")
+                        continue
+                    if missing or unexpected or mismatched:
+                        continue  # only validating from here on
+                    loaded[path] = hf_to_param(path, f.get_tensor(name), tuple(var.shape),
+                                               param_dtype)
+        if missing or unexpected or mismatched:
+            lines = [f"cannot load Qwen3 checkpoint {directory!s}:"]
+            if missing:
+                lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
+            if unexpected:
+                lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
+            if mismatched:
+                lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
+            raise ValueError("\n".join(lines))
+        for path, var in flat:
+            var.set_value(loaded.pop(path))
+        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` in Hugging Face's layout and names.
+
+        Parameters are saved in their storage dtype; a tied model saves only the embedding.
+        """
+        from safetensors.flax import save_file
+        os.makedirs(directory, exist_ok=True)
+        flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
+        tensors = {hf_name(path): param_to_hf(path, var[...]) for path, var in flat}
+        dtypes = {str(t.dtype) for t in tensors.values()}
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config.to_hf_dict(dtype=dtype), f, indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint mapping (the one place that knows Hugging Face's names and layouts)
+# --------------------------------------------------------------------------------------------
+
+# Number of leading kernel axes that are input axes (the rest are output axes).
+_KERNEL_INPUT_AXES = {"o_proj": 2}
+
+
+def _path_str(path: tuple) -> list[str]:
+    return [str(p) for p in path]
+
+
+def hf_name(path: tuple) -> str:
+    """Hugging Face tensor name of a parameter path, e.g.
+    ``('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel') -> 'model.layers.0.self_attn.q_proj.weight'``."""
+    parts = _path_str(path)
+    if parts[-1] == "kernel":
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _kernel_split(path: tuple, shape: tuple[int, ...]) -> tuple[int, int]:
+    n_in = _KERNEL_INPUT_AXES.get(str(path[-2]), 1)
+    return math.prod(shape[:n_in]), math.prod(shape[n_in:])
+
+
+def param_to_hf_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the Hugging Face tensor for a parameter of the given shape."""
+    if str(path[-1]) == "kernel":
+        n_in, n_out = _kernel_split(path, shape)
+        return (n_out, n_in)
+    if str(path[-1]) == "bias":
+        return (math.prod(shape),)
+    return shape
+
+
+def param_to_hf(path: tuple, value: jax.Array) -> jax.Array:
+    """Our parameter -> Hugging Face tensor (kernels [in..., out...] -> weight [out, in])."""
+    if str(path[-1]) == "kernel":
+        n_in, n_out = _kernel_split(path, value.shape)
+        return jnp.asarray(value).reshape(n_in, n_out).T
+    return jnp.asarray(value).reshape(param_to_hf_shape(path, value.shape))
+
+
+def hf_to_param(path: tuple, tensor: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Hugging Face tensor -> our parameter of ``shape`` and ``dtype`` (inverse of param_to_hf)."""
+    tensor = jnp.asarray(tensor)
+    if str(path[-1]) == "kernel":
+        tensor = tensor.T
+    return tensor.reshape(shape).astype(dtype)
+
+
+def _resolve_checkpoint_dir(path_or_hub_id) -> str:
+    path = os.fspath(path_or_hub_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise ValueError(f"{path!r} is neither a checkpoint directory nor a hub id 'org/name'")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+
+
+def _checkpoint_files(directory: str) -> dict[str, str]:
+    """Tensor name -> safetensors file name, for a single or sharded checkpoint."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return dict(json.load(f)["weight_map"])
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {directory!r}")
+    from safetensors import safe_open
+    with safe_open(single, framework="flax") as f:
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+# --------------------------------------------------------------------------------------------
+# HACBO labels
+# --------------------------------------------------------------------------------------------
+
+_SUBMODULE_RULES = (
+    (re.compile(r"(?:^|/)layers/(\d+)/self_attn/(?:q_proj|k_proj|v_proj)/"), "attn_qkv"),
+    (re.compile(r"(?:^|/)layers/(\d+)/self_attn/o_proj/"), "attn_out"),
+    (re.compile(r"(?:^|/)layers/(\d+)/mlp/(?:gate_proj|up_proj|down_proj)/"), "mlp"),
+    (re.compile(r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|"
+                r"self_attn/q_norm|self_attn/k_norm)/"), "ln"),
+)
+
+
+def _key_name(key) -> str | None:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return None if key.name in ("value", "raw_value") else key.name
+    return str(getattr(key, "key", key))
+
+
+def _label_of(path_str: str) -> str:
+    for pattern, submodule in _SUBMODULE_RULES:
+        m = pattern.search(path_str)
+        if m:
+            return f"{int(m.group(1))}/{submodule}"
+    return "other"
+
+
+def qwen3_labels(params) -> Any:
+    """HACBO label tree for Qwen3 parameters: ``"{layer}/{attn_qkv|attn_out|mlp|ln}"``.
+
+    Embeddings, the final norm and an untied lm_head are ``"other"`` (not controlled).
+    ``params`` may be an ``nnx.State`` (e.g. from ``nnx.split(model, nnx.Param, ...)``) or a
+    pure nested dict (``nnx.to_pure_dict``); the result has the same tree structure with a
+    string at every leaf.
+    """
+    def label(path, _):
+        names = [n for n in (_key_name(k) for k in path) if n is not None]
+        return _label_of("/".join(names) + "/")
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def iter_hf_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, jax.Array]]:
+    """(Hugging Face name, tensor in HF layout) for every parameter, one at a time."""
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        yield hf_name(path), param_to_hf(path, var[...])
