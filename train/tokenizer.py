@@ -1,0 +1,84 @@
+"""Small byte-level BPE tokenizer with one token per digit, saved as a Hugging Face fast tokenizer.
+
+Digits are split individually before BPE merges (``pre_tokenizers.Digits(individual_digits=True)``)
+so every number is spelled digit by digit: a tiny model then learns arithmetic on a 10-symbol
+alphabet instead of on thousands of multi-digit tokens. Byte-level BPE means no input is ever
+out of vocabulary. The result is a ``transformers.PreTrainedTokenizerFast`` whose
+``save_pretrained`` writes ``tokenizer.json`` + ``tokenizer_config.json``, loadable with
+``transformers.AutoTokenizer.from_pretrained(directory)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|bos|>"
+# Order fixes the ids: pad = 0, eos = 1, bos = 2.
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
+DEFAULT_VOCAB_SIZE = 1024
+
+
+def train_tokenizer(
+    texts: Iterable[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Trains a byte-level BPE with individually split digits on ``texts``.
+
+    Args:
+      texts: training corpus, one document per item (iterated once, in order; the BPE trainer
+        is deterministic for a fixed corpus order).
+      vocab_size: final vocabulary size including the 256 byte symbols and the special tokens.
+      min_frequency: pairs seen fewer times are never merged.
+
+    Returns:
+      A fast tokenizer with ``pad_token`` (id 0), ``eos_token`` (id 1) and ``bos_token`` (id 2).
+      It adds no special tokens by itself; callers append EOS where a document ends.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs >= {minimum}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token=PAD_TOKEN,
+        eos_token=EOS_TOKEN,
+        bos_token=BOS_TOKEN,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+    """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (+ special-token map) to ``directory``."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(directory))
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """Loads a tokenizer saved by :func:`save_tokenizer` (or any HF fast tokenizer directory)."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory)
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {path}; expected a Hugging Face tokenizer directory")
+    return AutoTokenizer.from_pretrained(str(path))
