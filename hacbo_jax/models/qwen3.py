@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ __all__ = [
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "qwen3_labels",
+    "QWEN3_LABEL_RULES",
     "hf_name",
     "hf_to_param",
     "param_to_hf",
@@ -594,46 +594,30 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
 # HACBO labels
 # --------------------------------------------------------------------------------------------
 
-_SUBMODULE_RULES = (
-    (re.compile(r"(?:^|/)layers/(\d+)/self_attn/(?:q_proj|k_proj|v_proj)/"), "attn_qkv"),
-    (re.compile(r"(?:^|/)layers/(\d+)/self_attn/o_proj/"), "attn_out"),
-    (re.compile(r"(?:^|/)layers/(\d+)/mlp/(?:gate_proj|up_proj|down_proj)/"), "mlp"),
-    (re.compile(r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|"
-                r"self_attn/q_norm|self_attn/k_norm)/"), "ln"),
+# (regex searched in the "/"-joined parameter path, label template) pairs for label_by_rules.
+QWEN3_LABEL_RULES = (
+    (r"(?:^|/)layers/(\d+)/self_attn/(?:q_proj|k_proj|v_proj)/", r"\1/attn_qkv"),
+    (r"(?:^|/)layers/(\d+)/self_attn/o_proj/", r"\1/attn_out"),
+    (r"(?:^|/)layers/(\d+)/mlp/(?:gate_proj|up_proj|down_proj)/", r"\1/mlp"),
+    (r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|self_attn/q_norm|"
+     r"self_attn/k_norm)/", r"\1/ln"),
 )
-
-
-def _key_name(key) -> str | None:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return None if key.name in ("value", "raw_value") else key.name
-    return str(getattr(key, "key", key))
-
-
-def _label_of(path_str: str) -> str:
-    for pattern, submodule in _SUBMODULE_RULES:
-        m = pattern.search(path_str)
-        if m:
-            return f"{int(m.group(1))}/{submodule}"
-    return "other"
 
 
 def qwen3_labels(params) -> Any:
     """HACBO label tree for Qwen3 parameters: ``"{layer}/{attn_qkv|attn_out|mlp|ln}"``.
 
+    Sub-modules follow the spec table (shared/spec/controllers.md): attn_qkv = q/k/v_proj,
+    attn_out = o_proj, mlp = gate/up/down_proj, ln = input/post_attention layernorm and q/k_norm.
     Embeddings, the final norm and an untied lm_head are ``"other"`` (not controlled).
     ``params`` may be an ``nnx.State`` (e.g. from ``nnx.split(model, nnx.Param, ...)``) or a
     pure nested dict (``nnx.to_pure_dict``); the result has the same tree structure with a
     string at every leaf.
     """
-    def label(path, _):
-        names = [n for n in (_key_name(k) for k in path) if n is not None]
-        return _label_of("/".join(names) + "/")
+    from hacbo_jax.controllers import label_by_rules
 
-    return jax.tree_util.tree_map_with_path(label, params)
+    return label_by_rules(params, [(pattern, label) for pattern, label in QWEN3_LABEL_RULES],
+                          default="other")
 
 
 def iter_hf_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, jax.Array]]:
