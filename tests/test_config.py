@@ -282,6 +282,9 @@ def test_warmup_checked_against_epochs(base):
 def test_cross_rules_skip_already_rejected_keys(base):
     msg = _error(base, ["optim.micro_batch_size=0"])
     assert "multiple of" not in msg and msg.count("\n  - ") == 1
+    # rules on other keys still run
+    msg = _error(base, ["optim.lr=-1", "optim.warmup_steps=20"])
+    assert "optim.lr = -1" in msg and "optim.warmup_steps = 20: must be < the run's 20" in msg
 
 
 def test_model_path_checks(base, tmp_path):
@@ -320,3 +323,17 @@ def test_save_config_writes_resolved_yaml(base, tmp_path):
     assert written == C.config_to_dict(cfg)
     assert written["optim"]["lr"] == 2e-4 and written["method"] == "hacbo"
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_readme_training_config_example_runs(monkeypatch, capsys):
+    import re
+    text = (C.PROJECT_ROOT / "README.md").read_text()
+    section = re.search(r"<!-- section:training -->(.*?)<!-- /section:training -->", text, re.S)
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+              if b.startswith("# train.config example")]
+    assert blocks, "README training section lost its train.config example"
+    monkeypatch.chdir(C.PROJECT_ROOT)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
+    out = capsys.readouterr().out
+    assert out.startswith("348\n") and "optim.warmup_steps = 500" in out and "optim.lr = -1" in out

@@ -494,7 +494,8 @@ def _cross_checks(cfg: Config, problems: list[str], bad: set[str]) -> None:
         why = _check_synthetic_preset(d.synthetic.preset)
         if why:
             problems.append(why)
-    if not ok("data", "microdev.pool", "optim"):
+    if not ok("data.task", "data.train_file", "data.hub_name", "data.heldout_size",
+              "data.synthetic.n_train", "microdev.pool", "optim.epochs", "optim.batch_size"):
         return
     n_train = cfg.expected_train_examples()
     if n_train is None:
