@@ -170,7 +170,8 @@ def test_cli(base, tmp_path, capsys):
 
 BAD_VALUES = [
     ("seed", "-1", ">= 0"),
-    ("output_dir", "3", "a string"),
+    ("output_dir", "3", "a non-empty string or null"),
+    ("method", "''", "a non-empty string or null"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),
     ("model.param_dtype", "int8", "'float32', 'bfloat16'"),
     ("model.remat", "1", "true/false"),

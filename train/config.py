@@ -284,7 +284,7 @@ def _describe_type(tp) -> str:
         return " or ".join(_describe_type(a) for a in inner) + " or null"
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
-    return {int: "an int", float: "a number", bool: "true/false", str: "a string"}.get(tp, str(tp))
+    return {int: "an int", float: "a number", bool: "true/false", str: "a non-empty string"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp) -> Any:
