@@ -87,6 +87,18 @@ def test_keep_last_n_deletes_old_steps(tmp_path):
         assert again.latest_step() == 40
 
 
+def test_restore_in_a_fresh_process(tmp_path):
+    """Resume: a new Checkpointer that never saved reads an existing directory."""
+    state = _train_state()
+    with Checkpointer(tmp_path, keep=2) as ck:
+        ck.save(5, state, {"data_position": [0, 64]})
+    with Checkpointer(tmp_path, keep=2) as fresh:
+        restored, meta = fresh.restore(abstract_target=_train_state(steps=0))
+    chex.assert_trees_all_equal(restored["params"], state["params"])
+    chex.assert_trees_all_equal(restored["opt_state"], state["opt_state"])
+    assert meta == {"data_position": [0, 64], "step": 5}
+
+
 def test_different_model_shape_is_a_clear_error(tmp_path):
     with Checkpointer(tmp_path, keep=1) as ck:
         ck.save(1, _train_state(width=4))

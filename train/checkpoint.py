@@ -80,8 +80,12 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"keep={keep}: must be >= 1")
         self.directory = Path(directory).absolute()
+        # Explicit handlers: a manager opened on an existing directory (a resumed run) must know
+        # how to read each item's metadata before anything was saved through it.
         self._manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True),
