@@ -1,0 +1,167 @@
+"""End-to-end tests of train.finetune on a tiny random Qwen3 (a few steps each)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import chex
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+from tests.tiny_checkpoint import make_tiny_checkpoint
+from train import data as data_lib
+from train import finetune
+from train.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_model"))
+
+
+CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def quick_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """tiny_cpu.yaml scaled down to 12 steps: K = 3, refresh every 4 steps, logs every 2."""
+    return [
+        f"model.path={model_dir}", f"output_dir={output_dir}",
+        "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "data.heldout_size=24",
+        "data.max_len=96",
+        "optim.batch_size=8", "optim.micro_batch_size=4", "optim.warmup_steps=2",
+        "optim.epochs=1", "optim.max_steps=12",
+        "controller.hacbo.interval=3", "controller.hacbo.patience=2",
+        "microdev.size=16", "microdev.batch_size=4", "microdev.refresh_every=4",
+        "microdev.max_candidates=8",
+        "eval.limit=8", "eval.max_new_tokens=8", "eval.batch_size=8",
+        "logging.every=2", "checkpoint.every=5", "checkpoint.keep=2",
+        *extra,
+    ]
+
+
+def quick_config(model_dir: Path, output_dir: Path, *extra: str):
+    return load_config(CONFIG, quick_overrides(model_dir, output_dir, *extra))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def restored_params(run_dir: Path):
+    model = Qwen3ForCausalLM.from_pretrained(run_dir / "hf_model")
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    cfg = quick_config(tiny_model_dir, run_dir)
+    summary = finetune.run(cfg, show_progress=False)
+    return run_dir, summary
+
+
+def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
+    run_dir, summary = reference_run
+    assert summary["steps"] == 12 and not summary["diverged"]
+    assert summary["skipped_steps"] == 0
+    assert summary["microdev_refreshes"] == 3  # steps 4, 8, 12
+    assert np.isfinite(summary["final_train_loss"])
+    assert 0.0 <= summary["final_exact_match"] <= 1.0 and summary["eval_examples"] == 8
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(2, 13, 2))
+    for m in metrics:
+        controller = m["controller"]
+        assert controller["kind"] == "hacbo"
+        assert np.asarray(controller["multipliers"]).shape == (2, 4)
+        assert len(controller["probation"]) == 2
+        assert controller["l_active"] == 2 - sum(controller["probation"])
+        assert m["lr"] >= 0 and np.isfinite(m["grad_norm"]) and m["tokens_per_s"] > 0
+    # The first measurement is at step 3, so the step-2 record still has the initial state.
+    assert metrics[0]["controller"]["agreement"] == [0.0, 0.0]
+    assert any(a > 0 for m in metrics[1:] for a in m["controller"]["agreement"])
+    evals = read_jsonl(run_dir / "eval.jsonl")
+    assert evals[-1]["step"] == 12 and evals[-1]["n"] == 8
+    assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
+    # The exported model loads with our loader and differs from the base model.
+    base = Qwen3ForCausalLM.from_pretrained(tiny_model_dir)
+    base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    tuned = restored_params(run_dir)
+    chex.assert_trees_all_equal_shapes_and_dtypes(base_params, tuned)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), base_params, tuned))
+    assert max(diffs) > 0
+
+
+def test_resume_is_exact(reference_run, tiny_model_dir, tmp_path):
+    """6 steps, stop, resume for 6 more == 12 uninterrupted steps (params and logged metrics)."""
+    ref_dir, ref_summary = reference_run
+    cfg = quick_config(tiny_model_dir, tmp_path / "resumed")
+    assert finetune.run(cfg, show_progress=False, stop_after=6) == {"stopped_at": 6}
+    summary = finetune.run(cfg, resume=True, show_progress=False)
+    assert summary["steps"] == 12
+    ref_metrics = read_jsonl(ref_dir / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "resumed" / "metrics.jsonl")
+    drop = ("tokens_per_s", "energy_kwh")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in metrics] == [
+        {k: v for k, v in m.items() if k not in drop} for m in ref_metrics
+    ]
+    chex.assert_trees_all_equal(restored_params(tmp_path / "resumed"), restored_params(ref_dir))
+    assert summary["final_exact_match"] == ref_summary["final_exact_match"]
+    assert summary["microdev_refreshes"] == ref_summary["microdev_refreshes"]
+
+
+def _poison(rows):
+    """tokenize_sft whose given training rows have a NaN loss weight (a non-finite loss)."""
+    real = data_lib.tokenize_sft
+
+    def tokenize(examples, tokenizer, max_len=512):
+        arrays = real(examples, tokenizer, max_len)
+        if len(examples) == 96:  # the training set, not the micro-dev pool
+            mask = arrays.loss_mask.copy()
+            mask[rows, 0] = np.nan
+            arrays = data_lib.SFTArrays(arrays.input_ids, arrays.attention_mask, arrays.targets,
+                                        mask, arrays.num_truncated)
+        return arrays
+
+    return tokenize
+
+
+def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_lib, "tokenize_sft", _poison([5]))
+    cfg = quick_config(tiny_model_dir, tmp_path / "nan")
+    summary = finetune.run(cfg, show_progress=False)
+    # Row 5 sits in exactly one batch of the (single, 12-batch) epoch: one step skipped.
+    assert summary["skipped_steps"] == 1 and not summary["diverged"]
+    assert summary["steps"] == 12
+    chex.assert_tree_all_finite(restored_params(tmp_path / "nan"))
+
+
+def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_lib, "tokenize_sft", _poison(slice(None)))
+    out = tmp_path / "diverged"
+    overrides = quick_overrides(tiny_model_dir, out, "controller.kind=none",
+                                "divergence.max_consecutive_nonfinite=3")
+    assert finetune.main(["--config", str(CONFIG), *overrides]) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    # The host looks at the streak every min(logging.every=2, N=3) = 2 steps (no per-step sync),
+    # so a streak of 3 is seen at step 4.
+    assert summary["diverged"] and summary["steps"] == 4 and summary["skipped_steps"] == 4
+    # Every step was skipped, so the exported (last good) params are the base model's.
+    base = Qwen3ForCausalLM.from_pretrained(tiny_model_dir)
+    chex.assert_trees_all_equal(restored_params(out), nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    assert (out / "checkpoints" / "4").is_dir()
+
+
+def test_bad_override_stops_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--config", str(CONFIG),
+                       "controller.hacbo.gamma=1.5", f"output_dir={tmp_path / 'never'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "controller.hacbo.gamma" in err and "1.5" in err
+    assert not (tmp_path / "never").exists()

@@ -1,0 +1,213 @@
+"""The optimiser of a fine-tuning run and its one jitted training step.
+
+The step is a pure function ``(TrainState, batch, dev_buffer) -> (TrainState, StepMetrics)``:
+gradient accumulation over micro-batches (``lax.scan``), the base optimiser
+(global-norm clip, AdamW with warm-up + cosine decay), the controller chained after it, and
+``optax.apply_if_finite`` around the whole chain so that a non-finite loss or gradient leaves
+params and optimiser state untouched. The micro-dev buffer lives on device; the controller draws
+a dev batch from it and back-propagates it only on measurement steps (inside its ``lax.cond``).
+Nothing in the step talks to the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hacbo_jax import blac, hacbo
+
+# apply_if_finite lets a non-finite update through after this many consecutive rejections; the
+# training loop stops the run long before (divergence.max_consecutive_nonfinite), so make it
+# effectively "never".
+_NEVER_APPLY_NONFINITE = 2**30
+
+
+class Batch(NamedTuple):
+    """Right-padded token batch (train.data.SFTArrays layout).
+
+    Position t predicts ``targets[..., t]`` (= ``input_ids[..., t + 1]``); it counts in the loss
+    where ``loss_mask[..., t] = 1``, i.e. where that target is an answer token.
+    """
+
+    input_ids: jax.Array  # int32 [..., L]
+    attention_mask: jax.Array  # int32 [..., L]
+    targets: jax.Array  # int32 [..., L]
+    loss_mask: jax.Array  # float32 [..., L]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimiser steps taken (including skipped ones)
+    params: Any  # pure dict of arrays (nnx.to_pure_dict of the model's nnx.Param state)
+    opt_state: Any
+    rng: jax.Array  # PRNG key, split once per step
+
+
+class StepMetrics(NamedTuple):
+    loss: jax.Array  # mean next-token NLL over answer tokens of the global batch
+    target_tokens: jax.Array  # number of answer tokens in the global batch
+    grad_norm: jax.Array  # global L2 norm of the raw (unclipped) training gradient
+    update_norm: jax.Array  # global L2 norm of the applied update
+    learning_rate: jax.Array
+    finite: jax.Array  # bool: the step was applied
+    consecutive_nonfinite: jax.Array  # int32
+    total_nonfinite: jax.Array  # int32
+
+
+def learning_rate_schedule(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak_lr``, then cosine decay to zero at ``total_steps``."""
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(
+            f"warmup_steps={warmup_steps} must be >= 0 and < total_steps={total_steps}"
+        )
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak_lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=0.0,
+    )
+
+
+def build_optimizer(
+    *,
+    schedule: optax.Schedule,
+    b1: float,
+    b2: float,
+    weight_decay: float,
+    clip_norm: float | None,
+    controller: optax.GradientTransformationExtraArgs | None,
+) -> optax.GradientTransformationExtraArgs:
+    """``apply_if_finite(chain(clip, adamw, controller))``.
+
+    The controller comes after AdamW: it rescales AdamW's update per (block, sub-module). Put
+    before AdamW, a per-group gradient factor would be cancelled by Adam's m / sqrt(v).
+    """
+    parts = []
+    if clip_norm is not None:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    if controller is not None:
+        parts.append(controller)
+    return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NONFINITE)
+
+
+def build_controller(kind: str, labels: Any, **hyper: Any):
+    """``none`` -> None, ``hacbo`` -> :func:`hacbo_jax.hacbo`, ``blac`` -> :func:`hacbo_jax.blac`."""
+    if kind == "none":
+        return None
+    if kind == "hacbo":
+        return hacbo(labels, **hyper)
+    if kind == "blac":
+        return blac(labels, **hyper)
+    raise ValueError(f"controller kind {kind!r} is not one of 'none', 'hacbo', 'blac'")
+
+
+def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token NLL over answer tokens (fp32), and the number of those tokens."""
+    weights = batch.loss_mask.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch.targets
+    )
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[Any, Batch], tuple]:
+    """``loss_fn(params, batch) -> (summed answer NLL, answer-token count)``."""
+
+    def loss_fn(params: Any, batch: Batch):
+        model = nnx.merge(graphdef, nnx.State(params), rest)
+        logits = model(batch.input_ids, batch.attention_mask)
+        return answer_nll(logits, batch)
+
+    return loss_fn
+
+
+def _mean_gradient(loss_fn, params, micro_batches: Batch):
+    """Gradient of (sum of NLL) / (answer tokens) over all micro-batches, accumulated by scan."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, micro):
+        nll_sum, count, grads = carry
+        (nll, n), g = grad_fn(params, micro)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (nll_sum + nll, count + n, grads), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (nll_sum, count, grads), _ = jax.lax.scan(
+        accumulate, (jnp.float32(0), jnp.float32(0), zeros), micro_batches
+    )
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    return nll_sum / denom, count, grads
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformationExtraArgs,
+    schedule: optax.Schedule,
+    *,
+    dev_batch_size: int,
+    uses_dev_grads: bool,
+    donate: bool = True,
+) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
+    """The jitted step.
+
+    ``batch`` arrays have shape [accum, micro_batch, L]; ``dev_buffer`` arrays [N_dev, L] hold
+    the whole micro-dev buffer on device.
+    """
+    loss_fn = make_loss_fn(graphdef, rest)
+
+    def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch):
+        rng, dev_key = jax.random.split(state.rng)
+        loss, count, grads = _mean_gradient(loss_fn, state.params, batch)
+        # A non-finite loss must skip the step even if its gradient happens to be finite.
+        grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+
+        extra = {"train_grads": grads}
+        if uses_dev_grads:
+
+            def dev_grad_fn(params):
+                n_dev = dev_buffer.input_ids.shape[0]
+                idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
+                dev = jax.tree.map(lambda x: x[idx][None], dev_buffer)
+                return _mean_gradient(loss_fn, params, dev)[2]
+
+            extra["dev_grad_fn"] = dev_grad_fn
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        finite_state = opt_state  # ApplyIfFiniteState is the outermost state
+        metrics = StepMetrics(
+            loss=loss,
+            target_tokens=count,
+            grad_norm=optax.global_norm(grads),
+            update_norm=optax.global_norm(updates),
+            learning_rate=schedule(state.step),
+            finite=finite_state.last_finite,
+            consecutive_nonfinite=finite_state.notfinite_count,
+            total_nonfinite=finite_state.total_notfinite,
+        )
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+
+
+def find_controller_state(opt_state: Any) -> Any | None:
+    """The HACBOState or BLACState inside a (chained, wrapped) optimiser state, or None."""
+    found = []
+
+    def visit(node):
+        if type(node).__name__ in ("HACBOState", "BLACState"):
+            found.append(node)
+            return
+        if isinstance(node, (tuple, list)):
+            for child in node:
+                visit(child)
+
+    visit(opt_state)
+    return found[0] if found else None
