@@ -417,3 +417,19 @@ def test_mixed_precision_and_remat(checkpoints, models):
 
     for a, b in zip(jax.tree.leaves(grads(models["tied"])), jax.tree.leaves(grads(remat))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_parameters_save_and_reload_exactly(checkpoints, tmp_path):
+    directory, _ = checkpoints["untied_theta"]
+    half = Qwen3ForCausalLM.from_pretrained(directory, dtype=jnp.bfloat16,
+                                            param_dtype=jnp.bfloat16)
+    half.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path)
+    assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    again = Qwen3ForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16,
+                                             param_dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree.leaves(nnx.state(half, nnx.Param)),
+                    jax.tree.leaves(nnx.state(again, nnx.Param))):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
