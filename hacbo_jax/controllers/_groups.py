@@ -175,33 +175,29 @@ def scale_updates(layout: GroupLayout, update_leaves: Sequence[Any], multipliers
                   probation: jax.Array | None = None, gamma: float = 0.0) -> list[Any]:
   """Multiplies every controlled leaf of group (b, m) by ``multipliers[b, m]``.
 
-  Leaves of a block in ``probation`` become gamma * fake_int8(multiplier * u) instead; the
-  choice is one ``lax.cond`` per block so ordinary steps pay for a single multiply only.
-  Uncontrolled leaves are returned as they are; every leaf keeps its dtype.
+  Leaves of a block in ``probation`` become gamma * fake_int8(multiplier * u) instead. The
+  multiply happens outside any control flow (XLA fuses it with the base optimiser and
+  ``apply_updates``); the quantisation is one ``lax.cond`` per block whose other branch is the
+  identity, which XLA forwards without a copy, so ordinary steps pay for the multiply only.
+  Uncontrolled leaves are returned as they are; every leaf keeps its dtype (for bf16 leaves the
+  quantiser sees multiplier * u rounded to bf16).
   """
   out = list(update_leaves)
   by_block: dict[int, list[int]] = {}
   for i, (u, b) in enumerate(zip(update_leaves, layout.leaf_block)):
     if b != UNCONTROLLED and _is_array(u):
+      out[i] = (multipliers[b, layout.leaf_submodule[i]] * u.astype(jnp.float32)).astype(u.dtype)
       by_block.setdefault(b, []).append(i)
+  if probation is None:
+    return out
+
+  def quantised(leaves):
+    return [(gamma * fake_int8(x.astype(jnp.float32))).astype(x.dtype) for x in leaves]
 
   for b, idx in by_block.items():
-    leaves = [update_leaves[i] for i in idx]
-    factors = [multipliers[b, layout.leaf_submodule[i]] for i in idx]
-
-    def plain(leaves, factors=factors):
-      return [(f * u.astype(jnp.float32)).astype(u.dtype) for u, f in zip(leaves, factors)]
-
-    def quantised(leaves, factors=factors):
-      return [(gamma * fake_int8(f * u.astype(jnp.float32))).astype(u.dtype)
-              for u, f in zip(leaves, factors)]
-
-    if probation is None:
-      new = plain(leaves)
-    else:
-      new = jax.lax.cond(probation[b], quantised, plain, leaves)
-    for i, u in zip(idx, new):
-      out[i] = u
+    new = jax.lax.cond(probation[b], quantised, lambda leaves: leaves, [out[i] for i in idx])
+    for i, x in zip(idx, new):
+      out[i] = x
   return out
 
 
