@@ -78,7 +78,7 @@ def _generate(graphdef, state, input_ids, prompt_mask, rng, temperature, *, max_
     mask = causal[None, None] & slot_valid[:, None, None, :]
     cache = model.init_cache(batch, cache_len)
     logits, cache = model.forward_with_cache(input_ids, positions_from_mask(prompt_mask), mask,
-                                             cache, 0)
+                                             cache, 0, last_only=True)
     rng, key = jax.random.split(rng)
     token = pick(logits[:, -1], key)
     done = jnp.isin(token, eos_ids)

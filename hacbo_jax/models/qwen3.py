@@ -416,7 +416,8 @@ class Qwen3ForCausalLM(nnx.Module):
         return logits
 
     def forward_with_cache(self, input_ids, positions, mask, cache: KVCache | None = None,
-                           cache_index=None) -> tuple[jax.Array, KVCache | None]:
+                           cache_index=None, *, last_only: bool = False
+                           ) -> tuple[jax.Array, KVCache | None]:
         """Low-level forward used by generation.
 
         Args:
@@ -425,9 +426,12 @@ class Qwen3ForCausalLM(nnx.Module):
             the cache length with one).
           cache: per-layer (keys, values), each [B, S, K, H]; the new keys/values are written at
             slots ``cache_index .. cache_index + T``.
-        Returns: (logits float32[B, T, V], updated cache or None).
+          last_only: compute logits for the last position only (prefill needs no more).
+        Returns: (logits float32[B, T or 1, V], updated cache or None).
         """
         h, cache = self.model(input_ids, positions, mask, cache, cache_index)
+        if last_only:
+            h = h[:, -1:]
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(h)
         else:
