@@ -32,6 +32,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from hacbo_jax.models.generation import generate
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from train import data
 from train.exact_match import is_exact_match
 from train.synthetic import SyntheticTask
@@ -42,9 +44,7 @@ DEFAULT_TASK = "arith-small"
 MAX_ASSET_BYTES = 25 * 1024 * 1024
 
 
-def model_config(vocab_size: int, tokenizer, args: argparse.Namespace):
-    from hacbo_jax.models.qwen3 import Qwen3Config
-
+def model_config(vocab_size: int, tokenizer, args: argparse.Namespace) -> Qwen3Config:
     return Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=args.hidden_size,
@@ -126,8 +126,6 @@ def make_train_step(graphdef, rest, tx):
 def greedy_exact_match(model, tokenizer, examples, *, batch_size: int = 50, prompt_len: int = 64,
                        max_new_tokens: int = 72) -> tuple[float, list[str]]:
     """Greedy-decodes each question and scores exact match against its reference answer."""
-    from hacbo_jax.models.generation import generate
-
     outputs = []
     questions = [e.question for e in examples]
     for batch in data.prompt_batches(questions, tokenizer, batch_size=batch_size, prompt_len=prompt_len):
@@ -185,8 +183,6 @@ def main(argv=None) -> dict:
                                      seed=args.seed)
     print(f"[pretrain] corpus: {corpus} ({time.time() - start:.1f}s)", flush=True)
 
-    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
-
     config = model_config(vocab_size, tokenizer, args)
     model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -218,6 +214,11 @@ def main(argv=None) -> dict:
     train_time = time.time() - train_start
     nnx.update(model, params)
 
+    out = Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    model.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # written before the evaluation, so a failure there loses nothing
     eval_start = time.time()
     exact_match, outputs = greedy_exact_match(model, tokenizer, eval_examples)
     eval_time = time.time() - eval_start
@@ -226,11 +227,6 @@ def main(argv=None) -> dict:
     for example, output in list(zip(eval_examples, outputs))[:3]:
         print(f"[pretrain] Q: {example.question}\n[pretrain] model:{output!r}", flush=True)
 
-    out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
     metadata = {
         "command": "python -m train.pretrain_base " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
