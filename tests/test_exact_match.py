@@ -80,7 +80,11 @@ def test_answers_equal(predicted, reference, equal):
         ("#### 7 then later 72", "#### 72", False),  # marker wins over the last number
         ("#### 72 apples", "#### 72", False),  # trailing words break string equality
         ("", "#### 0", False),
-        ("#### 72", "72", True),  # a bare reference number works too
+        ("#### 72", "72", True),  # a bare reference answer works too
+        ("#### 1/2", "1/2", True),  # ... and is used whole, not searched for its last number
+        ("#### 2", "1/2", False),
+        ("#### 1,000", " $1,000 ", True),
+        ("#### 5", "", False),
     ],
 )
 def test_is_exact_match(prediction, reference, match):

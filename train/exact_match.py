@@ -59,9 +59,14 @@ def answers_equal(predicted: str | None, reference: str | None) -> bool:
 def is_exact_match(prediction: str, reference: str) -> bool:
     """Whether the model output ``prediction`` has the final answer of ``reference``.
 
-    ``reference`` may be a full GSM8K answer (``"...\\n#### 72"``) or just ``"72"``.
+    ``reference`` may be a full GSM8K answer (``"...\\n#### 72"``) or a bare final answer such as
+    ``"72"`` or ``"1/2"`` (used whole after normalisation, not searched for its last number).
     """
-    return answers_equal(extract_final_answer(prediction), extract_final_answer(reference))
+    if ANSWER_MARKER in reference:
+        expected = extract_final_answer(reference)
+    else:
+        expected = normalize_answer(reference) or None
+    return answers_equal(extract_final_answer(prediction), expected)
 
 
 def exact_match_score(predictions: Sequence[str], references: Sequence[str]) -> float:
