@@ -406,14 +406,30 @@ class Qwen3ForCausalLM(nnx.Module):
         positions to the count of real tokens before each one. Outputs at pad positions are
         meaningless.
         """
+        return self.lm_logits(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(self, input_ids: jax.Array,
+                      attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final-norm hidden states [B, T, D] in the compute dtype (``lm_logits`` maps them).
+
+        Lets a loss compute the [T, V] logits chunk by chunk instead of all at once.
+        """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
         valid = attention_mask.astype(jnp.bool_)
         t = input_ids.shape[1]
         causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
         mask = causal[None, None] & valid[:, None, None, :]
-        logits, _ = self.forward_with_cache(input_ids, positions_from_mask(valid), mask)
-        return logits
+        h, _ = self.model(input_ids, positions_from_mask(valid), mask)
+        return h
+
+    def lm_logits(self, h: jax.Array) -> jax.Array:
+        """Logits float32[B, T, V] of hidden states [B, T, D] (``h @ E^T`` when tied)."""
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
 
     def forward_with_cache(self, input_ids, positions, mask, cache: KVCache | None = None,
                            cache_index=None, *, last_only: bool = False
@@ -432,11 +448,7 @@ class Qwen3ForCausalLM(nnx.Module):
         h, cache = self.model(input_ids, positions, mask, cache, cache_index)
         if last_only:
             h = h[:, -1:]
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        return logits.astype(jnp.float32), cache
+        return self.lm_logits(h), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         """Zeroed key/value cache, [B, max_length, K, H] per layer in the compute dtype."""
