@@ -25,10 +25,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hacbo_jax import blac_multipliers, hacbo_multipliers
+from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM, qwen3_labels
 from train import data as data_lib
+from train import distributed
 from train.checkpoint import Checkpointer
-from train.config import Config, parse_cli, save_config
+from train.config import Config, ConfigError, parse_cli, save_config
 from train.energy import EnergyMeter
 from train.evaluate import evaluate_exact_match, prompt_length_for
 from train.logs import RunLogger
@@ -41,6 +43,7 @@ from train.step import (
     find_controller_state,
     learning_rate_schedule,
     make_train_step,
+    step_shardings,
 )
 from train.synthetic import SyntheticTask
 
@@ -135,6 +138,27 @@ def controller_stats(cfg: Config, opt_state: Any) -> dict | None:
     return stats
 
 
+def make_run_mesh(cfg: Config) -> jax.sharding.Mesh:
+    """The ``(data, fsdp)`` mesh of ``cfg.mesh``, checked against the devices and the batch.
+
+    Raises ConfigError when the mesh does not fit the devices present, or when
+    ``optim.micro_batch_size`` (default: ``optim.batch_size``) cannot be split evenly over its
+    ``data * fsdp`` devices.
+    """
+    try:
+        mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  - {e}") from e
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
+    if micro % mesh.size:
+        raise ConfigError(
+            f"invalid config:\n  - optim.micro_batch_size = {micro}"
+            f"{'' if cfg.optim.micro_batch_size else ' (= optim.batch_size)'}: must be divisible "
+            f"by the mesh's {mesh.size} devices (mesh.data={mesh.shape['data']} x "
+            f"mesh.fsdp={mesh.shape['fsdp']}), which split each micro-batch between them")
+    return mesh
+
+
 def _controller_hyper(cfg: Config) -> dict:
     kind = cfg.controller.kind
     return {} if kind == "none" else dataclasses.asdict(getattr(cfg.controller, kind))
@@ -147,7 +171,11 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     ``stop_after``: checkpoint and return right after that step, as a pre-empted job would (the
     returned dict then only says where it stopped; ``resume=True`` continues the run).
     """
+    distributed.maybe_initialize()  # before anything touches a device
     wall_start = time.perf_counter()
+    mesh = make_run_mesh(cfg)
+    # One device: JAX's default placement, exactly the single-device program.
+    on_mesh = mesh.size > 1
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -186,10 +214,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm,
         controller=controller,
     )
-    state = TrainState(
-        step=jnp.int32(0), params=params, opt_state=tx.init(params),
-        rng=jax.random.key_data(jax.random.key(cfg.seed)),
-    )
+    rng = jax.random.key_data(jax.random.key(cfg.seed))
     uses_dev = controller is not None
     buffer = MicroDevBuffer(
         len(task.pool), min(cfg.microdev.size, len(task.pool)),
@@ -197,11 +222,41 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         replace_fraction=cfg.microdev.refresh_fraction,
         max_candidates=cfg.microdev.max_candidates, seed=cfg.seed,
     )
+    dev_batch_size = min(cfg.microdev.batch_size, buffer.buffer_size)
+    shardings = None
+    if on_mesh:
+        abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
+        shardings = step_shardings(mesh, abstract, dev_batch_size=dev_batch_size)
+        # Params go straight to their shards; the optimiser state is created sharded.
+        params = jax.device_put(params, shardings.state.params)
+        state = TrainState(
+            step=jax.device_put(jnp.int32(0), shardings.state.step), params=params,
+            opt_state=jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params),
+            rng=jax.device_put(rng, shardings.state.rng),
+        )
+    else:
+        state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng)
     train_step = make_train_step(
         graphdef, rest, tx, schedule,
-        dev_batch_size=min(cfg.microdev.batch_size, buffer.buffer_size),
-        uses_dev_grads=uses_dev,
+        dev_batch_size=dev_batch_size, uses_dev_grads=uses_dev, shardings=shardings,
     )
+    seq_len = train_arrays.input_ids.shape[1]
+    # This process's rows of every micro-batch (all of them with one process).
+    local = (distributed.local_rows(shardings.batch, (accum_steps, micro, seq_len), axis=1)
+             if on_mesh else slice(None))
+
+    def device_batch(indices: np.ndarray) -> tuple[Batch, int]:
+        """The step's batch from the sampler's global indices, and this process's tokens."""
+        rows = np.asarray(indices).reshape(accum_steps, micro)[:, local].reshape(-1)
+        batch = _to_batch(train_arrays.take(rows), accum_steps)
+        tokens = int(batch.attention_mask.sum())
+        if on_mesh:
+            batch = distributed.global_batch(batch, shardings.batch, axis=1, global_rows=micro)
+        return batch, tokens
+
+    def device_dev_buffer() -> Batch:
+        dev = _device_dev_buffer(pool_arrays, buffer)
+        return jax.device_put(dev, shardings.dev_buffer) if on_mesh else dev
 
     def current_model(params_) -> Qwen3ForCausalLM:
         return nnx.merge(graphdef, nnx.State(params_), rest)
@@ -231,7 +286,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         resume_step=start_step if resume else None,
         config=dataclasses.asdict(cfg),
     )
-    dev_buffer = _device_dev_buffer(pool_arrays, buffer)
+    dev_buffer = device_dev_buffer()
     energy = EnergyMeter()
     energy.start()
 
@@ -260,10 +315,9 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
                     desc=f"{cfg.method or cfg.controller.kind}", dynamic_ncols=True)
     skipped_total = int(jax.device_get(state.opt_state.total_notfinite))
     for step in range(start_step + 1, total_steps + 1):
-        indices = sampler.next_indices()
-        host_batch = train_arrays.take(indices)
-        tokens_seen += int(host_batch["attention_mask"].sum())
-        state, metrics = train_step(state, _to_batch(host_batch, accum_steps), dev_buffer)
+        batch, tokens = device_batch(sampler.next_indices())
+        tokens_seen += tokens
+        state, metrics = train_step(state, batch, dev_buffer)
         pending.append(metrics)
         progress.update(1)
 
@@ -306,7 +360,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
 
             stats = buffer.refresh(step, solve_fn)
             counters["refreshes"].append(stats._asdict())
-            dev_buffer = _device_dev_buffer(pool_arrays, buffer)
+            dev_buffer = device_dev_buffer()
 
         epoch_done = step % sampler.batches_per_epoch == 0
         if cfg.eval.every_epoch and epoch_done and step != total_steps:

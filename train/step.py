@@ -11,14 +11,16 @@ Nothing in the step talks to the host.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax import blac, hacbo
+from hacbo_jax import sharding as sharding_lib
 
 # apply_if_finite lets a non-finite update through after this many consecutive rejections; the
 # training loop stops the run long before (divergence.max_consecutive_nonfinite), so make it
@@ -44,6 +46,22 @@ class TrainState(NamedTuple):
     params: Any  # pure dict of arrays (nnx.to_pure_dict of the model's nnx.Param state)
     opt_state: Any
     rng: jax.Array  # PRNG key, split once per step
+
+
+class StepShardings(NamedTuple):
+    """Where the step's inputs and outputs live on a device mesh (``hacbo_jax.sharding``).
+
+    ``jax.jit`` gets ``state`` / ``batch`` / ``dev_buffer`` as in- and out-shardings and XLA
+    inserts the collectives; inside the step the accumulated gradient is constrained to the
+    params' shardings (FSDP: reduce-scattered, not all-reduced) and the sampled dev batch to
+    ``dev_batch`` (its examples split over the devices like a training micro-batch).
+    """
+
+    state: Any  # TrainState of NamedSharding
+    batch: Any  # NamedSharding of the [accum, micro, L] batch arrays
+    dev_buffer: Any  # NamedSharding of the [N_dev, L] micro-dev buffer (replicated)
+    dev_batch: Any | None  # NamedSharding of the [1, dev_batch, L] dev batch, or None
+    metrics: Any  # NamedSharding of the scalar metrics (replicated)
 
 
 class StepMetrics(NamedTuple):
@@ -126,17 +144,20 @@ def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[Any, Batc
     return loss_fn
 
 
-def _mean_gradient(loss_fn, params, micro_batches: Batch):
-    """Gradient of (sum of NLL) / (answer tokens) over all micro-batches, accumulated by scan."""
+def _mean_gradient(loss_fn, params, micro_batches: Batch, constrain=lambda grads: grads):
+    """Gradient of (sum of NLL) / (answer tokens) over all micro-batches, accumulated by scan.
+
+    ``constrain`` pins the accumulator's layout (on a mesh: the params' shardings).
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def accumulate(carry, micro):
         nll_sum, count, grads = carry
         (nll, n), g = grad_fn(params, micro)
-        grads = jax.tree.map(jnp.add, grads, g)
+        grads = constrain(jax.tree.map(jnp.add, grads, g))
         return (nll_sum + nll, count + n, grads), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     (nll_sum, count, grads), _ = jax.lax.scan(
         accumulate, (jnp.float32(0), jnp.float32(0), zeros), micro_batches
     )
@@ -154,17 +175,26 @@ def make_train_step(
     dev_batch_size: int,
     uses_dev_grads: bool,
     donate: bool = True,
+    shardings: StepShardings | None = None,
 ) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
     ``batch`` arrays have shape [accum, micro_batch, L]; ``dev_buffer`` arrays [N_dev, L] hold
-    the whole micro-dev buffer on device.
+    the whole micro-dev buffer on device. ``shardings`` places the step on a device mesh
+    (None: JAX's default single-device placement, no constraints).
     """
     loss_fn = make_loss_fn(graphdef, rest)
+    if shardings is None:
+        constrain_grads = constrain_dev = lambda tree: tree
+    else:
+        constrain_grads = lambda grads: jax.lax.with_sharding_constraint(
+            grads, shardings.state.params)
+        constrain_dev = (lambda dev: dev) if shardings.dev_batch is None else (
+            lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
 
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch):
         rng, dev_key = jax.random.split(state.rng)
-        loss, count, grads = _mean_gradient(loss_fn, state.params, batch)
+        loss, count, grads = _mean_gradient(loss_fn, state.params, batch, constrain_grads)
         # A non-finite loss must skip the step even if its gradient happens to be finite.
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
 
@@ -174,8 +204,8 @@ def make_train_step(
             def dev_grad_fn(params):
                 n_dev = dev_buffer.input_ids.shape[0]
                 idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
-                dev = jax.tree.map(lambda x: x[idx][None], dev_buffer)
-                return _mean_gradient(loss_fn, params, dev)[2]
+                dev = constrain_dev(jax.tree.map(lambda x: x[idx][None], dev_buffer))
+                return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
 
             extra["dev_grad_fn"] = dev_grad_fn
 
@@ -194,7 +224,37 @@ def make_train_step(
         )
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-    return jax.jit(step_fn, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(step_fn, donate_argnums=donate_argnums)
+    return jax.jit(
+        step_fn, donate_argnums=donate_argnums,
+        in_shardings=(shardings.state, shardings.batch, shardings.dev_buffer),
+        out_shardings=(shardings.state, shardings.metrics),
+    )
+
+
+def step_shardings(mesh: jax.sharding.Mesh, state: TrainState, *,
+                   rules: Sequence[sharding_lib.PartitionRule] = sharding_lib.QWEN3_RULES,
+                   dev_batch_size: int, min_elements: int = 2**16) -> StepShardings:
+    """Shardings of a step on ``mesh`` for ``state`` (arrays or ``jax.eval_shape`` output).
+
+    Params and every optimiser-state leaf that mirrors a param (AdamW's mu / nu) follow
+    ``rules`` by path (fallback: :func:`hacbo_jax.sharding.fsdp_spec`); the controller's small
+    arrays, counters and the RNG key are replicated. Batches are split along the micro-batch
+    axis over ("data", "fsdp"); the dev batch too when ``dev_batch_size`` is divisible by the
+    mesh size (otherwise every device computes the whole dev gradient).
+    """
+    specs = sharding_lib.partition_specs(state, mesh, rules, min_elements=min_elements)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch = NamedSharding(mesh, sharding_lib.batch_spec(3, example_axis=1))
+    return StepShardings(
+        state=sharding_lib.named_shardings(mesh, specs),
+        batch=batch,
+        dev_buffer=replicated,
+        dev_batch=batch if dev_batch_size % mesh.size == 0 else None,
+        metrics=replicated,
+    )
 
 
 def find_controller_state(opt_state: Any) -> Any | None:
