@@ -11,7 +11,6 @@ import yaml
 
 pytest.importorskip("optuna")
 
-from tests.tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
 from train import compare, sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +19,10 @@ CONFIG = ROOT / "configs" / "compare_cpu.yaml"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("sweep_model"))
+    """A directory the config accepts as a model (the fake runs never load it)."""
+    path = tmp_path_factory.mktemp("sweep_model")
+    (path / "config.json").write_text("{}")
+    return path
 
 
 def fake_run(calls: list):
