@@ -122,7 +122,7 @@ def test_comparison_skips_finished_runs_and_resumes_interrupted_ones(model_dir, 
     def compare_once(*extra):
         return compare.run_comparison(CONFIG, ["adamw", "hacbo"], [0, 1, 2], out,
                                       overrides=[f"model.path={model_dir}", *extra],
-                                      run_fn=fake, log=lambda _: None)
+                                      run_fn=fake, log=lambda _: None, base_eval=False)
 
     report = compare_once()
     assert sorted(fake.calls) == sorted((m, s, False) for m in ("adamw", "hacbo") for s in range(3))

@@ -188,6 +188,34 @@ def enable_compilation_cache(cache_dir: str | Path) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+BASE_EVAL_FILE = "base_model_eval.json"
+
+
+def base_model_exact_match(cfg: Config) -> dict[str, Any]:
+    """Exact match of the base model before any fine-tuning, on the runs' evaluation problems
+    with the runs' decoding settings (the reference point of the comparison)."""
+    from transformers import AutoTokenizer
+
+    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+    from train.evaluate import evaluate_exact_match, prompt_length_for
+    from train.finetune import _DTYPES, load_task_data
+
+    model = Qwen3ForCausalLM.from_pretrained(cfg.model.path, dtype=_DTYPES[cfg.model.dtype],
+                                             param_dtype=_DTYPES[cfg.model.param_dtype])
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    task = load_task_data(cfg)
+    prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
+    result = evaluate_exact_match(model, tokenizer, task.eval, batch_size=cfg.eval.batch_size,
+                                  prompt_len=prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
+    return {"exact_match": float(result.exact_match), "n": int(result.num_examples),
+            "key": _base_eval_key(cfg)}
+
+
+def _base_eval_key(cfg: Config) -> dict:
+    return _comparable({"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                        "eval": dataclasses.asdict(cfg.eval), "microdev_pool": cfg.microdev.pool})
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics over the run directories.
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +331,16 @@ def _fmt_ci(ci: MeanCI | None, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(ci.mean)} [{fmt.format(ci.low)}, {fmt.format(ci.high)}]"
 
 
-def plot_exact_match_ci(summaries: Sequence[MethodSummary], path: Path) -> Path:
-    """Mean exact match per method with its 95% CI (bars) and each seed's value (dots)."""
+def plot_exact_match_ci(summaries: Sequence[MethodSummary], path: Path,
+                        base: float | None = None) -> Path:
+    """Mean exact match per method with its 95% CI (bars) and each seed's value (dots);
+    ``base``: the base model's exact match (%) before fine-tuning, as a dashed line."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(summaries) + 2), 4))
+    if base is not None:
+        ax.axhline(base, color="grey", ls="--", lw=1, label=f"base model, no fine-tuning ({base:.1f}%)")
+        ax.legend(fontsize=8, loc="lower right")
     for i, s in enumerate(summaries):
         if s.exact_match is None:
             continue
@@ -384,6 +417,8 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: 
     model_path = (all_runs[0].config or {}).get("model", {}).get("path")
     weights = block_parameter_counts(model_path) if model_path else None
     summaries = [summarize_method(m, by_method[m], weights) for m in methods if by_method[m]]
+    base_path = out_dir / BASE_EVAL_FILE
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
 
     lines = ["# Multi-seed comparison", ""]
     if command:
@@ -396,6 +431,8 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: 
         + f", {all_runs[0].steps} steps per run, exact match on "
         f"{(all_runs[0].summary or {}).get('eval_examples', 'n/a')} held-out problems.",
         "",
+        *([f"Base model before fine-tuning: {100 * base['exact_match']:.2f}% exact match on the "
+           f"same {base['n']} problems (greedy decoding as in the runs).", ""] if base else []),
         "## Per method (mean over seeds, 95% t confidence interval in brackets)",
         "",
         "| method | runs | lr | exact match (%) | final train loss | diverged | wall time / run (s) "
@@ -441,7 +478,8 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: 
         lines.append("")
 
     # Figures: ours (CI, controlled fraction) and the training report's, on one run per method.
-    figures = [plot_exact_match_ci(summaries, report_dir / "exact_match_ci.png"),
+    figures = [plot_exact_match_ci(summaries, report_dir / "exact_match_ci.png",
+                                   base=None if base is None else 100 * base["exact_match"]),
                plot_controlled_fraction(summaries, weights, report_dir / "controlled_fraction.png")]
     shown = [s.runs[0] for s in summaries]
     labels = [r.label for r in shown]
@@ -483,8 +521,12 @@ def run_comparison(base_config: str | Path, methods: Sequence[str], seeds: Seque
                    out_dir: str | Path, *, overrides: Sequence[str] = (),
                    lrs: Mapping[str, float] | None = None, report_dir: str | Path | None = None,
                    run_fn: Callable[..., dict] | None = None, show_progress: bool = False,
-                   command: str | None = None, log: Callable[[str], None] = print) -> Path:
+                   command: str | None = None, log: Callable[[str], None] = print,
+                   base_eval: bool = True) -> Path:
     """Runs the missing (method, seed) runs, then writes the report; returns report.md.
+
+    ``base_eval``: also measure the base model's exact match before fine-tuning (once; kept in
+    ``OUT/base_model_eval.json``) as the report's reference line.
 
     ``run_fn(cfg, resume=bool, show_progress=bool) -> summary`` defaults to
     ``train.finetune.run``.
@@ -494,6 +536,15 @@ def run_comparison(base_config: str | Path, methods: Sequence[str], seeds: Seque
     specs = plan_runs(base_config, methods, seeds, out_dir, overrides, lrs)
     started = time.perf_counter()
     executed = skipped = 0
+    base_path = out_dir / BASE_EVAL_FILE
+    if base_eval and specs:
+        saved = json.loads(base_path.read_text()) if base_path.is_file() else {}
+        if saved.get("key") != _base_eval_key(specs[0].config):
+            log("base model (no fine-tuning): evaluating")
+            result = base_model_exact_match(specs[0].config)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            base_path.write_text(json.dumps(result, indent=1) + "\n")
+            log(f"base model: exact match {100 * result['exact_match']:.1f}%")
     for i, spec in enumerate(specs, 1):
         state = run_state(spec)
         tag = f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}"
