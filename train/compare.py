@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import shlex
@@ -138,11 +139,12 @@ class RunSpec:
 def plan_runs(base_config: str | Path, methods: Sequence[str], seeds: Sequence[int],
               out_dir: str | Path, overrides: Sequence[str] = (),
               lrs: Mapping[str, float] | None = None) -> list[RunSpec]:
-    """The grid: one validated Config per (method, seed), seed-major within each method."""
+    """The grid: one validated Config per (method, seed), ordered seed by seed (every method
+    at seed 0, then at seed 1, ...) so that a comparison cut short still has paired seeds."""
     runs = []
-    for method in methods:
-        lr = lr_for(method, lrs)
-        for seed in seeds:
+    for seed in seeds:
+        for method in methods:
+            lr = lr_for(method, lrs)
             run_dir = Path(out_dir) / "runs" / method / f"seed{seed}"
             extra = [*overrides, *method_overrides(method), f"seed={seed}", f"output_dir={run_dir}"]
             if lr is not None:
@@ -207,8 +209,10 @@ def base_model_exact_match(cfg: Config) -> dict[str, Any]:
     prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
     result = evaluate_exact_match(model, tokenizer, task.eval, batch_size=cfg.eval.batch_size,
                                   prompt_len=prompt_len, max_new_tokens=cfg.eval.max_new_tokens)
+    weights = Path(cfg.model.path) / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
     return {"exact_match": float(result.exact_match), "n": int(result.num_examples),
-            "key": _base_eval_key(cfg)}
+            "model_sha256": digest, "key": _base_eval_key(cfg)}
 
 
 def _base_eval_key(cfg: Config) -> dict:
@@ -432,7 +436,8 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: 
         f"{(all_runs[0].summary or {}).get('eval_examples', 'n/a')} held-out problems.",
         "",
         *([f"Base model before fine-tuning: {100 * base['exact_match']:.2f}% exact match on the "
-           f"same {base['n']} problems (greedy decoding as in the runs).", ""] if base else []),
+           f"same {base['n']} problems (greedy decoding as in the runs); model.safetensors "
+           f"sha256 `{base.get('model_sha256')}`.", ""] if base else []),
         "## Per method (mean over seeds, 95% t confidence interval in brackets)",
         "",
         "| method | runs | lr | exact match (%) | final train loss | diverged | wall time / run (s) "
