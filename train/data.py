@@ -150,18 +150,31 @@ def load_gsm8k(
         table = datasets.load_dataset(hub_name, hub_config, split=split)
     else:
         path = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR) / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"GSM8K file {path} not found; expected {split}.jsonl with one "
-                '{"question": str, "answer": str} object per line'
-            )
-        _validate_jsonl(path)
-        table = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        return load_gsm8k_file(path, preprocess_text=preprocess_text)
+    return _examples_from_table(table, preprocess_text)
+
+
+def _examples_from_table(table, preprocess_text: bool) -> list[Example]:
     missing = {"question", "answer"} - set(table.column_names)
     if missing:
         raise ValueError(f"dataset lacks columns {sorted(missing)}; has {table.column_names}")
     examples = [Example(q, a) for q, a in zip(table["question"], table["answer"])]
     return [preprocess(e) for e in examples] if preprocess_text else examples
+
+
+def load_gsm8k_file(path: str | Path, *, preprocess_text: bool = True) -> list[Example]:
+    """Loads one GSM8K-format JSONL file (any name) through ``datasets``, validating it first."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"GSM8K file {path} not found; expected a .jsonl file with one "
+            '{"question": str, "answer": str} object per line'
+        )
+    _validate_jsonl(path)
+    table = datasets.load_dataset("json", data_files={"rows": str(path)}, split="rows")
+    return _examples_from_table(table, preprocess_text)
 
 
 def holdout_split(
@@ -203,7 +216,8 @@ class SFTArrays(NamedTuple):
         }
 
 
-def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens."""
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -216,8 +230,8 @@ def tokenize_sft(examples: Sequence[Example], tokenizer, max_len: int = DEFAULT_
         raise ValueError(f"max_len={max_len} must be >= 2")
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError("tokenizer needs eos_token_id and pad_token_id")
-    prompts = _token_ids(tokenizer, [format_prompt(e.question) for e in examples])
-    answers = _token_ids(tokenizer, [format_target(e.answer) for e in examples])
+    prompts = token_ids(tokenizer, [format_prompt(e.question) for e in examples])
+    answers = token_ids(tokenizer, [format_target(e.answer) for e in examples])
     n = len(examples)
     input_ids = np.full((n, max_len), tokenizer.pad_token_id, dtype=np.int32)
     attention_mask = np.zeros((n, max_len), dtype=np.int32)
@@ -252,7 +266,7 @@ def tokenize_prompts(questions: Sequence[str], tokenizer, prompt_len: int) -> tu
     ``prompt_len`` tokens (the part next to "Answer:"). Returns (ids, mask, num_truncated)."""
     if prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len} must be >= 1")
-    prompts = _token_ids(tokenizer, [format_prompt(q) for q in questions])
+    prompts = token_ids(tokenizer, [format_prompt(q) for q in questions])
     ids = np.full((len(prompts), prompt_len), tokenizer.pad_token_id, dtype=np.int32)
     mask = np.zeros((len(prompts), prompt_len), dtype=np.int32)
     num_truncated = 0

@@ -11,7 +11,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from hacbo_jax.models.generation import generate
-from train.data import Example, _token_ids, format_prompt, prompt_batches, reference_answer
+from train.data import Example, format_prompt, prompt_batches, token_ids
 from train.exact_match import is_exact_match
 
 
@@ -24,7 +24,7 @@ class EvalResult(NamedTuple):
 
 def prompt_length_for(questions: Sequence[str], tokenizer, *, multiple: int = 16) -> int:
     """The longest tokenised prompt among ``questions``, rounded up to ``multiple``."""
-    lengths = [len(ids) for ids in _token_ids(tokenizer, [format_prompt(q) for q in questions])]
+    lengths = [len(ids) for ids in token_ids(tokenizer, [format_prompt(q) for q in questions])]
     longest = max(lengths, default=1)
     return -(-longest // multiple) * multiple
 
@@ -75,7 +75,7 @@ def evaluate_exact_match(
         max_new_tokens=max_new_tokens,
     )
     correct = np.array(
-        [is_exact_match(p, reference_answer(e.answer)) for p, e in zip(predictions, examples)],
+        [is_exact_match(p, e.answer) for p, e in zip(predictions, examples)],
         dtype=bool,
     )
     score = float(correct.mean()) if len(examples) else 0.0

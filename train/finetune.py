@@ -61,16 +61,6 @@ class TaskData:
     pool: list[data_lib.Example]  # micro-dev pool
 
 
-def _load_jsonl_split(path: str) -> list[data_lib.Example]:
-    """A GSM8K-format JSONL file (any name) through train.data.load_gsm8k's validation."""
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        os.symlink(Path(path).resolve(), Path(tmp) / "train.jsonl")
-        return data_lib.load_gsm8k("train", data_dir=tmp)
-
-
 def load_task_data(cfg: Config) -> TaskData:
     """Train / eval / micro-dev pool examples for the configured task (see the spec's pools)."""
     d = cfg.data
@@ -84,8 +74,8 @@ def load_task_data(cfg: Config) -> TaskData:
             train_all = data_lib.load_gsm8k("train", hub_name=d.hub_name)
             eval_ = data_lib.load_gsm8k("test", hub_name=d.hub_name)
         else:
-            train_all = _load_jsonl_split(d.train_file)
-            eval_ = _load_jsonl_split(d.eval_file)
+            train_all = data_lib.load_gsm8k_file(d.train_file)
+            eval_ = data_lib.load_gsm8k_file(d.eval_file)
         train_idx, pool_idx = data_lib.holdout_split(len(train_all), d.heldout_size, cfg.seed)
         train = [train_all[i] for i in train_idx]
         pool = [train_all[i] for i in pool_idx] if cfg.microdev.pool == "heldout" else eval_

@@ -32,10 +32,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from hacbo_jax.models.generation import generate
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from train import data
-from train.exact_match import is_exact_match
+from train.evaluate import evaluate_exact_match
 from train.synthetic import SyntheticTask
 from train.tokenizer import save_tokenizer, train_tokenizer
 
@@ -125,15 +124,10 @@ def make_train_step(graphdef, rest, tx):
 
 def greedy_exact_match(model, tokenizer, examples, *, batch_size: int = 50, prompt_len: int = 64,
                        max_new_tokens: int = 72) -> tuple[float, list[str]]:
-    """Greedy-decodes each question and scores exact match against its reference answer."""
-    outputs = []
-    questions = [e.question for e in examples]
-    for batch in data.prompt_batches(questions, tokenizer, batch_size=batch_size, prompt_len=prompt_len):
-        tokens = np.asarray(generate(model, batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        outputs += tokenizer.batch_decode(tokens[: batch.num_valid], skip_special_tokens=True)
-    hits = [is_exact_match(out, e.answer) for out, e in zip(outputs, examples)]
-    return float(np.mean(hits)), outputs
+    """Greedy exact match of ``examples`` (train.evaluate with this script's fixed shapes)."""
+    result = evaluate_exact_match(model, tokenizer, examples, batch_size=batch_size,
+                                  prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+    return result.exact_match, result.predictions
 
 
 def directory_bytes(directory: Path) -> int:
