@@ -4,8 +4,9 @@
 
 Needs 8 host devices, which XLA only creates if the flag is set before jax is imported, hence a
 separate process (pytest's own has one CPU device). Writes ``OUT_DIR/arrays.npz`` (params and
-controller state after the run on each mesh, the restored checkpoint, ...) and
-``OUT_DIR/facts.json`` (shardings, per-host rows, error messages); asserts nothing itself.
+controller state after the run on each mesh, the restored checkpoint, ...),
+``OUT_DIR/facts.json`` (shardings, per-host rows, error messages) and ``OUT_DIR/finetune/``
+(train.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
 """
 from __future__ import annotations
 
@@ -151,11 +152,7 @@ def main(out_dir: Path) -> None:
     arrays.update(flat(next42.params, "next/4x2"))
     for mesh_shape in ((2, 4), (8, 1)):
         name = "x".join(map(str, mesh_shape))
-        if mesh_shape in final_states:  # reuse its compiled step; a fresh template all the same
-            template = place(mesh_shape, graphdef, params, rest, schedule, tx)[0]
-            _, step_fn, shardings, _ = final_states[mesh_shape]
-        else:
-            template, step_fn, shardings = place(mesh_shape, graphdef, params, rest, schedule, tx)
+        template, step_fn, shardings = place(mesh_shape, graphdef, params, rest, schedule, tx)
         with Checkpointer(ckpt_dir, keep=1) as ckpt:
             restored, meta = ckpt.restore(STEPS, abstract_target=template)
         arrays.update(flat(restored, f"restored/{name}"))
@@ -164,9 +161,10 @@ def main(out_dir: Path) -> None:
             "q_proj_spec": spec_of(q), "q_proj_mesh": dict(q.sharding.mesh.shape),
             "meta": meta["note"], "step": int(restored.step),
         }
-        dev = jax.device_put(dev_buffer, shardings.dev_buffer)
-        nxt, _ = step_fn(restored, feed(batches[STEPS], shardings), dev)
-        arrays.update(flat(nxt.params, f"next/{name}"))
+        if mesh_shape in final_states:  # continue with that mesh's compiled step (saves a compile)
+            _, step_fn, shardings, dev = final_states[mesh_shape]
+            nxt, _ = step_fn(restored, feed(batches[STEPS], shardings), dev)
+            arrays.update(flat(nxt.params, f"next/{name}"))
     arrays.update(flat(state42, "saved/4x2"))
 
     # Per-host rows: 4x2 mesh as if devices 0-3 were process 0 and 4-7 process 1.
@@ -189,5 +187,37 @@ def main(out_dir: Path) -> None:
     (out_dir / "facts.json").write_text(json.dumps(facts, indent=1))
 
 
+def finetune_runs(out_dir: Path) -> None:
+    """train.finetune end to end: 6 steps on 1x1, and 3 on 4x2 resumed on 2x4 for 3 more.
+
+    Writes ``OUT_DIR/finetune/{1x1,resumed}/`` run directories.
+    """
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+    from train import finetune
+    from train.config import load_config
+
+    root = out_dir / "finetune"
+    model_dir = make_tiny_checkpoint(root / "model")
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+
+    def cfg(run: str, mesh: tuple[int, int]):
+        return load_config(config, [
+            f"model.path={model_dir}", f"output_dir={root / run}",
+            "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "data.heldout_size=16",
+            "data.max_len=96", "optim.batch_size=16", "optim.micro_batch_size=8",
+            "optim.warmup_steps=1", "optim.epochs=1", "optim.max_steps=6",
+            "controller.hacbo.interval=2", "controller.hacbo.patience=2",
+            "microdev.size=8", "microdev.batch_size=8", "microdev.refresh_every=0",
+            "eval.limit=2", "eval.max_new_tokens=2", "eval.batch_size=2",
+            "eval.every_epoch=false", "logging.every=1", "checkpoint.every=0",
+            f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
+        ])
+
+    finetune.run(cfg("1x1", (1, 1)), show_progress=False)
+    finetune.run(cfg("resumed", (4, 2)), show_progress=False, stop_after=3)
+    finetune.run(cfg("resumed", (2, 4)), resume=True, show_progress=False)
+
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    finetune_runs(Path(sys.argv[1]))
