@@ -206,7 +206,10 @@ class DivergenceConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh (reserved for data-parallel / FSDP work)."""
+    """Device mesh ("data", "fsdp"): data-parallel size (-1 = all devices) x FSDP shards.
+
+    Checked against the devices present by train.finetune.make_run_mesh (hacbo_jax.sharding).
+    """
     data: int = _opt(1, _mesh_size)
     fsdp: int = _opt(1, _range(1))
 
