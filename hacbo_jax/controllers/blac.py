@@ -78,11 +78,12 @@ def blac(
 
   def init_fn(params):
     num_b = _groups.resolve_layout(labels, params, submodules).num_blocks
-    zeros = jnp.zeros([num_b], jnp.float32)
+    # One buffer per field: a train step that donates its state cannot take one buffer twice.
     return BLACState(
-        count=jnp.zeros([], jnp.int32), agreement=zeros, signed_agreement=zeros,
-        frozen=jnp.zeros([num_b], bool),
-        layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32), cosine=zeros)
+        count=jnp.zeros([], jnp.int32), agreement=jnp.zeros([num_b], jnp.float32),
+        signed_agreement=jnp.zeros([num_b], jnp.float32), frozen=jnp.zeros([num_b], bool),
+        layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32),
+        cosine=jnp.zeros([num_b], jnp.float32))
 
   def update_fn(updates, state, params=None, *, train_grads=None, dev_grads=None,
                 dev_grad_fn=None, **extra_args):
