@@ -29,14 +29,6 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _nll_from_logits(logits, targets, weights, reduce=True):
-    import jax
-    import jax.numpy as jnp
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.sum(jnp.take_along_axis(logp, targets[..., None], -1)[..., 0] * weights)
-    return nll / jnp.sum(weights) if reduce else nll
-
-
 def run_jax(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -46,6 +38,7 @@ def run_jax(args) -> dict:
 
     from hacbo_jax import hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
+    from train.step import Batch, answer_nll, chunked_answer_nll
 
     config = Qwen3Config.qwen3_0_6b()
     # Initialised inside one jitted program, so no eager per-op temporaries.
@@ -66,23 +59,14 @@ def run_jax(args) -> dict:
         model = nnx.merge(graphdef, params, rest)
         targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
         weights = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+        batch = Batch(ids, jnp.ones_like(ids), targets, weights)
         if not args.loss_chunk:
-            return _nll_from_logits(model(ids), targets, weights)
-        h = model.hidden_states(ids)
-        n = ids.shape[1] // args.loss_chunk
-
-        def split(x):  # [B, T, ...] -> [n, B, T / n, ...]
-            return jnp.moveaxis(x.reshape(x.shape[0], n, args.loss_chunk, *x.shape[2:]), 1, 0)
-
-        # Logits of one chunk at a time, recomputed in the backward pass: [T, V] never exists.
-        @jax.checkpoint
-        def chunk_nll(total, chunk):
-            h_c, t_c, w_c = chunk
-            return total + _nll_from_logits(model.lm_logits(h_c), t_c, w_c, reduce=False), None
-
-        total, _ = jax.lax.scan(chunk_nll, jnp.zeros([], jnp.float32),
-                                (split(h), split(targets), split(weights)))
-        return total / jnp.sum(weights)
+            total, count = answer_nll(model(ids), batch)
+        else:
+            # Logits of one chunk at a time, recomputed in the backward pass: [T, V] never exists.
+            total, count = chunked_answer_nll(model.lm_logits, model.hidden_states(ids), batch,
+                                              args.loss_chunk)
+        return total / count
 
     grad_fn = jax.value_and_grad(loss_fn)
 

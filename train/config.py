@@ -85,6 +85,9 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"          # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"    # master weights
     remat: bool = False                                         # gradient checkpointing
+    # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
+    # never exist at once); null = all positions together.
+    logits_chunk: Optional[int] = _opt(None, _range(1))
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     train_step = make_train_step(
         graphdef, rest, tx, schedule,
         dev_batch_size=dev_batch_size, uses_dev_grads=uses_dev, shardings=shardings,
+        logits_chunk=cfg.model.logits_chunk,
     )
     seq_len = train_arrays.input_ids.shape[1]
     # This process's rows of every micro-batch (all of them with one process).

@@ -133,13 +133,55 @@ def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable[[Any, Batch], tuple]:
-    """``loss_fn(params, batch) -> (summed answer NLL, answer-token count)``."""
+def chunked_answer_nll(
+    lm_logits: Callable[[jax.Array], jax.Array], hidden: jax.Array, batch: Batch, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`answer_nll` computed ``chunk`` positions at a time.
+
+    The [B, T, V] logits never exist at once: each chunk's logits are recomputed in the backward
+    pass (``jax.checkpoint``), so the loss holds [B, chunk, V]. With Qwen3's 151,936-token
+    vocabulary this is the largest activation of a fine-tuning step. T is padded (weight 0) up
+    to a multiple of ``chunk``.
+    """
+    t = hidden.shape[1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    weights = batch.loss_mask.astype(jnp.float32)
+    targets = batch.targets
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+
+    def split(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+        return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def add_chunk(total, piece):
+        h, y, w = piece
+        nll = optax.softmax_cross_entropy_with_integer_labels(lm_logits(h), y)
+        return total + jnp.sum(nll * w), None
+
+    total, _ = jax.lax.scan(add_chunk, jnp.zeros([], jnp.float32),
+                            (split(hidden), split(targets), split(weights)))
+    return total, jnp.sum(weights)
+
+
+def make_loss_fn(
+    graphdef: nnx.GraphDef, rest: nnx.State, *, logits_chunk: int | None = None
+) -> Callable[[Any, Batch], tuple]:
+    """``loss_fn(params, batch) -> (summed answer NLL, answer-token count)``.
+
+    ``logits_chunk``: compute the vocabulary projection and cross-entropy that many positions
+    at a time (:func:`chunked_answer_nll`); None computes the full logits at once.
+    """
 
     def loss_fn(params: Any, batch: Batch):
         model = nnx.merge(graphdef, nnx.State(params), rest)
-        logits = model(batch.input_ids, batch.attention_mask)
-        return answer_nll(logits, batch)
+        if logits_chunk is None:
+            return answer_nll(model(batch.input_ids, batch.attention_mask), batch)
+        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
+        return chunked_answer_nll(model.lm_logits, hidden, batch, logits_chunk)
 
     return loss_fn
 
@@ -176,6 +218,7 @@ def make_train_step(
     uses_dev_grads: bool,
     donate: bool = True,
     shardings: StepShardings | None = None,
+    logits_chunk: int | None = None,
 ) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
@@ -183,7 +226,7 @@ def make_train_step(
     the whole micro-dev buffer on device. ``shardings`` places the step on a device mesh
     (None: JAX's default single-device placement, no constraints).
     """
-    loss_fn = make_loss_fn(graphdef, rest)
+    loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
     if shardings is None:
         constrain_grads = constrain_dev = lambda tree: tree
     else:
