@@ -408,7 +408,8 @@ def _load_runs(out_dir: Path, methods: Sequence[str], seeds: Sequence[int]
 
 def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: Sequence[int],
                             report_dir: str | Path | None = None, *, command: str | None = None,
-                            timing: Mapping[str, Any] | None = None) -> Path:
+                            timing: Mapping[str, Any] | None = None,
+                            command_label: str = "Regenerate with:") -> Path:
     """Statistics and figures of the finished runs under ``out_dir/runs``; returns report.md."""
     out_dir = Path(out_dir)
     report_dir = Path(report_dir) if report_dir is not None else out_dir
@@ -426,7 +427,7 @@ def write_comparison_report(out_dir: str | Path, methods: Sequence[str], seeds: 
 
     lines = ["# Multi-seed comparison", ""]
     if command:
-        lines += ["Regenerate with:", "", "```", command, "```", ""]
+        lines += [command_label, "", "```", command, "```", ""]
     first = all_runs[0].config or {}
     lines += [
         f"Seeds: {', '.join(map(str, seeds))}. Base model `{Path(str(model_path)).name}`, task "
@@ -637,7 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lrs = load_lrs(args.lrs) if args.lrs else None
         if args.report_only:
             report = write_comparison_report(args.out, methods, seeds, args.report_dir,
-                                             command=command)
+                                             command=command,
+                                             command_label="Report rebuilt from existing runs with:")
             print(f"wrote {report}")
             return 0
         # validate every run's config before the first one starts
