@@ -186,6 +186,7 @@ class EvalConfig:
     max_new_tokens: int = _opt(256, _range(1))
     batch_size: int = _opt(64, _range(1))
     every_epoch: bool = True
+    at_start: bool = False                                    # also evaluate the base model (step 0)
 
 
 @dataclass(frozen=True)

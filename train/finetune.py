@@ -261,7 +261,8 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
 
     # ---- checkpoints and resume
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    counters = {"wall_time_s": 0.0, "energy_kwh": 0.0, "refreshes": []}
+    counters = {"wall_time_s": 0.0, "energy_kwh": 0.0, "refreshes": [],
+                "initial_exact_match": None}
     start_step = 0
     if resume:
         latest = ckpt.latest_step()
@@ -277,6 +278,10 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         resume_step=start_step if resume else None,
         config=dataclasses.asdict(cfg),
     )
+    if cfg.eval.at_start and not resume:
+        initial = run_eval(state.params, task.eval)
+        logger.log_eval(0, exact_match=initial.exact_match, n=initial.num_examples, epoch=0.0)
+        counters["initial_exact_match"] = initial.exact_match
     dev_buffer = device_dev_buffer()
     energy = EnergyMeter()
     energy.start()
@@ -399,6 +404,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         "seed": cfg.seed,
         "steps": final_step,
         "total_steps": total_steps,
+        "initial_exact_match": counters["initial_exact_match"],
         "final_exact_match": result.exact_match,
         "eval_examples": result.num_examples,
         "final_train_loss": last_loss,
@@ -421,8 +427,10 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_cli(argv)
     summary = run(cfg, resume=args.resume)
+    before = summary["initial_exact_match"]
+    before = "" if before is None else f"{100 * before:.1f}% (base model) -> "
     print(
-        f"[{summary['method']}] exact match {100 * summary['final_exact_match']:.1f}% on "
+        f"[{summary['method']}] exact match {before}{100 * summary['final_exact_match']:.1f}% on "
         f"{summary['eval_examples']} held-out problems after {summary['steps']} steps "
         f"({summary['wall_time_s']:.0f} s); run directory: {cfg.output_dir}"
     )
