@@ -32,6 +32,8 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hacbo_jax.controllers.labels import leaf_path
+
 __all__ = [
     "DATA_AXIS",
     "FSDP_AXIS",
@@ -46,7 +48,6 @@ __all__ = [
     "shard_pytree",
     "abstract_with_shardings",
     "batch_spec",
-    "path_name",
     "per_device_bytes",
 ]
 
@@ -134,18 +135,6 @@ def make_mesh(data: int = 1, fsdp: int = 1, *, devices: Sequence[jax.Device] | N
 # Partition specs
 # ---------------------------------------------------------------------------------------------
 
-def _entry_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_name(path: Sequence[Any]) -> str:
-    """``"a/b/0/c"`` from a ``jax.tree_util`` key path (dict keys, fields, indices)."""
-    return "/".join(_entry_name(k) for k in path)
-
-
 def fsdp_spec(shape: Sequence[int], fsdp_size: int, *, min_elements: int = 2**16,
               axis_name: str = FSDP_AXIS) -> PartitionSpec:
     """Shard the largest axis of ``shape`` divisible by ``fsdp_size`` over ``axis_name``.
@@ -183,7 +172,7 @@ def partition_specs(tree: PyTree, mesh_axes: Mesh | AbstractMesh | dict[str, int
     """A tree of PartitionSpec for ``tree`` (arrays or ``jax.ShapeDtypeStruct`` s).
 
     Each leaf takes the spec of the first rule whose regex is found (``re.search``) in its path
-    (:func:`path_name`) and whose sharded axes divide the leaf's dimensions; otherwise
+    (:func:`hacbo_jax.controllers.labels.leaf_path`) and whose sharded axes divide the leaf's dimensions; otherwise
     ``fallback(shape)``, by default :func:`fsdp_spec` with the mesh's fsdp size and
     ``min_elements``. Scalars are always replicated. Leaves without a shape (None, Python
     numbers) get ``PartitionSpec()``.
@@ -205,7 +194,7 @@ def partition_specs(tree: PyTree, mesh_axes: Mesh | AbstractMesh | dict[str, int
         shape = tuple(getattr(leaf, "shape", ()))
         if not shape:
             return PartitionSpec()
-        name = path_name(path)
+        name = leaf_path(path)
         for pattern, spec in compiled:
             if pattern.search(name) and _fits(spec, shape, sizes):
                 return spec

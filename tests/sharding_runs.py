@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hacbo_jax import sharding as sharding_lib  # noqa: E402
+from hacbo_jax.controllers.labels import leaf_path  # noqa: E402
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels  # noqa: E402
 from train import distributed  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
@@ -62,7 +63,7 @@ def random_batch(rng: np.random.Generator, shape: tuple[int, ...]) -> Batch:
 
 def flat(tree, prefix: str) -> dict[str, np.ndarray]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))
-    return {f"{prefix}/{sharding_lib.path_name(p)}": np.asarray(x) for p, x in leaves}
+    return {f"{prefix}/{leaf_path(p)}": np.asarray(x) for p, x in leaves}
 
 
 def spec_of(x) -> str:

@@ -86,6 +86,8 @@ def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
     assert metrics[0]["controller"]["agreement"] == [0.0, 0.0]
     assert any(a > 0 for m in metrics[1:] for a in m["controller"]["agreement"])
     evals = read_jsonl(run_dir / "eval.jsonl")
+    # eval.at_start (on in tiny_cpu.yaml) scores the base model at step 0.
+    assert evals[0]["step"] == 0 and evals[0]["exact_match"] == summary["initial_exact_match"]
     assert evals[-1]["step"] == 12 and evals[-1]["n"] == 8
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
     # The exported model loads with our loader and differs from the base model.

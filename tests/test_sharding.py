@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.controllers.labels import leaf_path
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
 from train import distributed, finetune
 from train.config import Config, ConfigError, MeshConfig, OptimConfig
@@ -139,7 +140,7 @@ def test_rule_that_does_not_divide_falls_back_to_fsdp_rule():
 def test_path_names_and_per_device_bytes():
     tree = {"a": [jax.ShapeDtypeStruct((8, 6), jnp.float32)],
             "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16)}
-    paths = [sharding_lib.path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    paths = [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert paths == ["a/0", "b"]
     mesh = AbstractMesh((2, 4), ("data", "fsdp"))
     shardings = sharding_lib.named_shardings(mesh, {"a": [P("fsdp", None)], "b": P()})

@@ -48,18 +48,11 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _leaf_table(tree: PyTree) -> dict[str, Any]:
     """``"a/b/0/c" -> leaf``: NamedTuple fields and dict keys both become plain names, because
     orbax stores NamedTuples as mappings and drops empty nodes (``optax.EmptyState``)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_name(k) for k in path): leaf for path, leaf in leaves}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
 
 
 def _is_key(dtype) -> bool:

@@ -252,6 +252,25 @@ def dev_gradient_source(dev_grads: PyTree | None, dev_grad_fn: Callable | None,
   return lambda: dev_grad_fn(params)
 
 
+def measure_if_due(state, interval: int, measure: Callable, dev_grads: PyTree | None,
+                   dev_grad_fn: Callable | None, params: PyTree | None):
+  """``(t, is_measurement, state')``: ``measure(state, dev_source)`` under ``lax.cond`` on steps
+  with t = count + 1 divisible by ``interval``, the state unchanged otherwise; count is not
+  advanced here.
+
+  Outside jit, a step that does not measure may omit the dev gradient (the spec allows it);
+  traced, the step must be able to measure, so :func:`dev_gradient_source` insists on one.
+  """
+  t = state.count + 1
+  is_measurement = t % interval == 0
+  if (dev_grads is None and dev_grad_fn is None and not isinstance(t, jax.core.Tracer)
+      and not bool(is_measurement)):
+    return t, is_measurement, state
+  dev_source = dev_gradient_source(dev_grads, dev_grad_fn, params)
+  return t, is_measurement, jax.lax.cond(
+      is_measurement, lambda s: measure(s, dev_source), lambda s: s, state)
+
+
 def check_state_shape(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:
   if tuple(jnp.shape(value)) != shape:
     raise ValueError(f"state field {name} has shape {jnp.shape(value)} but the labels give "

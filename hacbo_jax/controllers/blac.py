@@ -95,14 +95,8 @@ def blac(
     update_leaves = _groups.flatten_like(layout, updates, "updates")
     train_leaves = _groups.flatten_like(layout, train_grads, "train_grads")
 
-    t = state.count + 1
-    is_measurement = t % interval == 0
-    skip_measurement = (dev_grads is None and dev_grad_fn is None
-                        and not isinstance(t, jax.core.Tracer) and not bool(is_measurement))
-    dev_source = None if skip_measurement else _groups.dev_gradient_source(
-        dev_grads, dev_grad_fn, params)
-
-    def measure(state: BLACState) -> BLACState:
+    def measure(state: BLACState, dev_source) -> BLACState:
+      t = state.count + 1
       dev_leaves = _groups.flatten_like(layout, dev_source(), "dev gradient")
       cos, _ = _groups.sign_cosine_and_sq_norms(layout, train_leaves, dev_leaves)
       agreement = rho * state.agreement + (1.0 - rho) * jnp.maximum(cos, 0.0)
@@ -114,10 +108,8 @@ def blac(
                           state.layer_weights)
       return BLACState(state.count, agreement, signed, frozen, weights.astype(jnp.float32), cos)
 
-    if skip_measurement:
-      measured = state
-    else:
-      measured = jax.lax.cond(is_measurement, measure, lambda s: s, state)
+    t, is_measurement, measured = _groups.measure_if_due(
+        state, interval, measure, dev_grads, dev_grad_fn, params)
     measured = measured._replace(count=t)
 
     per_block = blac_multipliers(measured)

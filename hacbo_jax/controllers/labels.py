@@ -10,16 +10,9 @@ import jax
 PyTree = Any
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def leaf_path(path: Sequence[Any]) -> str:
   """The "/"-joined names of a jax key path, e.g. ``"layers/3/mlp/kernel"``."""
-  return "/".join(_key_name(k) for k in path)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def label_by_rules(params: PyTree, rules: Sequence[tuple[str, str]],
