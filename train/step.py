@@ -258,8 +258,8 @@ def make_train_step(
         metrics = StepMetrics(
             loss=loss,
             target_tokens=count,
-            grad_norm=optax.global_norm(grads),
-            update_norm=optax.global_norm(updates),
+            grad_norm=optax.tree.norm(grads),
+            update_norm=optax.tree.norm(updates),
             learning_rate=schedule(state.step),
             finite=finite_state.last_finite,
             consecutive_nonfinite=finite_state.notfinite_count,
