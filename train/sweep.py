@@ -14,7 +14,10 @@ exact match on the held-out evaluation problems, maximised. The best rate per me
 for the record. Runs go to ``OUT/<method>/trial<k>/``.
 
 The default budget is small (4 trials per method): enough to avoid a rate that is off by an
-order of magnitude, not a fine optimum. Needs the ``sweep`` extra (``pip install -e .[sweep]``).
+order of magnitude, not a fine optimum. Note that TPE draws its first ``n_startup_trials`` (10)
+at random, so with fewer than 11 trials the search is a seeded random log-uniform search, and
+with one seed every method is tried at the same candidate rates (a common grid, which keeps the
+methods comparable). Objective ties keep the earlier trial. Needs the ``sweep`` extra (``pip install -e .[sweep]``).
 """
 
 from __future__ import annotations
