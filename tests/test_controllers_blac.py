@@ -1,9 +1,10 @@
 """BLAC: hand-computed warm-up, irreversible freezing and re-normalised weights."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hacbo_jax import BLACState, blac, blac_multipliers
+from hacbo_jax import BLACState, blac, blac_multipliers, hacbo
 
 LABELS = {"emb": "other", "blocks": [{"a": f"{b}/a", "b": f"{b}/b"} for b in range(3)]}
 ONES = [1.0, 1.0]
@@ -76,3 +77,20 @@ def test_blac_rejects_bad_input():
   tx = blac(LABELS, interval=1)
   with pytest.raises(ValueError, match="dev_grad"):
     tx.update(TRAIN, tx.init(TRAIN), TRAIN, train_grads=TRAIN)
+
+
+@pytest.mark.parametrize("make", [blac, hacbo], ids=["blac", "hacbo"])
+def test_state_survives_a_donating_jitted_step(make):
+  """init must give every state field its own buffer: a train step that donates its state
+  (as train.step does) otherwise fails with 'Attempt to donate the same buffer twice'."""
+  tx = make(LABELS, interval=1)
+  state = tx.init(TRAIN)
+
+  def step(state):
+    return tx.update(tree([(ONES, ONES)] * 3), state, None, train_grads=TRAIN,
+                     dev_grads=tree([AGREE] * 3))[1]
+
+  donating = jax.jit(step, donate_argnums=0)
+  for _ in range(2):
+    state = donating(state)
+  assert int(state.count) == 2
