@@ -1,7 +1,7 @@
 """Multi-seed comparison of fine-tuning methods, resumable, with a statistical report.
 
     python -m train.compare --config configs/compare_cpu.yaml --seeds 5 \\
-        --methods adamw,blac,hacbo,hacbo_gamma0 [--lrs configs/compare_lrs.yaml] \\
+        --methods adamw,blac,hacbo,hacbo_gamma0 [--lrs configs/lrs/compare_cpu.yaml] \\
         [--out runs/compare] [--report-dir DIR] [key=value ...]
 
 Runs every (method, seed) of the grid one after another in this process (``train.finetune.run``;

@@ -2,7 +2,7 @@
 
     python -m train.sweep --config configs/compare_cpu.yaml \\
         [--methods adamw,blac,hacbo,hacbo_gamma0] [--trials 4] [--lo 1e-5] [--hi 3e-3] \\
-        [--seed 0] [--out runs/sweep] [--write configs/compare_lrs.yaml] [key=value ...]
+        [--seed 0] [--out runs/sweep] [--write configs/lrs/compare_cpu.yaml] [key=value ...]
 
 For each method, a TPE study (``optuna.samplers.TPESampler(seed=...)``, so the search is
 reproducible) draws the base learning rate log-uniformly from [lo, hi]
@@ -106,7 +106,7 @@ def write_lrs(path: str | Path, results: Mapping[str, Mapping[str, Any]], *,
 
 
 def sweep(base_config: str | Path, methods: Sequence[str] = COMPARED_METHODS, *,
-          write: str | Path = "configs/compare_lrs.yaml", command: str | None = None,
+          write: str | Path = "configs/lrs/compare_cpu.yaml", command: str | None = None,
           log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, dict[str, Any]]:
     """:func:`sweep_method` for every method, then :func:`write_lrs`; returns the results."""
     results = {}
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hi", type=float, default=3e-3, help="highest learning rate")
     parser.add_argument("--seed", type=int, default=0, help="TPE seed and run seed")
     parser.add_argument("--out", default="runs/sweep", help="trial runs go to OUT/<method>/trial<k>")
-    parser.add_argument("--write", default="configs/compare_lrs.yaml", help="output lrs file")
+    parser.add_argument("--write", default="configs/lrs/compare_cpu.yaml", help="output lrs file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides for every trial run (e.g. optim.max_steps=30)")
     args = parser.parse_args(argv)
