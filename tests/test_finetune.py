@@ -167,3 +167,12 @@ def test_bad_override_stops_before_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "controller.hacbo.gamma" in err and "1.5" in err
     assert not (tmp_path / "never").exists()
+
+
+def test_microdev_larger_than_its_pool_is_refused(tiny_model_dir, tmp_path, capsys):
+    # pool 'test' draws the buffer from the 8 eval problems; 16 cannot fit.
+    overrides = quick_overrides(tiny_model_dir, tmp_path / "run", "microdev.pool=test")
+    assert finetune.main(["--config", str(CONFIG), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "microdev.size = 16" in err and "8 examples" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

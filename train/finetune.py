@@ -206,13 +206,17 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     )
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     uses_dev = controller is not None
+    if cfg.microdev.size > len(task.pool):
+        raise ConfigError(
+            f"invalid config:\n  - microdev.size = {cfg.microdev.size}: must be <= the "
+            f"micro-dev pool's {len(task.pool)} examples (microdev.pool = {cfg.microdev.pool!r})")
     buffer = MicroDevBuffer(
-        len(task.pool), min(cfg.microdev.size, len(task.pool)),
+        len(task.pool), cfg.microdev.size,
         refresh_interval=max(cfg.microdev.refresh_every, 1),
         replace_fraction=cfg.microdev.refresh_fraction,
         max_candidates=cfg.microdev.max_candidates, seed=cfg.seed,
     )
-    dev_batch_size = min(cfg.microdev.batch_size, buffer.buffer_size)
+    dev_batch_size = cfg.microdev.batch_size  # <= microdev.size, checked by the config
     shardings = None
     if on_mesh:
         abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
@@ -426,7 +430,11 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg, args = parse_cli(argv)
-    summary = run(cfg, resume=args.resume)
+    try:
+        summary = run(cfg, resume=args.resume)
+    except ConfigError as e:  # found once the data is known (e.g. the micro-dev pool's size)
+        print(f"python -m train.finetune: error: {e}", file=sys.stderr)
+        return 2
     before = summary["initial_exact_match"]
     before = "" if before is None else f"{100 * before:.1f}% (base model) -> "
     print(
