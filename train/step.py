@@ -302,15 +302,8 @@ def step_shardings(mesh: jax.sharding.Mesh, state: TrainState, *,
 
 def find_controller_state(opt_state: Any) -> Any | None:
     """The HACBOState or BLACState inside a (chained, wrapped) optimiser state, or None."""
-    found = []
-
-    def visit(node):
-        if type(node).__name__ in ("HACBOState", "BLACState"):
-            found.append(node)
-            return
-        if isinstance(node, (tuple, list)):
-            for child in node:
-                visit(child)
-
-    visit(opt_state)
-    return found[0] if found else None
+    for name in ("HACBOState", "BLACState"):
+        found = optax.tree_utils.tree_get(opt_state, name)
+        if found is not None:
+            return found
+    return None
