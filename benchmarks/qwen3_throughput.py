@@ -6,6 +6,7 @@ wrote) and the same batch; steps alternate between the sides (median time of eac
 
     python benchmarks/qwen3_throughput.py [--layers 4 --hidden 256 --batch 8 --seq 256 --steps 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,9 +76,15 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
 
     cfg = transformers.Qwen3Config(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads, head_dim=args.head_dim, tie_word_embeddings=True)
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     hf = transformers.Qwen3ForCausalLM(cfg).train()
     with tempfile.TemporaryDirectory() as d:
@@ -107,11 +114,13 @@ def main():
 
     times = time_interleaved(args.steps, jax=jax_step, torch=torch_step)
     t_jax, t_torch = times["jax"], times["torch"]
-    print(f"config: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}"
-          f"x{args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}; "
-          f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side "
-          f"(interleaved, median); "
-          f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch {torch.__version__}")
+    print(
+        f"config: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}"
+        f"x{args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}; "
+        f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side "
+        f"(interleaved, median); "
+        f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch {torch.__version__}"
+    )
     print(f"{'':14}{'s/step':>10}{'tokens/s':>12}")
     print(f"{'jax (ours)':14}{t_jax:10.3f}{tokens / t_jax:12.0f}")
     print(f"{'pytorch':14}{t_torch:10.3f}{tokens / t_torch:12.0f}")

@@ -9,6 +9,7 @@ axis does not change these figures (params and optimiser state are replicated ov
 
     python benchmarks/sharding_memory.py [--param-dtype float32|bfloat16] [--shards 1 2 4 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,22 +21,36 @@ from jax.sharding import AbstractMesh
 
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-from train.step import (TrainState, build_controller, build_optimizer, learning_rate_schedule,
-                        step_shardings)
+from train.step import (
+    TrainState,
+    build_controller,
+    build_optimizer,
+    learning_rate_schedule,
+    step_shardings,
+)
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def abstract_state(param_dtype) -> TrainState:
     """TrainState of ShapeDtypeStructs: Qwen3-0.6B params, clip + AdamW + HACBO state."""
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(
-        Qwen3Config.qwen3_0_6b(), param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(
+        lambda: Qwen3ForCausalLM(
+            Qwen3Config.qwen3_0_6b(), param_dtype=param_dtype, rngs=nnx.Rngs(0)
+        )
+    )
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tx = build_optimizer(schedule=learning_rate_schedule(1e-5, 10, 1000), b1=0.9, b2=0.95,
-                         weight_decay=0.1, clip_norm=1.0,
-                         controller=build_controller("hacbo", qwen3_labels(params)))
+    tx = build_optimizer(
+        schedule=learning_rate_schedule(1e-5, 10, 1000),
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        controller=build_controller("hacbo", qwen3_labels(params)),
+    )
     return jax.eval_shape(
-        lambda p: TrainState(jnp.int32(0), p, tx.init(p), jnp.zeros(2, jnp.uint32)), params)
+        lambda p: TrainState(jnp.int32(0), p, tx.init(p), jnp.zeros(2, jnp.uint32)), params
+    )
 
 
 def main() -> None:
@@ -47,10 +62,14 @@ def main() -> None:
     state = abstract_state(_DTYPES[args.param_dtype])
     mib = 2.0**-20
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    print(f"Qwen3-0.6B ({num_params / 1e6:.1f} M params, {args.param_dtype} params), "
-          f"optimiser apply_if_finite(chain(clip, adamw, hacbo)); per-device MiB")
-    header = (f"{'fsdp':>4} | {'params':>9} | {'opt state':>9} | {'total':>9} | "
-              f"{'vs 1 shard':>10} | {'ideal total/N':>13} | {'unsharded':>10}")
+    print(
+        f"Qwen3-0.6B ({num_params / 1e6:.1f} M params, {args.param_dtype} params), "
+        f"optimiser apply_if_finite(chain(clip, adamw, hacbo)); per-device MiB"
+    )
+    header = (
+        f"{'fsdp':>4} | {'params':>9} | {'opt state':>9} | {'total':>9} | "
+        f"{'vs 1 shard':>10} | {'ideal total/N':>13} | {'unsharded':>10}"
+    )
     print(header)
     print("-" * len(header))
     base = None
@@ -60,17 +79,25 @@ def main() -> None:
         params = sharding_lib.per_device_bytes(state.params, shardings.state.params)
         opt = sharding_lib.per_device_bytes(state.opt_state, shardings.state.opt_state)
         total = params + opt
-        full = sum(x.size * x.dtype.itemsize
-                   for x in jax.tree.leaves((state.params, state.opt_state)))
+        full = sum(
+            x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state))
+        )
         # Bytes in leaves that stay whole on every device (norm weights, controller, counters).
         replicated = sum(
             x.size * x.dtype.itemsize
-            for x, s in zip(jax.tree.leaves(state), jax.tree.leaves(
-                shardings.state, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)))
-            if s.is_fully_replicated)
+            for x, s in zip(
+                jax.tree.leaves(state),
+                jax.tree.leaves(
+                    shardings.state, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)
+                ),
+            )
+            if s.is_fully_replicated
+        )
         base = base or total
-        print(f"{n:>4} | {params * mib:>9.1f} | {opt * mib:>9.1f} | {total * mib:>9.1f} | "
-              f"{total / base:>10.3f} | {full / n * mib:>13.1f} | {replicated * mib:>10.2f}")
+        print(
+            f"{n:>4} | {params * mib:>9.1f} | {opt * mib:>9.1f} | {total * mib:>9.1f} | "
+            f"{total / base:>10.3f} | {full / n * mib:>13.1f} | {replicated * mib:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,21 @@
 """hacbo-jax: budget-controlled full fine-tuning of language models in JAX."""
-from hacbo_jax.controllers import (BLACState, HACBOState, blac, blac_multipliers, hacbo,
-                                   hacbo_multipliers, label_by_rules)
 
-__all__ = ["hacbo", "blac", "HACBOState", "BLACState", "hacbo_multipliers",
-           "blac_multipliers", "label_by_rules"]
+from hacbo_jax.controllers import (
+    BLACState,
+    HACBOState,
+    blac,
+    blac_multipliers,
+    hacbo,
+    hacbo_multipliers,
+    label_by_rules,
+)
+
+__all__ = [
+    "hacbo",
+    "blac",
+    "HACBOState",
+    "BLACState",
+    "hacbo_multipliers",
+    "blac_multipliers",
+    "label_by_rules",
+]

@@ -21,6 +21,7 @@ only decides *which* array axis goes on *which* mesh axis:
 Paths are the leaf's key path joined by ``"/"`` (dict keys, NamedTuple field names, sequence
 indices), e.g. ``opt_state/inner_state/1/0/mu/model/layers/3/mlp/up_proj/kernel``.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,12 +67,12 @@ PartitionRule = tuple[str, PartitionSpec]
 # choice is about memory layout only; these axes are the large, evenly divisible ones.
 QWEN3_RULES: tuple[PartitionRule, ...] = (
     (r"norm/weight$", PartitionSpec()),
-    (r"embed_tokens/weight$", PartitionSpec(FSDP_AXIS, None)),            # [V, D]
-    (r"lm_head/kernel$", PartitionSpec(None, FSDP_AXIS)),                 # [D, V]
+    (r"embed_tokens/weight$", PartitionSpec(FSDP_AXIS, None)),  # [V, D]
+    (r"lm_head/kernel$", PartitionSpec(None, FSDP_AXIS)),  # [D, V]
     (r"self_attn/[qkv]_proj/kernel$", PartitionSpec(FSDP_AXIS, None, None)),  # [D, N|K, H]
     (r"self_attn/o_proj/kernel$", PartitionSpec(None, None, FSDP_AXIS)),  # [N, H, D]
-    (r"mlp/(gate|up)_proj/kernel$", PartitionSpec(None, FSDP_AXIS)),      # [D, F]
-    (r"mlp/down_proj/kernel$", PartitionSpec(FSDP_AXIS, None)),           # [F, D]
+    (r"mlp/(gate|up)_proj/kernel$", PartitionSpec(None, FSDP_AXIS)),  # [D, F]
+    (r"mlp/down_proj/kernel$", PartitionSpec(FSDP_AXIS, None)),  # [F, D]
     (r"_proj/bias$", PartitionSpec()),
 )
 
@@ -79,6 +80,7 @@ QWEN3_RULES: tuple[PartitionRule, ...] = (
 # ---------------------------------------------------------------------------------------------
 # Meshes
 # ---------------------------------------------------------------------------------------------
+
 
 def resolve_mesh_shape(data: int, fsdp: int, device_count: int) -> tuple[int, int]:
     """``(data, fsdp)`` with ``data=-1`` resolved to ``device_count // fsdp``, validated.
@@ -90,10 +92,15 @@ def resolve_mesh_shape(data: int, fsdp: int, device_count: int) -> tuple[int, in
       ValueError: naming ``mesh.data``, ``mesh.fsdp`` and the device count when a size is not a
         positive int (or -1 for data), or the mesh needs more devices than there are.
     """
-    for name, value, allowed in (("mesh.data", data, "a positive int, or -1 for all devices"),
-                                 ("mesh.fsdp", fsdp, "a positive int")):
-        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (
-            value >= 1 or (name == "mesh.data" and value == -1))
+    for name, value, allowed in (
+        ("mesh.data", data, "a positive int, or -1 for all devices"),
+        ("mesh.fsdp", fsdp, "a positive int"),
+    ):
+        ok = (
+            isinstance(value, (int, np.integer))
+            and not isinstance(value, bool)
+            and (value >= 1 or (name == "mesh.data" and value == -1))
+        )
         if not ok:
             raise ValueError(f"{name}={value!r}: must be {allowed}")
     if fsdp > device_count:
@@ -102,18 +109,19 @@ def resolve_mesh_shape(data: int, fsdp: int, device_count: int) -> tuple[int, in
         if device_count % fsdp:
             raise ValueError(
                 f"mesh.data=-1 (all devices) with mesh.fsdp={fsdp}: the {device_count} devices "
-                f"present are not a multiple of mesh.fsdp")
+                f"present are not a multiple of mesh.fsdp"
+            )
         data = device_count // fsdp
     if data * fsdp > device_count:
         raise ValueError(
             f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but only "
             f"{device_count} are present (jax.device_count()); use sizes whose product is at "
-            f"most {device_count}, or mesh.data=-1 for all devices")
+            f"most {device_count}, or mesh.data=-1 for all devices"
+        )
     return int(data), int(fsdp)
 
 
-def make_mesh(data: int = 1, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None
-              ) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A ``(data, fsdp)`` mesh over the first ``data * fsdp`` of ``devices`` (default: all).
 
     ``data=-1`` takes all devices. Axes are ``Auto`` (GSPMD-style propagation: shardings of the
@@ -125,18 +133,24 @@ def make_mesh(data: int = 1, fsdp: int = 1, *, devices: Sequence[jax.Device] | N
     if jax.process_count() > 1 and data * fsdp != len(devices):
         raise ValueError(
             f"mesh.data={data} x mesh.fsdp={fsdp} = {data * fsdp} devices, but a multi-process "
-            f"run ({jax.process_count()} processes) must use all {len(devices)} devices")
-    return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS),
-                         axis_types=(AxisType.Auto, AxisType.Auto),
-                         devices=devices[: data * fsdp])
+            f"run ({jax.process_count()} processes) must use all {len(devices)} devices"
+        )
+    return jax.make_mesh(
+        (data, fsdp),
+        (DATA_AXIS, FSDP_AXIS),
+        axis_types=(AxisType.Auto, AxisType.Auto),
+        devices=devices[: data * fsdp],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Partition specs
 # ---------------------------------------------------------------------------------------------
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int, *, min_elements: int = 2**16,
-              axis_name: str = FSDP_AXIS) -> PartitionSpec:
+
+def fsdp_spec(
+    shape: Sequence[int], fsdp_size: int, *, min_elements: int = 2**16, axis_name: str = FSDP_AXIS
+) -> PartitionSpec:
     """Shard the largest axis of ``shape`` divisible by ``fsdp_size`` over ``axis_name``.
 
     Replicated (``PartitionSpec()``) when ``fsdp_size`` is 1, the tensor has fewer than
@@ -161,14 +175,19 @@ def _axis_sizes(mesh_axes: Any, axes: Any) -> int:
 def _fits(spec: PartitionSpec, shape: tuple[int, ...], mesh_axes: dict[str, int]) -> bool:
     if len(spec) > len(shape):
         return False
-    return all(axes is None or shape[i] % _axis_sizes(mesh_axes, axes) == 0
-               for i, axes in enumerate(spec))
+    return all(
+        axes is None or shape[i] % _axis_sizes(mesh_axes, axes) == 0 for i, axes in enumerate(spec)
+    )
 
 
-def partition_specs(tree: PyTree, mesh_axes: Mesh | AbstractMesh | dict[str, int],
-                    rules: Sequence[PartitionRule] = (), *, min_elements: int = 2**16,
-                    fallback: Callable[[tuple[int, ...]], PartitionSpec] | None = None
-                    ) -> PyTree:
+def partition_specs(
+    tree: PyTree,
+    mesh_axes: Mesh | AbstractMesh | dict[str, int],
+    rules: Sequence[PartitionRule] = (),
+    *,
+    min_elements: int = 2**16,
+    fallback: Callable[[tuple[int, ...]], PartitionSpec] | None = None,
+) -> PyTree:
     """A tree of PartitionSpec for ``tree`` (arrays or ``jax.ShapeDtypeStruct`` s).
 
     Each leaf takes the spec of the first rule whose regex is found (``re.search``) in its path
@@ -212,6 +231,7 @@ def batch_spec(ndim: int, example_axis: int = 0) -> PartitionSpec:
 # Shardings on trees
 # ---------------------------------------------------------------------------------------------
 
+
 def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
@@ -237,7 +257,8 @@ def abstract_with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
     checkpoint restore onto a (possibly different) mesh.
     """
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 def per_device_bytes(tree: PyTree, shardings: PyTree) -> int:
@@ -247,8 +268,10 @@ def per_device_bytes(tree: PyTree, shardings: PyTree) -> int:
     same amount.
     """
     total = 0
-    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(
-            shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))):
+    for leaf, sharding in zip(
+        jax.tree.leaves(tree),
+        jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)),
+    ):
         shape = sharding.shard_shape(tuple(leaf.shape))
         total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
     return total

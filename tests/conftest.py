@@ -1,4 +1,5 @@
 """Shared pytest configuration."""
+
 import os
 
 # Tests never touch a hub.

@@ -8,6 +8,7 @@ controller state after the run on each mesh, the restored checkpoint, ...),
 ``OUT_DIR/facts.json`` (shardings, per-host rows, error messages) and ``OUT_DIR/finetune/``
 (train.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ from pathlib import Path
 
 if "jax" in sys.modules:
     raise RuntimeError("tests.sharding_runs must set XLA_FLAGS before jax is imported")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -32,8 +34,14 @@ from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels  
 from train import distributed  # noqa: E402
 from train.checkpoint import Checkpointer  # noqa: E402
 from train.step import (  # noqa: E402
-    Batch, TrainState, build_controller, build_optimizer, find_controller_state,
-    learning_rate_schedule, make_train_step, step_shardings,
+    Batch,
+    TrainState,
+    build_controller,
+    build_optimizer,
+    find_controller_state,
+    learning_rate_schedule,
+    make_train_step,
+    step_shardings,
 )
 
 MESHES = ((1, 1), (8, 1), (4, 2))
@@ -43,9 +51,17 @@ VOCAB = 64
 
 
 def tiny_model():
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, tie_word_embeddings=True, max_position_embeddings=64)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
     return Qwen3ForCausalLM(config, rngs=nnx.Rngs(0))
 
 
@@ -74,10 +90,12 @@ def setup():
     graphdef, params, rest = nnx.split(tiny_model(), nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     schedule = learning_rate_schedule(1e-2, 2, 20)
-    controller = build_controller("hacbo", qwen3_labels(params), interval=3, patience=2,
-                                  update_norm_budget=1.0)
-    tx = build_optimizer(schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-                         controller=controller)
+    controller = build_controller(
+        "hacbo", qwen3_labels(params), interval=3, patience=2, update_norm_budget=1.0
+    )
+    tx = build_optimizer(
+        schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, controller=controller
+    )
     return graphdef, params, rest, schedule, tx
 
 
@@ -86,17 +104,39 @@ def place(mesh_shape, graphdef, params, rest, schedule, tx):
     rng = jax.random.key_data(jax.random.key(0))
     if mesh_shape == (1, 1):
         state = TrainState(jnp.int32(0), params, tx.init(params), rng)
-        return state, make_train_step(graphdef, rest, tx, schedule, dev_batch_size=DEV_BATCH,
-                                      uses_dev_grads=True, donate=False), None
+        return (
+            state,
+            make_train_step(
+                graphdef,
+                rest,
+                tx,
+                schedule,
+                dev_batch_size=DEV_BATCH,
+                uses_dev_grads=True,
+                donate=False,
+            ),
+            None,
+        )
     mesh = sharding_lib.make_mesh(*mesh_shape)
     abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
     shardings = step_shardings(mesh, abstract, dev_batch_size=DEV_BATCH)
     placed = jax.device_put(params, shardings.state.params)
-    state = TrainState(jax.device_put(jnp.int32(0), shardings.state.step), placed,
-                       jax.jit(tx.init, out_shardings=shardings.state.opt_state)(placed),
-                       jax.device_put(rng, shardings.state.rng))
-    step = make_train_step(graphdef, rest, tx, schedule, dev_batch_size=DEV_BATCH,
-                           uses_dev_grads=True, donate=False, shardings=shardings)
+    state = TrainState(
+        jax.device_put(jnp.int32(0), shardings.state.step),
+        placed,
+        jax.jit(tx.init, out_shardings=shardings.state.opt_state)(placed),
+        jax.device_put(rng, shardings.state.rng),
+    )
+    step = make_train_step(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        dev_batch_size=DEV_BATCH,
+        uses_dev_grads=True,
+        donate=False,
+        shardings=shardings,
+    )
     return state, step, shardings
 
 
@@ -122,8 +162,7 @@ def main(out_dir: Path) -> None:
     for mesh_shape in MESHES:
         name = "x".join(map(str, mesh_shape))
         state, step_fn, shardings = place(mesh_shape, graphdef, params, rest, schedule, tx)
-        dev = dev_buffer if shardings is None else jax.device_put(dev_buffer,
-                                                                  shardings.dev_buffer)
+        dev = dev_buffer if shardings is None else jax.device_put(dev_buffer, shardings.dev_buffer)
         losses = []
         for batch in batches[:STEPS]:
             state, metrics = step_fn(state, feed(batch, shardings), dev)
@@ -134,7 +173,8 @@ def main(out_dir: Path) -> None:
         final_states[mesh_shape] = (state, step_fn, shardings, dev)
         q = state.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
         mu = state.opt_state.inner_state[1][0].mu["model"]["layers"][0]["self_attn"]["q_proj"][
-            "kernel"]
+            "kernel"
+        ]
         facts[name] = {
             "q_proj_spec": spec_of(q),
             "q_proj_shard_shape": list(q.addressable_shards[0].data.shape),
@@ -159,8 +199,10 @@ def main(out_dir: Path) -> None:
         arrays.update(flat(restored, f"restored/{name}"))
         q = restored.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
         facts[f"restored/{name}"] = {
-            "q_proj_spec": spec_of(q), "q_proj_mesh": dict(q.sharding.mesh.shape),
-            "meta": meta["note"], "step": int(restored.step),
+            "q_proj_spec": spec_of(q),
+            "q_proj_mesh": dict(q.sharding.mesh.shape),
+            "meta": meta["note"],
+            "step": int(restored.step),
         }
         if mesh_shape in final_states:  # continue with that mesh's compiled step (saves a compile)
             _, step_fn, shardings, dev = final_states[mesh_shape]
@@ -172,11 +214,21 @@ def main(out_dir: Path) -> None:
     _, _, shardings42, _ = final_states[(4, 2)]
     fake_owner = lambda device: device.id // 4
     facts["fake_two_process_rows"] = [
-        [r.start, r.stop] for r in (
-            distributed.local_rows(shardings42.batch, (ACCUM, MICRO, SEQ), axis=1,
-                                   process_index=p, process_of=fake_owner) for p in (0, 1))]
+        [r.start, r.stop]
+        for r in (
+            distributed.local_rows(
+                shardings42.batch,
+                (ACCUM, MICRO, SEQ),
+                axis=1,
+                process_index=p,
+                process_of=fake_owner,
+            )
+            for p in (0, 1)
+        )
+    ]
     facts["single_process_rows"] = str(
-        distributed.local_rows(shardings42.batch, (ACCUM, MICRO, SEQ), axis=1))
+        distributed.local_rows(shardings42.batch, (ACCUM, MICRO, SEQ), axis=1)
+    )
     facts["mesh_errors"] = {}
     for data, fsdp in ((4, 4), (-1, 3), (0, 2)):
         try:
@@ -202,17 +254,35 @@ def finetune_runs(out_dir: Path) -> None:
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
     def cfg(run: str, mesh: tuple[int, int]):
-        return load_config(config, [
-            f"model.path={model_dir}", f"output_dir={root / run}",
-            "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "data.heldout_size=16",
-            "data.max_len=96", "optim.batch_size=16", "optim.micro_batch_size=8",
-            "optim.warmup_steps=1", "optim.epochs=1", "optim.max_steps=6",
-            "controller.hacbo.interval=2", "controller.hacbo.patience=2",
-            "microdev.size=8", "microdev.batch_size=8", "microdev.refresh_every=0",
-            "eval.limit=2", "eval.max_new_tokens=2", "eval.batch_size=2",
-            "eval.every_epoch=false", "logging.every=1", "checkpoint.every=0",
-            f"mesh.data={mesh[0]}", f"mesh.fsdp={mesh[1]}",
-        ])
+        return load_config(
+            config,
+            [
+                f"model.path={model_dir}",
+                f"output_dir={root / run}",
+                "data.synthetic.n_train=96",
+                "data.synthetic.n_eval=8",
+                "data.heldout_size=16",
+                "data.max_len=96",
+                "optim.batch_size=16",
+                "optim.micro_batch_size=8",
+                "optim.warmup_steps=1",
+                "optim.epochs=1",
+                "optim.max_steps=6",
+                "controller.hacbo.interval=2",
+                "controller.hacbo.patience=2",
+                "microdev.size=8",
+                "microdev.batch_size=8",
+                "microdev.refresh_every=0",
+                "eval.limit=2",
+                "eval.max_new_tokens=2",
+                "eval.batch_size=2",
+                "eval.every_epoch=false",
+                "logging.every=1",
+                "checkpoint.every=0",
+                f"mesh.data={mesh[0]}",
+                f"mesh.fsdp={mesh[1]}",
+            ],
+        )
 
     finetune.run(cfg("1x1", (1, 1)), show_progress=False)
     finetune.run(cfg("resumed", (4, 2)), show_progress=False, stop_after=3)

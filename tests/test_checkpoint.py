@@ -1,4 +1,5 @@
 """train.checkpoint: exact orbax round trips, keep-last-N, clear errors for bad checkpoints."""
+
 import shutil
 
 import chex
@@ -13,14 +14,19 @@ from train.checkpoint import CheckpointError, Checkpointer, to_jsonable
 
 def _params(width=4):
     k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    return {"layers": {"0": {"w": jax.random.normal(k1, (3, width), jnp.bfloat16)}},
-            "head": jax.random.normal(k2, (width,), jnp.float32)}
+    return {
+        "layers": {"0": {"w": jax.random.normal(k1, (3, width), jnp.bfloat16)}},
+        "head": jax.random.normal(k2, (width,), jnp.float32),
+    }
 
 
 def _tx():
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, 10),
-                                   b1=0.9, b2=0.95, weight_decay=0.1))
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(0.0, 1e-3, 2, 10), b1=0.9, b2=0.95, weight_decay=0.1
+        ),
+    )
 
 
 def _train_state(width=4, steps=3):
@@ -31,14 +37,22 @@ def _train_state(width=4, steps=3):
         grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1 * (i + 1)), params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-    return {"params": params, "opt_state": opt_state, "rng": jax.random.key(7),
-            "raw_rng": jax.random.PRNGKey(3), "skipped": jnp.int32(2)}
+    return {
+        "params": params,
+        "opt_state": opt_state,
+        "rng": jax.random.key(7),
+        "raw_rng": jax.random.PRNGKey(3),
+        "skipped": jnp.int32(2),
+    }
 
 
 def test_round_trip_is_exact(tmp_path):
     state = _train_state()
-    meta = {"data_position": (1, 64), "microdev": {"members": np.arange(4), "seed": np.int64(3)},
-            "skipped_steps": 2}
+    meta = {
+        "data_position": (1, 64),
+        "microdev": {"members": np.arange(4), "seed": np.int64(3)},
+        "skipped_steps": 2,
+    }
     with Checkpointer(tmp_path / "ck", keep=2) as ck:
         assert ck.latest_step() is None
         assert ck.save(30, state, meta)
@@ -52,12 +66,19 @@ def test_round_trip_is_exact(tmp_path):
     assert isinstance(opt[1][0], optax.ScaleByAdamState) and isinstance(opt[0], optax.EmptyState)
     assert int(opt[1][0].count) == 3
     chex.assert_trees_all_equal_dtypes(restored, state)
-    chex.assert_trees_all_equal({k: v for k, v in restored.items() if k != "rng"},
-                                {k: v for k, v in state.items() if k != "rng"})
-    np.testing.assert_array_equal(jax.random.key_data(restored["rng"]),
-                                  jax.random.key_data(state["rng"]))
-    assert got_meta == {"data_position": [1, 64], "microdev": {"members": [0, 1, 2, 3], "seed": 3},
-                        "skipped_steps": 2, "step": 30}
+    chex.assert_trees_all_equal(
+        {k: v for k, v in restored.items() if k != "rng"},
+        {k: v for k, v in state.items() if k != "rng"},
+    )
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(state["rng"])
+    )
+    assert got_meta == {
+        "data_position": [1, 64],
+        "microdev": {"members": [0, 1, 2, 3], "seed": 3},
+        "skipped_steps": 2,
+        "step": 30,
+    }
 
 
 def test_resumed_optimiser_continues_identically(tmp_path):
@@ -114,10 +135,14 @@ def test_dtype_and_structure_mismatch_are_errors(tmp_path):
     state = _train_state()
     with Checkpointer(tmp_path, keep=1) as ck:
         ck.save(1, state)
-        as_f32 = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x,
-                              state)
-        with pytest.raises(CheckpointError, match=r"params/layers/0/w: stored \(3, 4\) bfloat16, "
-                                                  r"expected \(3, 4\) float32"):
+        as_f32 = jax.tree.map(
+            lambda x: x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x, state
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=r"params/layers/0/w: stored \(3, 4\) bfloat16, "
+            r"expected \(3, 4\) float32",
+        ):
             ck.restore(abstract_target=as_f32)
         plain_adam = dict(state, opt_state=optax.adam(1e-3).init(state["params"]))
         with pytest.raises(CheckpointError, match="not in restore target: opt_state/1/0/count"):
@@ -153,8 +178,11 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
     (tmp_path / "ck" / "7").mkdir()
     with Checkpointer(tmp_path / "ck", keep=3) as ck:
         assert ck.latest_step() == 7
-        with pytest.raises(CheckpointError, match=r"step 7 .* incomplete or corrupt.*delete .*7 "
-                                                  r"or restore another step \(available: \[1, 2, 7\]\)"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"step 7 .* incomplete or corrupt.*delete .*7 "
+            r"or restore another step \(available: \[1, 2, 7\]\)",
+        ):
             ck.restore(abstract_target=state)
 
 
@@ -171,4 +199,6 @@ def test_unfinished_temporary_directories_are_ignored(tmp_path):
 
 def test_to_jsonable():
     assert to_jsonable({"a": (np.int32(1), jnp.float32(0.5)), 2: np.zeros((2,), bool)}) == {
-        "a": [1, 0.5], "2": [False, False]}
+        "a": [1, 0.5],
+        "2": [False, False],
+    }

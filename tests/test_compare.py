@@ -32,13 +32,25 @@ def quick(model_dir: Path, *extra: str) -> list[str]:
     """compare_cpu.yaml cut to 4 steps of 8: K = 2, F = 1, refresh every 2 steps, log every step."""
     return [
         f"model.path={model_dir}",
-        "data.synthetic.n_train=48", "data.synthetic.n_eval=4", "data.heldout_size=16",
-        "data.max_len=96", "optim.batch_size=8", "optim.warmup_steps=1", "optim.max_steps=4",
-        "controller.hacbo.interval=2", "controller.hacbo.patience=1",
-        "microdev.size=8", "microdev.batch_size=4", "microdev.refresh_every=2",
+        "data.synthetic.n_train=48",
+        "data.synthetic.n_eval=4",
+        "data.heldout_size=16",
+        "data.max_len=96",
+        "optim.batch_size=8",
+        "optim.warmup_steps=1",
+        "optim.max_steps=4",
+        "controller.hacbo.interval=2",
+        "controller.hacbo.patience=1",
+        "microdev.size=8",
+        "microdev.batch_size=4",
+        "microdev.refresh_every=2",
         "microdev.max_candidates=4",
-        "eval.limit=4", "eval.max_new_tokens=4", "eval.batch_size=4",
-        "logging.every=1", "checkpoint.every=0", *extra,
+        "eval.limit=4",
+        "eval.max_new_tokens=4",
+        "eval.batch_size=4",
+        "logging.every=1",
+        "checkpoint.every=0",
+        *extra,
     ]
 
 
@@ -66,7 +78,9 @@ EXPECTED_CHANGE = {  # method -> the keys (other than 'method') that differ from
 
 
 def test_each_method_changes_exactly_what_it_names(model_dir, tmp_path):
-    specs = compare.plan_runs(CONFIG, list(compare.METHODS), [3], tmp_path, [f"model.path={model_dir}"])
+    specs = compare.plan_runs(
+        CONFIG, list(compare.METHODS), [3], tmp_path, [f"model.path={model_dir}"]
+    )
     configs = {s.method: flat(config_to_dict(s.config)) for s in specs}
     reference = configs["hacbo"]
     assert reference["controller.kind"] == "hacbo" and reference["seed"] == 3
@@ -89,8 +103,14 @@ def test_parse_methods():
 
 # ---- resumability and the report ------------------------------------------------------------
 
-FAKE_EM = {("adamw", 0): 0.30, ("adamw", 1): 0.28, ("adamw", 2): 0.33,
-           ("hacbo", 0): 0.34, ("hacbo", 1): 0.29, ("hacbo", 2): 0.37}
+FAKE_EM = {
+    ("adamw", 0): 0.30,
+    ("adamw", 1): 0.28,
+    ("adamw", 2): 0.33,
+    ("hacbo", 0): 0.34,
+    ("hacbo", 1): 0.29,
+    ("hacbo", 2): 0.37,
+}
 
 
 class FakeRun:
@@ -103,15 +123,31 @@ class FakeRun:
         self.calls.append((cfg.method, cfg.seed, resume))
         run_dir = Path(cfg.output_dir)
         save_config(cfg, run_dir / "config.yaml")
-        controller = None if cfg.controller.kind == "none" else {
-            "kind": "hacbo", "multipliers": [[0.25] * 4] * 2, "probation": [False, cfg.seed == 1]}
-        (run_dir / "metrics.jsonl").write_text(json.dumps(
-            {"step": 6, "loss": 1.0 + cfg.seed, "controller": controller}) + "\n")
-        summary = {"method": cfg.method, "seed": cfg.seed, "steps": 6,
-                   "final_exact_match": FAKE_EM[cfg.method, cfg.seed],
-                   "final_train_loss": 1.0 + cfg.seed, "diverged": False, "skipped_steps": 0,
-                   "wall_time_s": 10.0, "energy_kwh": None, "energy_source": "unavailable",
-                   "eval_examples": 200}
+        controller = (
+            None
+            if cfg.controller.kind == "none"
+            else {
+                "kind": "hacbo",
+                "multipliers": [[0.25] * 4] * 2,
+                "probation": [False, cfg.seed == 1],
+            }
+        )
+        (run_dir / "metrics.jsonl").write_text(
+            json.dumps({"step": 6, "loss": 1.0 + cfg.seed, "controller": controller}) + "\n"
+        )
+        summary = {
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "steps": 6,
+            "final_exact_match": FAKE_EM[cfg.method, cfg.seed],
+            "final_train_loss": 1.0 + cfg.seed,
+            "diverged": False,
+            "skipped_steps": 0,
+            "wall_time_s": 10.0,
+            "energy_kwh": None,
+            "energy_source": "unavailable",
+            "eval_examples": 200,
+        }
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return summary
 
@@ -120,9 +156,16 @@ def test_comparison_skips_finished_runs_and_resumes_interrupted_ones(model_dir, 
     out, fake = tmp_path / "cmp", FakeRun()
 
     def compare_once(*extra):
-        return compare.run_comparison(CONFIG, ["adamw", "hacbo"], [0, 1, 2], out,
-                                      overrides=[f"model.path={model_dir}", *extra],
-                                      run_fn=fake, log=lambda _: None, base_eval=False)
+        return compare.run_comparison(
+            CONFIG,
+            ["adamw", "hacbo"],
+            [0, 1, 2],
+            out,
+            overrides=[f"model.path={model_dir}", *extra],
+            run_fn=fake,
+            log=lambda _: None,
+            base_eval=False,
+        )
 
     report = compare_once()
     assert sorted(fake.calls) == sorted((m, s, False) for m in ("adamw", "hacbo") for s in range(3))
@@ -149,23 +192,30 @@ def test_comparison_skips_finished_runs_and_resumes_interrupted_ones(model_dir, 
     ci = mean_ci(hacbo_em)
     assert f"{ci.mean:.2f} [{ci.low:.2f}, {ci.high:.2f}]" in text
     test = paired_ttest(hacbo_em, adamw_em)
-    assert f"| adamw | 3 | {test.mean_diff:+.2f} | [{test.ci_low:+.2f}, {test.ci_high:+.2f}] | " \
-           f"{test.t:.2f} | {test.p:.3g} |" in text
+    assert (
+        f"| adamw | 3 | {test.mean_diff:+.2f} | [{test.ci_low:+.2f}, {test.ci_high:+.2f}] | "
+        f"{test.t:.2f} | {test.p:.3g} |" in text
+    )
     # one of two equal blocks in probation at seed 1 only: 1/6 of the time, mean over seeds
     assert "16.7%, 16.7%" in text
 
 
 # ---- the switches, in real runs of a tiny model ---------------------------------------------
 
+
 def test_ablation_switches_act_in_training(model_dir, tmp_path):
     """A HACBO run vs one with the three ablation switches of METHODS at once, under a setting
     where probation is reachable at every measurement (theta_neg = 1, F = 1)."""
     forced = ["controller.hacbo.theta_neg=1.0"]
-    combined = [o for m in ("hacbo_no_probation", "hacbo_no_refresh", "hacbo_no_curvature")
-                for o in compare.METHODS[m]]
+    combined = [
+        o
+        for m in ("hacbo_no_probation", "hacbo_no_refresh", "hacbo_no_curvature")
+        for o in compare.METHODS[m]
+    ]
     base = compare.load_config(CONFIG, quick(model_dir, *forced, f"output_dir={tmp_path / 'a'}"))
-    ablated = compare.load_config(CONFIG, quick(model_dir, *forced, *combined,
-                                                f"output_dir={tmp_path / 'b'}"))
+    ablated = compare.load_config(
+        CONFIG, quick(model_dir, *forced, *combined, f"output_dir={tmp_path / 'b'}")
+    )
     runs = {}
     for name, cfg in (("hacbo", base), ("ablated", ablated)):
         summary = finetune_run(cfg, show_progress=False)
@@ -176,8 +226,9 @@ def test_ablation_switches_act_in_training(model_dir, tmp_path):
     assert len(rows) == 4 and not any(any(r["controller"]["probation"]) for r in rows)
     for r in rows:
         multipliers = np.asarray(r["controller"]["multipliers"])  # [B, M]
-        np.testing.assert_allclose(multipliers, multipliers[:, :1] * np.ones_like(multipliers),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            multipliers, multipliers[:, :1] * np.ones_like(multipliers), rtol=1e-6
+        )
 
     summary, rows = runs["hacbo"]
     assert summary["microdev_refreshes"] == 2  # steps 2 and 4
@@ -189,9 +240,15 @@ def test_ablation_switches_act_in_training(model_dir, tmp_path):
 def test_probation_switch_reaches_the_controller(model_dir, tmp_path, method, enters):
     """The method's config, built into the controller as finetune does, with train and dev
     gradients of opposite sign (cosine -1): probation is entered unless switched off."""
-    cfg = compare.load_config(CONFIG, [f"model.path={model_dir}", *compare.method_overrides(method),
-                                       "controller.hacbo.interval=1",
-                                       "controller.hacbo.patience=2"])
+    cfg = compare.load_config(
+        CONFIG,
+        [
+            f"model.path={model_dir}",
+            *compare.method_overrides(method),
+            "controller.hacbo.interval=1",
+            "controller.hacbo.patience=2",
+        ],
+    )
     params = {"a": jnp.ones(4), "b": jnp.ones(4)}
     tx = build_controller("hacbo", {"a": "0/mlp", "b": "1/mlp"}, **_controller_hyper(cfg))
     state = tx.init(params)
@@ -203,4 +260,3 @@ def test_probation_switch_reaches_the_controller(model_dir, tmp_path, method, en
         seen.append(np.asarray(state.probation).tolist())
     assert seen[0] == [False, False]  # F = 2 measurements needed
     assert seen[-1] == ([True, True] if enters else [False, False])
-

@@ -1,4 +1,5 @@
 """train.config: YAML + overrides -> validated frozen dataclasses, one message per bad config."""
+
 import dataclasses
 from pathlib import Path
 
@@ -14,6 +15,7 @@ CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 def _preset() -> str:
     try:
         from train.synthetic import PRESETS
+
         return next(iter(PRESETS))
     except (ImportError, AttributeError):
         return "easy"
@@ -32,8 +34,11 @@ def base(model_dir):
     """A small valid synthetic-task config as a plain dict."""
     return {
         "model": {"path": str(model_dir)},
-        "data": {"task": "synthetic", "heldout_size": 64,
-                 "synthetic": {"preset": _preset(), "n_train": 640, "n_eval": 32}},
+        "data": {
+            "task": "synthetic",
+            "heldout_size": 64,
+            "synthetic": {"preset": _preset(), "n_train": 640, "n_eval": 32},
+        },
         "optim": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 5, "epochs": 1},
         "microdev": {"size": 64, "batch_size": 16},
     }
@@ -47,6 +52,7 @@ def _error(raw, overrides=()) -> str:
 
 # -- the shipped configs ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_round_trip(path, tmp_path, model_dir):
     overrides = []
@@ -58,16 +64,31 @@ def test_shipped_configs_load_and_round_trip(path, tmp_path, model_dir):
 
 
 def test_shipped_config_set():
-    assert {p.stem for p in CONFIGS} >= {"tiny_cpu", "paper_hacbo", "paper_hacbo_fixed",
-                                         "paper_blac", "adamw"}
+    assert {p.stem for p in CONFIGS} >= {
+        "tiny_cpu",
+        "paper_hacbo",
+        "paper_hacbo_fixed",
+        "paper_blac",
+        "adamw",
+    }
 
 
 def test_paper_configs_carry_the_papers_values():
     h = load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml")
-    assert (h.controller.kind, h.controller.hacbo.interval, h.controller.hacbo.rho,
-            h.controller.hacbo.theta_neg, h.controller.hacbo.patience, h.controller.hacbo.gamma,
-            h.controller.hacbo.update_norm_budget) == ("hacbo", 30, 0.8623, 0.0412, 6, 0.0, 1.0)
-    assert (h.microdev.refresh_every, h.microdev.refresh_fraction, h.microdev.size) == (600, 0.25, 1024)
+    assert (
+        h.controller.kind,
+        h.controller.hacbo.interval,
+        h.controller.hacbo.rho,
+        h.controller.hacbo.theta_neg,
+        h.controller.hacbo.patience,
+        h.controller.hacbo.gamma,
+        h.controller.hacbo.update_norm_budget,
+    ) == ("hacbo", 30, 0.8623, 0.0412, 6, 0.0, 1.0)
+    assert (h.microdev.refresh_every, h.microdev.refresh_fraction, h.microdev.size) == (
+        600,
+        0.25,
+        1024,
+    )
     assert (h.optim.lr, h.optim.batch_size, h.optim.epochs, h.data.max_len) == (6.42e-5, 64, 3, 512)
     assert (h.model.dtype, h.model.param_dtype, h.model.remat) == ("bfloat16", "float32", True)
     # 3 epochs x (7473 // 64) = 348 steps (partial batches dropped); warm-up ends inside the run.
@@ -77,15 +98,26 @@ def test_paper_configs_carry_the_papers_values():
     assert fixed.controller.hacbo.gamma == 0.1
     assert dataclasses.replace(fixed.controller.hacbo, gamma=0.0) == h.controller.hacbo
     b = load_config(C.PROJECT_ROOT / "configs/paper_blac.yaml")
-    assert (b.controller.kind, b.controller.blac.interval, b.controller.blac.rho,
-            b.controller.blac.freeze_after, b.controller.blac.update_norm_budget,
-            b.optim.lr) == ("blac", 20, 0.7436, 300, 1.0, 1.96e-4)
+    assert (
+        b.controller.kind,
+        b.controller.blac.interval,
+        b.controller.blac.rho,
+        b.controller.blac.freeze_after,
+        b.controller.blac.update_norm_budget,
+        b.optim.lr,
+    ) == ("blac", 20, 0.7436, 300, 1.0, 1.96e-4)
     assert load_config(C.PROJECT_ROOT / "configs/adamw.yaml").controller.kind == "none"
 
 
 def test_papers_500_step_warmup_is_rejected():
-    msg = str(pytest.raises(ConfigError, load_config, C.PROJECT_ROOT / "configs/paper_hacbo.yaml",
-                            ["optim.warmup_steps=500"]).value)
+    msg = str(
+        pytest.raises(
+            ConfigError,
+            load_config,
+            C.PROJECT_ROOT / "configs/paper_hacbo.yaml",
+            ["optim.warmup_steps=500"],
+        ).value
+    )
     assert "optim.warmup_steps = 500" in msg and "348" in msg
     load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml", ["optim.warmup_steps=347"])
     with pytest.raises(ConfigError, match="348"):
@@ -93,6 +125,7 @@ def test_papers_500_step_warmup_is_rejected():
 
 
 # -- defaults, overrides, resolution -------------------------------------------------------------
+
 
 def test_defaults_and_derived_fields(base):
     cfg = config_from_dict(base, name="configs/mine.yaml")
@@ -106,15 +139,18 @@ def test_defaults_and_derived_fields(base):
 
 
 def test_overrides_are_yaml_scalars(base):
-    cfg = config_from_dict(base, [
-        "optim.lr=1e-4",                         # YAML 1.1 reads this as a string; we accept it
-        "controller.hacbo.update_norm_budget=null",
-        "controller.hacbo.debias=true",
-        "data.synthetic.n_train=1000",
-        "optim.micro_batch_size=8",
-        "eval.limit=",                          # empty = null
-        "method=a=b",                           # only the first '=' splits
-    ])
+    cfg = config_from_dict(
+        base,
+        [
+            "optim.lr=1e-4",  # YAML 1.1 reads this as a string; we accept it
+            "controller.hacbo.update_norm_budget=null",
+            "controller.hacbo.debias=true",
+            "data.synthetic.n_train=1000",
+            "optim.micro_batch_size=8",
+            "eval.limit=",  # empty = null
+            "method=a=b",  # only the first '=' splits
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.controller.hacbo.update_norm_budget is None and cfg.controller.hacbo.debias is True
     assert cfg.data.synthetic.n_train == 1000 and cfg.optim.accumulation_steps == 4
@@ -141,7 +177,9 @@ def test_step_arithmetic_and_check_warmup(base):
     cfg = config_from_dict(base)
     # synthetic: the pool is a separate stream, n_train is not reduced
     assert cfg.expected_train_examples() == 640
-    assert cfg.steps_per_epoch(640) == 20 and cfg.steps_per_epoch(639) == 19  # partial batch dropped
+    assert (
+        cfg.steps_per_epoch(640) == 20 and cfg.steps_per_epoch(639) == 19
+    )  # partial batch dropped
     assert cfg.total_steps(640) == 20
     assert config_from_dict(base, ["optim.epochs=3"]).total_steps(640) == 60
     assert config_from_dict(base, ["optim.max_steps=7"]).total_steps(640) == 7
@@ -232,7 +270,9 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("key,value,allowed", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES])
+@pytest.mark.parametrize(
+    "key,value,allowed", BAD_VALUES, ids=[f"{k}={v}" for k, v, _ in BAD_VALUES]
+)
 def test_bad_value_names_key_value_and_allowed(base, key, value, allowed):
     msg = _error(base, [f"{key}={value}"])
     line = [ln for ln in msg.splitlines() if ln.strip().startswith(f"- {key} = ")]
@@ -248,8 +288,10 @@ def test_unknown_keys(base):
 
 
 def test_all_problems_in_one_message(base):
-    msg = _error(base, ["optim.lr=-1", "controller.hacbo.gamma=2", "mesh.fsdp=0",
-                        "optim.micro_batch_size=10"])
+    msg = _error(
+        base,
+        ["optim.lr=-1", "controller.hacbo.gamma=2", "mesh.fsdp=0", "optim.micro_batch_size=10"],
+    )
     assert msg.startswith("invalid config")
     for key in ("optim.lr", "controller.hacbo.gamma", "mesh.fsdp", "optim.batch_size = 32"):
         assert key in msg
@@ -262,16 +304,30 @@ def test_bad_override_syntax_and_section(base):
     assert "optim = 3: must be a mapping with keys lr," in msg
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["optim.micro_batch_size=10"], "optim.batch_size = 32: must be a multiple of optim.micro_batch_size = 10"),
-    (["optim.max_steps=5"], "optim.warmup_steps = 5: must be < optim.max_steps = 5"),
-    (["optim.warmup_steps=20"], "optim.warmup_steps = 20: must be < the run's 20 optimiser steps"),
-    (["microdev.batch_size=65"], "microdev.batch_size = 65: must be <= microdev.size = 64"),
-    (["data.heldout_size=63"], "data.heldout_size = 63: must be >= microdev.size = 64"),
-    (["data.synthetic.n_train=31"], "optim.batch_size = 32: must be <= the 31 training examples"),
-    (["data.task=gsm8k", "data.heldout_size=7460"], "optim.batch_size = 32: must be <= the 13 "
-                                                     "training examples (the 7473 rows"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (
+            ["optim.micro_batch_size=10"],
+            "optim.batch_size = 32: must be a multiple of optim.micro_batch_size = 10",
+        ),
+        (["optim.max_steps=5"], "optim.warmup_steps = 5: must be < optim.max_steps = 5"),
+        (
+            ["optim.warmup_steps=20"],
+            "optim.warmup_steps = 20: must be < the run's 20 optimiser steps",
+        ),
+        (["microdev.batch_size=65"], "microdev.batch_size = 65: must be <= microdev.size = 64"),
+        (["data.heldout_size=63"], "data.heldout_size = 63: must be >= microdev.size = 64"),
+        (
+            ["data.synthetic.n_train=31"],
+            "optim.batch_size = 32: must be <= the 31 training examples",
+        ),
+        (
+            ["data.task=gsm8k", "data.heldout_size=7460"],
+            "optim.batch_size = 32: must be <= the 13 training examples (the 7473 rows",
+        ),
+    ],
+)
 def test_cross_field_rules(base, overrides, expected):
     assert expected in _error(base, overrides)
 
@@ -292,17 +348,30 @@ def test_model_path_checks(base, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "must be a Hugging Face model directory containing config.json" in _error(
-        base, [f"model.path={empty}"])
+        base, [f"model.path={empty}"]
+    )
     assert "no such local directory" in _error(base, [f"model.path={tmp_path / 'nope'}"])
     assert "no such local directory" in _error(base, ["model.path=./nope"])
 
 
 def test_data_file_checks(base, tmp_path):
-    msg = _error(base, ["data.task=gsm8k", "data.heldout_size=1024",
-                        f"data.train_file={tmp_path / 'missing.jsonl'}"])
+    msg = _error(
+        base,
+        [
+            "data.task=gsm8k",
+            "data.heldout_size=1024",
+            f"data.train_file={tmp_path / 'missing.jsonl'}",
+        ],
+    )
     assert "data.train_file = " in msg and "file not found" in msg and "hub_name" in msg
-    config_from_dict(base, ["data.task=gsm8k", "data.hub_name=openai/gsm8k",
-                            f"data.train_file={tmp_path / 'missing.jsonl'}"])
+    config_from_dict(
+        base,
+        [
+            "data.task=gsm8k",
+            "data.hub_name=openai/gsm8k",
+            f"data.train_file={tmp_path / 'missing.jsonl'}",
+        ],
+    )
 
 
 def test_file_level_errors(tmp_path):
@@ -328,10 +397,14 @@ def test_save_config_writes_resolved_yaml(base, tmp_path):
 
 def test_readme_training_config_example_runs(monkeypatch, capsys):
     import re
+
     text = (C.PROJECT_ROOT / "README.md").read_text()
     section = re.search(r"<!-- section:training -->(.*?)<!-- /section:training -->", text, re.S)
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-              if b.startswith("# train.config example")]
+    blocks = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S)
+        if b.startswith("# train.config example")
+    ]
     assert blocks, "README training section lost its train.config example"
     monkeypatch.chdir(C.PROJECT_ROOT)
     for block in blocks:

@@ -17,7 +17,9 @@ def gsm8k_train():
 
 @pytest.fixture(scope="module")
 def tokenizer(gsm8k_train):
-    texts = [data.format_prompt(e.question) + data.format_target(e.answer) for e in gsm8k_train[:500]]
+    texts = [
+        data.format_prompt(e.question) + data.format_target(e.answer) for e in gsm8k_train[:500]
+    ]
     return train_tokenizer(texts, vocab_size=400)
 
 
@@ -34,7 +36,9 @@ def test_preprocessing_strips_whitespace_and_thousands_commas():
     assert data.clean_text("  a 1,000 b 12,345,678 \n") == "a 1000 b 12345678"
     assert data.clean_text("x  \nhas 3,5 and 1,2345, yes, ok") == "x\nhas 3,5 and 1,2345, yes, ok"
     raw = Example(" She paid $1,200. \n", "1,200 / 2 = <<1200/2=600>>600  \n#### 600 ")
-    assert data.preprocess(raw) == Example("She paid $1200.", "1200 / 2 = <<1200/2=600>>600\n#### 600")
+    assert data.preprocess(raw) == Example(
+        "She paid $1200.", "1200 / 2 = <<1200/2=600>>600\n#### 600"
+    )
 
 
 def test_no_thousands_comma_left_in_bundled_data(gsm8k_train):
@@ -56,7 +60,9 @@ def test_load_errors_name_file_line_and_expectation(tmp_path):
     with pytest.raises(ValueError, match=r"train\.jsonl:2: malformed JSON"):
         data.load_gsm8k("train", data_dir=tmp_path)
     (tmp_path / "train.jsonl").write_text(good + "\n" + json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(ValueError, match=r'train\.jsonl:2: field "answer" is missing; expected a string'):
+    with pytest.raises(
+        ValueError, match=r'train\.jsonl:2: field "answer" is missing; expected a string'
+    ):
         data.load_gsm8k("train", data_dir=tmp_path)
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": 3, "answer": "a"}) + "\n")
     with pytest.raises(ValueError, match=r'train\.jsonl:1: field "question" is a int'):
@@ -71,7 +77,9 @@ def test_load_errors_name_file_line_and_expectation(tmp_path):
 def test_load_small_local_file_through_datasets(tmp_path):
     rows = [{"question": f" q{i} ", "answer": f"#### {i},000"} for i in range(3)]
     (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    assert data.load_gsm8k("test", data_dir=tmp_path) == [Example(f"q{i}", f"#### {i}000") for i in range(3)]
+    assert data.load_gsm8k("test", data_dir=tmp_path) == [
+        Example(f"q{i}", f"#### {i}000") for i in range(3)
+    ]
 
 
 def test_holdout_split_is_deterministic_disjoint_and_complete():
@@ -96,8 +104,12 @@ def test_sft_layout_masks_only_answer_targets(tokenizer):
     arrays = data.tokenize_sft(examples, tokenizer, max_len=64)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     for row, example in enumerate(examples):
-        prompt = tokenizer(data.format_prompt(example.question), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(data.format_target(example.answer), add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(data.format_prompt(example.question), add_special_tokens=False)[
+            "input_ids"
+        ]
+        answer = tokenizer(data.format_target(example.answer), add_special_tokens=False)[
+            "input_ids"
+        ]
         expected = prompt + answer + [eos]
         n, p = len(expected), len(prompt)
         np.testing.assert_array_equal(arrays.input_ids[row, :n], expected)
@@ -107,12 +119,14 @@ def test_sft_layout_masks_only_answer_targets(tokenizer):
         np.testing.assert_array_equal(arrays.targets[row, :-1], arrays.input_ids[row, 1:])
         masked_targets = arrays.targets[row][arrays.loss_mask[row] == 1]
         np.testing.assert_array_equal(masked_targets, answer + [eos])
-        np.testing.assert_array_equal(np.flatnonzero(arrays.loss_mask[row]), np.arange(p - 1, n - 1))
+        np.testing.assert_array_equal(
+            np.flatnonzero(arrays.loss_mask[row]), np.arange(p - 1, n - 1)
+        )
     assert arrays.input_ids.dtype == np.int32 and arrays.loss_mask.dtype == np.float32
     assert arrays.num_truncated == 0
-    assert tokenizer.decode(arrays.input_ids[0][arrays.attention_mask[0] == 1], skip_special_tokens=True) == (
-        data.format_prompt(examples[0].question) + data.format_target(examples[0].answer)
-    )
+    assert tokenizer.decode(
+        arrays.input_ids[0][arrays.attention_mask[0] == 1], skip_special_tokens=True
+    ) == (data.format_prompt(examples[0].question) + data.format_target(examples[0].answer))
 
 
 def test_truncation_is_counted_and_keeps_fixed_shape(tokenizer):
@@ -129,9 +143,9 @@ def test_gsm8k_truncation_count_matches_full_lengths(gsm8k_train, tokenizer):
     lengths = full.attention_mask.sum(1)
     assert full.num_truncated == 0 and lengths.max() < 2048
     for max_len in (64, 128, 512):
-        assert data.tokenize_sft(gsm8k_train[:300], tokenizer, max_len=max_len).num_truncated == int(
-            (lengths > max_len).sum()
-        )
+        assert data.tokenize_sft(
+            gsm8k_train[:300], tokenizer, max_len=max_len
+        ).num_truncated == int((lengths > max_len).sum())
     assert (lengths > 128).any()  # the check above is not vacuous
 
 
@@ -143,7 +157,7 @@ def test_prompt_batches_are_left_padded_fixed_shape(tokenizer):
         assert batch.input_ids.shape == (2, 16) and batch.attention_mask.shape == (2, 16)
     ids, mask = batches[0].input_ids[1], batches[0].attention_mask[1]
     expected = tokenizer(data.format_prompt(questions[1]), add_special_tokens=False)["input_ids"]
-    np.testing.assert_array_equal(ids[16 - len(expected):], expected)
+    np.testing.assert_array_equal(ids[16 - len(expected) :], expected)
     np.testing.assert_array_equal(mask, np.arange(16) >= 16 - len(expected))
     assert (ids[: 16 - len(expected)] == tokenizer.pad_token_id).all()
     np.testing.assert_array_equal(batches[1].input_ids[1], batches[1].input_ids[0])  # filler row
@@ -162,7 +176,9 @@ def test_sampler_epochs_are_seeded_permutations():
     assert sampler.position == data.DataPosition(1, 3)
     np.testing.assert_array_equal(first_of_epoch1, sampler.epoch_order(1)[:3])
     assert not np.array_equal(sampler.epoch_order(0), sampler.epoch_order(1))
-    np.testing.assert_array_equal(sampler.epoch_order(1), data.EpochSampler(10, 3, seed=5).epoch_order(1))
+    np.testing.assert_array_equal(
+        sampler.epoch_order(1), data.EpochSampler(10, 3, seed=5).epoch_order(1)
+    )
 
 
 def test_sampler_resume_is_exact():

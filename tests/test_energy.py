@@ -1,4 +1,5 @@
 """train.energy: RAPL counters (fake powercap tree, wrap-around), NVML (fake module), unavailable."""
+
 import sys
 import time
 import types
@@ -34,10 +35,10 @@ def _set(domain, energy_uj):
 def rapl(tmp_path):
     root = tmp_path / "powercap"
     root.mkdir()
-    pkg0 = _domain(root, "intel-rapl:0", RANGE - 1_000_000)   # 1 J before wrapping
+    pkg0 = _domain(root, "intel-rapl:0", RANGE - 1_000_000)  # 1 J before wrapping
     pkg1 = _domain(root, "intel-rapl:1", 5_000_000)
-    core = _domain(pkg0, "intel-rapl:0:0", 0)                 # a sub-domain of package 0
-    _domain(root, "intel-rapl:0:1", 0)                        # a flat-layout sub-domain
+    core = _domain(pkg0, "intel-rapl:0:0", 0)  # a sub-domain of package 0
+    _domain(root, "intel-rapl:0:1", 0)  # a flat-layout sub-domain
     return root, pkg0, pkg1, core
 
 
@@ -46,19 +47,19 @@ def test_rapl_sums_packages_and_handles_wrap_around(rapl):
     clock = FakeClock()
     meter = EnergyMeter(rapl_root=root, use_nvml=False, interval_s=None, clock=clock).start()
     assert meter.source == "rapl" and "2 CPU package" in meter.detail
-    _set(pkg0, 500_000)          # wrapped: 1 J to the top + 0.5 J
-    _set(pkg1, 15_000_000)       # +10 J
-    _set(core, 7_000_000)        # sub-domain: part of package 0, not added
+    _set(pkg0, 500_000)  # wrapped: 1 J to the top + 0.5 J
+    _set(pkg1, 15_000_000)  # +10 J
+    _set(core, 7_000_000)  # sub-domain: part of package 0, not added
     clock.t += 2.0
     kwh, source, watts = meter.read()
     assert source == "rapl"
     assert kwh == pytest.approx(11.5 / JOULES_PER_KWH, rel=1e-12)
     assert watts == pytest.approx(11.5 / 2.0)
     # a second wrap of package 0, seen because we read in between: totals keep accumulating
-    _set(pkg0, RANGE - 100)      # +(RANGE - 100 - 500_000) uJ
+    _set(pkg0, RANGE - 100)  # +(RANGE - 100 - 500_000) uJ
     clock.t += 1.0
     meter.read()
-    _set(pkg0, 900)              # wrapped again: +1000 uJ
+    _set(pkg0, 900)  # wrapped again: +1000 uJ
     clock.t += 1.0
     kwh, _, watts = meter.read()
     joules = 11.5 + (RANGE - 100 - 500_000) / 1e6 + 1000 / 1e6
@@ -80,14 +81,16 @@ def test_rapl_background_thread_keeps_wraps_apart(rapl):
             time.sleep(0.005)
         assert meter._t_last != before, "sampling thread never ran"
 
-    _set(pkg0, 100)              # wrap 1: +1 J + 100 uJ
+    _set(pkg0, 100)  # wrap 1: +1 J + 100 uJ
     wait_for_sample()
     _set(pkg0, RANGE - 1_000_000)  # +(RANGE - 1_000_100) uJ, no wrap
     wait_for_sample()
-    _set(pkg0, 100)              # wrap 2: +1 J + 100 uJ
+    _set(pkg0, 100)  # wrap 2: +1 J + 100 uJ
     kwh, _, _ = meter.read()
     meter.close()
-    assert kwh * JOULES_PER_KWH == pytest.approx((1_000_100 * 2 + RANGE - 1_000_100) / 1e6, rel=1e-12)
+    assert kwh * JOULES_PER_KWH == pytest.approx(
+        (1_000_100 * 2 + RANGE - 1_000_100) / 1e6, rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("breakage", ["empty", "no_energy_file", "not_a_number"])
@@ -123,9 +126,12 @@ def _fake_pynvml(powers_mw, n_gpus=2):
         return state["current"]
 
     mod = types.SimpleNamespace(
-        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: n_gpus,
-        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetPowerUsage=power,
-        nvmlShutdown=lambda: state.update(shutdown=True))
+        nvmlInit=lambda: None,
+        nvmlDeviceGetCount=lambda: n_gpus,
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetPowerUsage=power,
+        nvmlShutdown=lambda: state.update(shutdown=True),
+    )
     return mod, state
 
 
@@ -137,14 +143,14 @@ def test_nvml_integrates_power_with_trapezoids(monkeypatch, rapl):
     meter = EnergyMeter(rapl_root=rapl[0], interval_s=None, clock=clock).start()
     assert meter.source == "nvml" and "2 GPU" in meter.detail
     clock.t += 1.0
-    kwh, source, watts = meter.read()      # (100 + 200) / 2 * 1 s = 150 J
+    kwh, source, watts = meter.read()  # (100 + 200) / 2 * 1 s = 150 J
     assert source == "nvml" and kwh * JOULES_PER_KWH == pytest.approx(150.0)
     assert watts == pytest.approx(150.0)
     clock.t += 2.0
-    kwh, _, watts = meter.read()           # + 200 W * 2 s = 550 J over 3 s
+    kwh, _, watts = meter.read()  # + 200 W * 2 s = 550 J over 3 s
     assert kwh * JOULES_PER_KWH == pytest.approx(550.0)
     assert watts == pytest.approx(550.0 / 3)
-    meter.close()                          # a last sample at the same time adds nothing
+    meter.close()  # a last sample at the same time adds nothing
     assert state["shutdown"] and meter.read().kwh * JOULES_PER_KWH == pytest.approx(550.0)
 
 

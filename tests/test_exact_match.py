@@ -92,7 +92,9 @@ def test_is_exact_match(prediction, reference, match):
 
 
 def test_exact_match_score_and_errors():
-    assert exact_match_score(["#### 1", "#### 2", "x"], ["#### 1", "#### 3", "#### 0"]) == pytest.approx(1 / 3)
+    assert exact_match_score(
+        ["#### 1", "#### 2", "x"], ["#### 1", "#### 3", "#### 0"]
+    ) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="equal length"):
         exact_match_score(["1"], [])
     with pytest.raises(ValueError, match="at least one"):

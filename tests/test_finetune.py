@@ -31,16 +31,29 @@ CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 def quick_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
     """tiny_cpu.yaml scaled down to 12 steps: K = 3, refresh every 4 steps, logs every 2."""
     return [
-        f"model.path={model_dir}", f"output_dir={output_dir}",
-        "data.synthetic.n_train=96", "data.synthetic.n_eval=8", "data.heldout_size=24",
+        f"model.path={model_dir}",
+        f"output_dir={output_dir}",
+        "data.synthetic.n_train=96",
+        "data.synthetic.n_eval=8",
+        "data.heldout_size=24",
         "data.max_len=96",
-        "optim.batch_size=8", "optim.micro_batch_size=4", "optim.warmup_steps=2",
-        "optim.epochs=1", "optim.max_steps=12",
-        "controller.hacbo.interval=3", "controller.hacbo.patience=2",
-        "microdev.size=16", "microdev.batch_size=4", "microdev.refresh_every=4",
+        "optim.batch_size=8",
+        "optim.micro_batch_size=4",
+        "optim.warmup_steps=2",
+        "optim.epochs=1",
+        "optim.max_steps=12",
+        "controller.hacbo.interval=3",
+        "controller.hacbo.patience=2",
+        "microdev.size=16",
+        "microdev.batch_size=4",
+        "microdev.refresh_every=4",
         "microdev.max_candidates=8",
-        "eval.limit=8", "eval.max_new_tokens=8", "eval.batch_size=8",
-        "logging.every=2", "checkpoint.every=5", "checkpoint.keep=2",
+        "eval.limit=8",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=8",
+        "logging.every=2",
+        "checkpoint.every=5",
+        "checkpoint.keep=2",
         *extra,
     ]
 
@@ -95,7 +108,9 @@ def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
     base_params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
     tuned = restored_params(run_dir)
     chex.assert_trees_all_equal_shapes_and_dtypes(base_params, tuned)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()), base_params, tuned))
+    diffs = jax.tree.leaves(
+        jax.tree.map(lambda a, b: float(np.abs(a - b).max()), base_params, tuned)
+    )
     assert max(diffs) > 0
 
 
@@ -126,8 +141,9 @@ def _poison(rows):
         if len(examples) == 96:  # the training set, not the micro-dev pool
             mask = arrays.loss_mask.copy()
             mask[rows, 0] = np.nan
-            arrays = data_lib.SFTArrays(arrays.input_ids, arrays.attention_mask, arrays.targets,
-                                        mask, arrays.num_truncated)
+            arrays = data_lib.SFTArrays(
+                arrays.input_ids, arrays.attention_mask, arrays.targets, mask, arrays.num_truncated
+            )
         return arrays
 
     return tokenize
@@ -146,8 +162,9 @@ def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
 def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "tokenize_sft", _poison(slice(None)))
     out = tmp_path / "diverged"
-    overrides = quick_overrides(tiny_model_dir, out, "controller.kind=none",
-                                "divergence.max_consecutive_nonfinite=3")
+    overrides = quick_overrides(
+        tiny_model_dir, out, "controller.kind=none", "divergence.max_consecutive_nonfinite=3"
+    )
     assert finetune.main(["--config", str(CONFIG), *overrides]) == 3
     summary = json.loads((out / "summary.json").read_text())
     # The host looks at the streak every min(logging.every=2, N=3) = 2 steps (no per-step sync),
@@ -161,8 +178,14 @@ def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path,
 
 def test_bad_override_stops_before_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        finetune.main(["--config", str(CONFIG),
-                       "controller.hacbo.gamma=1.5", f"output_dir={tmp_path / 'never'}"])
+        finetune.main(
+            [
+                "--config",
+                str(CONFIG),
+                "controller.hacbo.gamma=1.5",
+                f"output_dir={tmp_path / 'never'}",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "controller.hacbo.gamma" in err and "1.5" in err

@@ -21,8 +21,15 @@ class FakeSolver:
 
 
 def make_buffer(**kwargs):
-    defaults = dict(pool_size=100, buffer_size=20, refresh_interval=10, replace_fraction=0.25,
-                    max_candidates=None, score_chunk=1000, seed=3)
+    defaults = dict(
+        pool_size=100,
+        buffer_size=20,
+        refresh_interval=10,
+        replace_fraction=0.25,
+        max_candidates=None,
+        score_chunk=1000,
+        seed=3,
+    )
     defaults.update(kwargs)
     return MicroDevBuffer(**defaults)
 
@@ -73,7 +80,12 @@ def test_fewer_wrong_than_needed_keeps_the_other_dropped_items():
     wrong_outside = outside[:3]
     solver = FakeSolver(set(range(100)) - set(wrong_outside))  # whole buffer solved
     stats = buffer.refresh_now(solver)
-    assert (stats.num_solved, stats.num_to_drop, stats.num_wrong, stats.num_replaced) == (20, 20, 3, 3)
+    assert (stats.num_solved, stats.num_to_drop, stats.num_wrong, stats.num_replaced) == (
+        20,
+        20,
+        3,
+        3,
+    )
     after = buffer.members
     assert set(np.setdiff1d(after, before)) == set(wrong_outside)
     assert np.setdiff1d(before, after).size == 3  # 17 of the 20 picked items stay
@@ -135,8 +147,14 @@ def test_state_round_trip_through_json_continues_identically():
     for step in range(1, 26):
         original.refresh(step, solver)
         original.sample(4)
-    state = json.loads(json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v
-                                   for k, v in original.state_dict().items()}))
+    state = json.loads(
+        json.dumps(
+            {
+                k: v.tolist() if isinstance(v, np.ndarray) else v
+                for k, v in original.state_dict().items()
+            }
+        )
+    )
     restored = make_buffer()
     restored.load_state_dict(state)
     np.testing.assert_array_equal(restored.members, original.members)

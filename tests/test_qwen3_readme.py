@@ -1,4 +1,5 @@
 """Runs the python code block(s) of README.md's `qwen3` section as written."""
+
 import pathlib
 import re
 
@@ -6,8 +7,9 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_qwen3_example_runs():
-    section = re.search(r"<!-- section:qwen3 -->(.*?)<!-- /section:qwen3 -->",
-                        README.read_text(), re.S)
+    section = re.search(
+        r"<!-- section:qwen3 -->(.*?)<!-- /section:qwen3 -->", README.read_text(), re.S
+    )
     assert section is not None, "README.md lacks the qwen3 section markers"
     blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
     assert blocks, "the qwen3 section has no python code block"

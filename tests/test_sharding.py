@@ -3,6 +3,7 @@
 The multi-device checks run tests/sharding_runs.py once in a subprocess with 8 forced CPU
 devices (XLA_FLAGS must be set before jax is imported; this process has one device).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,23 +34,33 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 # Mesh sizes
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("data, fsdp, devices, expected", [
-    (1, 1, 8, (1, 1)), (-1, 1, 8, (8, 1)), (-1, 2, 8, (4, 2)), (2, 4, 8, (2, 4)),
-    (2, 2, 8, (2, 2)),  # a sub-mesh of the first 4 devices
-])
+
+@pytest.mark.parametrize(
+    "data, fsdp, devices, expected",
+    [
+        (1, 1, 8, (1, 1)),
+        (-1, 1, 8, (8, 1)),
+        (-1, 2, 8, (4, 2)),
+        (2, 4, 8, (2, 4)),
+        (2, 2, 8, (2, 2)),  # a sub-mesh of the first 4 devices
+    ],
+)
 def test_mesh_shape_resolves(data, fsdp, devices, expected):
     assert sharding_lib.resolve_mesh_shape(data, fsdp, devices) == expected
 
 
-@pytest.mark.parametrize("data, fsdp, devices, words", [
-    (4, 4, 8, ["mesh.data=4", "mesh.fsdp=4", "16 devices", "8 are present"]),
-    (-1, 3, 8, ["mesh.data=-1", "mesh.fsdp=3", "8 devices"]),
-    (0, 1, 8, ["mesh.data=0", "positive"]),
-    (-2, 1, 8, ["mesh.data=-2"]),
-    (1, 0, 8, ["mesh.fsdp=0", "positive"]),
-    (1, 16, 8, ["mesh.fsdp=16", "8 present"]),
-    (1.5, 1, 8, ["mesh.data=1.5"]),
-])
+@pytest.mark.parametrize(
+    "data, fsdp, devices, words",
+    [
+        (4, 4, 8, ["mesh.data=4", "mesh.fsdp=4", "16 devices", "8 are present"]),
+        (-1, 3, 8, ["mesh.data=-1", "mesh.fsdp=3", "8 devices"]),
+        (0, 1, 8, ["mesh.data=0", "positive"]),
+        (-2, 1, 8, ["mesh.data=-2"]),
+        (1, 0, 8, ["mesh.fsdp=0", "positive"]),
+        (1, 16, 8, ["mesh.fsdp=16", "8 present"]),
+        (1.5, 1, 8, ["mesh.data=1.5"]),
+    ],
+)
 def test_mesh_shape_errors_name_the_sizes(data, fsdp, devices, words):
     with pytest.raises(ValueError) as info:
         sharding_lib.resolve_mesh_shape(data, fsdp, devices)
@@ -67,15 +78,20 @@ def test_run_mesh_errors_are_config_errors(monkeypatch):
     with pytest.raises(ConfigError, match=r"mesh.data=2 x mesh.fsdp=1 = 2 devices, but only 1"):
         finetune.make_run_mesh(cfg)
     # A micro-batch that does not split over the mesh (8 devices faked by an abstract mesh).
-    monkeypatch.setattr(sharding_lib, "make_mesh",
-                        lambda data, fsdp: AbstractMesh((4, 2), ("data", "fsdp")))
-    cfg = Config(mesh=MeshConfig(data=4, fsdp=2),
-                 optim=OptimConfig(batch_size=12, micro_batch_size=6, warmup_steps=0))
+    monkeypatch.setattr(
+        sharding_lib, "make_mesh", lambda data, fsdp: AbstractMesh((4, 2), ("data", "fsdp"))
+    )
+    cfg = Config(
+        mesh=MeshConfig(data=4, fsdp=2),
+        optim=OptimConfig(batch_size=12, micro_batch_size=6, warmup_steps=0),
+    )
     with pytest.raises(ConfigError) as info:
         finetune.make_run_mesh(cfg)
     assert "optim.micro_batch_size = 6" in str(info.value) and "8 devices" in str(info.value)
-    cfg = Config(mesh=MeshConfig(data=4, fsdp=2),
-                 optim=OptimConfig(batch_size=32, micro_batch_size=16, warmup_steps=0))
+    cfg = Config(
+        mesh=MeshConfig(data=4, fsdp=2),
+        optim=OptimConfig(batch_size=32, micro_batch_size=16, warmup_steps=0),
+    )
     assert finetune.make_run_mesh(cfg).size == 8
 
 
@@ -83,30 +99,40 @@ def test_run_mesh_errors_are_config_errors(monkeypatch):
 # Partition rules
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape, fsdp, spec", [
-    ((1024, 3072), 4, P(None, "fsdp")),           # largest divisible axis
-    ((3072, 1024), 8, P("fsdp", None)),
-    ((1026, 512), 4, P(None, "fsdp")),            # 1026 is larger but not divisible by 4
-    ((512, 512), 2, P("fsdp", None)),             # tie -> leading axis
-    ((1000, 999), 7, P()),                        # nothing divisible
-    ((128,), 8, P()),                             # small -> replicated
-    ((1024, 3072), 1, P()),                       # fsdp size 1
-    ((), 8, P()),
-])
+
+@pytest.mark.parametrize(
+    "shape, fsdp, spec",
+    [
+        ((1024, 3072), 4, P(None, "fsdp")),  # largest divisible axis
+        ((3072, 1024), 8, P("fsdp", None)),
+        ((1026, 512), 4, P(None, "fsdp")),  # 1026 is larger but not divisible by 4
+        ((512, 512), 2, P("fsdp", None)),  # tie -> leading axis
+        ((1000, 999), 7, P()),  # nothing divisible
+        ((128,), 8, P()),  # small -> replicated
+        ((1024, 3072), 1, P()),  # fsdp size 1
+        ((), 8, P()),
+    ],
+)
 def test_fsdp_spec(shape, fsdp, spec):
     assert sharding_lib.fsdp_spec(shape, fsdp, min_elements=1000) == spec
 
 
 def _qwen3_0_6b_state():
     """Abstract TrainState of Qwen3-0.6B + apply_if_finite(chain(clip, adamw, hacbo))."""
-    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(Qwen3Config.qwen3_0_6b(),
-                                                   rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Qwen3ForCausalLM(Qwen3Config.qwen3_0_6b(), rngs=nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     schedule = learning_rate_schedule(1e-4, 1, 10)
-    tx = build_optimizer(schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0,
-                         controller=build_controller("hacbo", qwen3_labels(params)))
+    tx = build_optimizer(
+        schedule=schedule,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        clip_norm=1.0,
+        controller=build_controller("hacbo", qwen3_labels(params)),
+    )
     return jax.eval_shape(
-        lambda p: TrainState(jnp.int32(0), p, tx.init(p), jnp.zeros(2, jnp.uint32)), params)
+        lambda p: TrainState(jnp.int32(0), p, tx.init(p), jnp.zeros(2, jnp.uint32)), params
+    )
 
 
 def test_qwen3_rules_shard_params_moments_alike_and_replicate_controller():
@@ -128,18 +154,23 @@ def test_qwen3_rules_shard_params_moments_alike_and_replicate_controller():
 
 
 def test_rule_that_does_not_divide_falls_back_to_fsdp_rule():
-    tree = {"embed_tokens": {"weight": jax.ShapeDtypeStruct((1001, 4096), jnp.float32)},
-            "other": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
-    specs = sharding_lib.partition_specs(tree, {"data": 1, "fsdp": 4}, sharding_lib.QWEN3_RULES,
-                                         min_elements=100)
+    tree = {
+        "embed_tokens": {"weight": jax.ShapeDtypeStruct((1001, 4096), jnp.float32)},
+        "other": jax.ShapeDtypeStruct((4, 3), jnp.float32),
+    }
+    specs = sharding_lib.partition_specs(
+        tree, {"data": 1, "fsdp": 4}, sharding_lib.QWEN3_RULES, min_elements=100
+    )
     # 1001 rows do not split 4 ways: the shape rule shards the 4096 axis instead.
     assert specs["embed_tokens"]["weight"] == P(None, "fsdp")
     assert specs["other"] == P()
 
 
 def test_path_names_and_per_device_bytes():
-    tree = {"a": [jax.ShapeDtypeStruct((8, 6), jnp.float32)],
-            "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16)}
+    tree = {
+        "a": [jax.ShapeDtypeStruct((8, 6), jnp.float32)],
+        "b": jax.ShapeDtypeStruct((5,), jnp.bfloat16),
+    }
     paths = [leaf_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert paths == ["a/0", "b"]
     mesh = AbstractMesh((2, 4), ("data", "fsdp"))
@@ -152,6 +183,7 @@ def test_path_names_and_per_device_bytes():
 # Multi-host plumbing (single-process paths)
 # ---------------------------------------------------------------------------------------------
 
+
 def test_distributed_initialize_only_when_asked(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
@@ -160,10 +192,17 @@ def test_distributed_initialize_only_when_asked(monkeypatch):
     assert not distributed.maybe_initialize({"HACBO_DISTRIBUTED": "0"})
     assert calls == []
     assert distributed.maybe_initialize({"HACBO_DISTRIBUTED": "1"})
-    assert distributed.maybe_initialize({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
-                                         "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"})
-    assert calls == [{}, {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
-                          "process_id": 3}]
+    assert distributed.maybe_initialize(
+        {
+            "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+            "JAX_NUM_PROCESSES": "4",
+            "JAX_PROCESS_ID": "3",
+        }
+    )
+    assert calls == [
+        {},
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3},
+    ]
 
 
 def test_single_process_global_batch_is_the_whole_batch():
@@ -181,20 +220,30 @@ def test_single_process_global_batch_is_the_whole_batch():
 # 8 CPU devices (subprocess)
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def mesh_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding_runs")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "tests.sharding_runs", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.sharding_runs", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with np.load(out / "arrays.npz") as arrays:
         return dict(arrays), json.loads((out / "facts.json").read_text()), out
 
 
 def _subtree(arrays: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def _assert_trees_close(actual: dict, expected: dict, **tol):
@@ -211,8 +260,7 @@ def test_sharded_runs_match_one_device(mesh_runs, mesh):
     """7 steps with K = 3 (measurements at 3 and 6): same params and controller state."""
     arrays, facts, _ = mesh_runs
     assert facts["device_count"] == 8
-    _assert_trees_close(_subtree(arrays, f"{mesh}/params/"), _subtree(arrays, "1x1/params/"),
-                        **TOL)
+    _assert_trees_close(_subtree(arrays, f"{mesh}/params/"), _subtree(arrays, "1x1/params/"), **TOL)
     reference = _subtree(arrays, "1x1/controller/")
     _assert_trees_close(_subtree(arrays, f"{mesh}/controller/"), reference, **TOL)
     np.testing.assert_allclose(arrays[f"{mesh}/losses"], arrays["1x1/losses"], **TOL)
@@ -232,12 +280,14 @@ def test_arrays_are_really_sharded(mesh_runs):
         assert facts[mesh]["agreement_spec"] == "P()"
 
 
-@pytest.mark.parametrize("mesh, shape", [("2x4", {"data": 2, "fsdp": 4}),
-                                         ("8x1", {"data": 8, "fsdp": 1})])
+@pytest.mark.parametrize(
+    "mesh, shape", [("2x4", {"data": 2, "fsdp": 4}), ("8x1", {"data": 8, "fsdp": 1})]
+)
 def test_checkpoint_from_4x2_restores_onto_another_mesh(mesh_runs, mesh, shape):
     arrays, facts, _ = mesh_runs
-    _assert_trees_close(_subtree(arrays, f"restored/{mesh}/"), _subtree(arrays, "saved/4x2/"),
-                        rtol=0, atol=0)
+    _assert_trees_close(
+        _subtree(arrays, f"restored/{mesh}/"), _subtree(arrays, "saved/4x2/"), rtol=0, atol=0
+    )
     assert facts[f"restored/{mesh}"]["q_proj_mesh"] == shape
     assert facts[f"restored/{mesh}"]["step"] == 7 and facts[f"restored/{mesh}"]["meta"] == "4x2"
     if mesh == "8x1":  # training continues on the new mesh as it would have on the old one
@@ -270,12 +320,15 @@ def test_finetune_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
         for key in ("loss", "grad_norm", "update_norm", "lr"):
             np.testing.assert_allclose(ours[key], ref[key], err_msg=key, **TOL)
         for key in ("agreement", "cosine", "layer_weights", "multipliers", "curvature"):
-            np.testing.assert_allclose(ours["controller"][key], ref["controller"][key],
-                                       err_msg=key, **TOL)
+            np.testing.assert_allclose(
+                ours["controller"][key], ref["controller"][key], err_msg=key, **TOL
+            )
         assert ours["controller"]["probation"] == ref["controller"]["probation"]
     assert any(a > 0 for a in resumed[-1]["controller"]["agreement"])
     summary = json.loads((root / "resumed" / "summary.json").read_text())
     assert summary["steps"] == 6 and not summary["diverged"]
-    tuned = [nnx.to_pure_dict(nnx.state(Model.from_pretrained(root / run / "hf_model"),
-                                        nnx.Param)) for run in ("resumed", "1x1")]
+    tuned = [
+        nnx.to_pure_dict(nnx.state(Model.from_pretrained(root / run / "hf_model"), nnx.Param))
+        for run in ("resumed", "1x1")
+    ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), *tuned)

@@ -15,9 +15,16 @@ from train.step import Batch, learning_rate_schedule, make_loss_fn
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-    config = Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                         tie_word_embeddings=True)
+    config = Qwen3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+    )
     model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(0))
     rs = np.random.RandomState(0)
     ids = rs.randint(0, 97, (3, 13)).astype(np.int32)
@@ -35,8 +42,11 @@ def test_answer_nll_by_hand(model_and_batch):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     total, count = make_loss_fn(graphdef, rest)(nnx.to_pure_dict(params), batch)
     logits = np.asarray(model(batch.input_ids, batch.attention_mask), np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    logp = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     picked = np.take_along_axis(logp, np.asarray(batch.targets)[..., None], -1)[..., 0]
     expected = -(picked * np.asarray(batch.loss_mask)).sum()
     assert float(count) == float(np.asarray(batch.loss_mask).sum()) == 7 + 3 + 7

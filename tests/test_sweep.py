@@ -27,18 +27,28 @@ def model_dir(tmp_path_factory) -> Path:
 
 def fake_run(calls: list):
     """Exact match peaks at lr = 1e-3 (a smooth function of log lr)."""
+
     def run(cfg, *, show_progress=False):
         calls.append(cfg)
-        em = math.exp(-(math.log10(cfg.optim.lr) + 3.0) ** 2)
+        em = math.exp(-((math.log10(cfg.optim.lr) + 3.0) ** 2))
         return {"final_exact_match": em, "final_train_loss": 1.0, "diverged": False}
+
     return run
 
 
 def test_sweep_searches_log_uniform_and_keeps_the_best(model_dir, tmp_path):
     calls: list = []
-    result = sweep.sweep_method(CONFIG, "blac", trials=6, lo=1e-5, hi=1e-1, seed=3,
-                                out_dir=tmp_path / "sweep", overrides=[f"model.path={model_dir}"],
-                                run_fn=fake_run(calls))
+    result = sweep.sweep_method(
+        CONFIG,
+        "blac",
+        trials=6,
+        lo=1e-5,
+        hi=1e-1,
+        seed=3,
+        out_dir=tmp_path / "sweep",
+        overrides=[f"model.path={model_dir}"],
+        run_fn=fake_run(calls),
+    )
     lrs = [c.optim.lr for c in calls]
     assert len(lrs) == 6 and all(1e-5 <= lr <= 1e-1 for lr in lrs)
     assert all(c.controller.kind == "blac" and c.method == "blac" for c in calls)
@@ -47,22 +57,46 @@ def test_sweep_searches_log_uniform_and_keeps_the_best(model_dir, tmp_path):
     assert result["lr"] == best["lr"] and result["exact_match"] == best["exact_match"]
     # same seed -> same proposals
     again: list = []
-    sweep.sweep_method(CONFIG, "blac", trials=6, lo=1e-5, hi=1e-1, seed=3,
-                       out_dir=tmp_path / "sweep2", overrides=[f"model.path={model_dir}"],
-                       run_fn=fake_run(again))
+    sweep.sweep_method(
+        CONFIG,
+        "blac",
+        trials=6,
+        lo=1e-5,
+        hi=1e-1,
+        seed=3,
+        out_dir=tmp_path / "sweep2",
+        overrides=[f"model.path={model_dir}"],
+        run_fn=fake_run(again),
+    )
     assert [c.optim.lr for c in again] == lrs
 
 
 def test_written_lrs_are_applied_by_compare(model_dir, tmp_path):
     out = tmp_path / "lrs.yaml"
     out.write_text(yaml.safe_dump({"lr": {"adamw": 5e-4}}))  # kept: not swept this time
-    results = sweep.sweep(CONFIG, ["hacbo"], write=out, log=lambda _: None, trials=2, lo=1e-4,
-                          hi=1e-2, seed=0, out_dir=tmp_path / "sweep",
-                          overrides=[f"model.path={model_dir}"], run_fn=fake_run([]))
+    results = sweep.sweep(
+        CONFIG,
+        ["hacbo"],
+        write=out,
+        log=lambda _: None,
+        trials=2,
+        lo=1e-4,
+        hi=1e-2,
+        seed=0,
+        out_dir=tmp_path / "sweep",
+        overrides=[f"model.path={model_dir}"],
+        run_fn=fake_run([]),
+    )
     lrs = compare.load_lrs(out)
     assert lrs == {"adamw": 5e-4, "hacbo": results["hacbo"]["lr"]}
-    runs = compare.plan_runs(CONFIG, ["adamw", "hacbo", "hacbo_no_refresh", "blac"], [0],
-                             tmp_path / "cmp", [f"model.path={model_dir}"], lrs)
+    runs = compare.plan_runs(
+        CONFIG,
+        ["adamw", "hacbo", "hacbo_no_refresh", "blac"],
+        [0],
+        tmp_path / "cmp",
+        [f"model.path={model_dir}"],
+        lrs,
+    )
     by_method = {r.method: r.config.optim.lr for r in runs}
     assert by_method["adamw"] == 5e-4
     assert by_method["hacbo"] == by_method["hacbo_no_refresh"] == results["hacbo"]["lr"]

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from train.exact_match import extract_final_answer
-from train.synthetic import PRESETS, SyntheticConfig, SyntheticTask, generate_problems, question_bucket
+from train.synthetic import (
+    PRESETS,
+    SyntheticConfig,
+    SyntheticTask,
+    generate_problems,
+    question_bucket,
+)
 
 _ANNOTATION = re.compile(r"<<(\d+)([+\-*])(\d+)=(\d+)>>(\d+)")
 
@@ -18,7 +24,7 @@ def check_problem(example, config):
     assert config.min_steps <= len(steps) <= config.max_steps
     previous = None
     for line in steps:
-        (left, op, right, result, shown), = _ANNOTATION.findall(line)
+        ((left, op, right, result, shown),) = _ANNOTATION.findall(line)
         left, right, result = int(left), int(right), int(result)
         assert result == {"+": left + right, "-": left - right, "*": left * right}[op]
         assert shown == str(result) and op in config.operations
@@ -39,8 +45,15 @@ def test_presets_generate_valid_gsm8k_format(name):
 
 
 def test_knobs_are_respected():
-    config = SyntheticConfig(min_steps=3, max_steps=3, max_start=9, max_operand=5, max_value=30,
-                             operations=("+", "-"), families=("inventory",))
+    config = SyntheticConfig(
+        min_steps=3,
+        max_steps=3,
+        max_start=9,
+        max_operand=5,
+        max_value=30,
+        operations=("+", "-"),
+        families=("inventory",),
+    )
     problems = generate_problems(200, seed=0, config=config)
     for example in problems:
         check_problem(example, config)
@@ -69,7 +82,10 @@ def test_generation_is_deterministic_and_seed_dependent():
 
 def test_streams_are_content_disjoint():
     task = SyntheticTask("arith-small")
-    streams = {split: task.examples(split, n) for split, n in (("train", 800), ("pool", 100), ("eval", 100))}
+    streams = {
+        split: task.examples(split, n)
+        for split, n in (("train", 800), ("pool", 100), ("eval", 100))
+    }
     questions = {split: {e.question for e in ex} for split, ex in streams.items()}
     assert not questions["train"] & questions["eval"]
     assert not questions["train"] & questions["pool"]

@@ -77,11 +77,16 @@ class Checkpointer:
         # how to read each item's metadata before anything was saved through it.
         self._manager = ocp.CheckpointManager(
             self.directory,
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True),
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+            ),
         )
 
     # -- queries --------------------------------------------------------------------------
@@ -106,12 +111,16 @@ class Checkpointer:
         meta = to_jsonable(dict(metadata or {}))
         meta["step"] = step
         return self._manager.save(
-            step, force=True,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave(meta)))
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+        )
 
-    def restore(self, step: int | None = None, *, abstract_target: PyTree
-                ) -> tuple[PyTree, dict[str, Any]]:
+    def restore(
+        self, step: int | None = None, *, abstract_target: PyTree
+    ) -> tuple[PyTree, dict[str, Any]]:
         """Return ``(state, metadata)`` of ``step`` (default: latest), shaped like the target.
 
         ``abstract_target`` is the pytree saved (or ``jax.eval_shape`` of it / a tree of
@@ -125,32 +134,44 @@ class Checkpointer:
             if step is None:
                 raise CheckpointError(f"no checkpoint in {self.directory}")
         elif step not in self._manager.all_steps():
-            raise CheckpointError(f"no checkpoint step {step} in {self.directory}; "
-                                  f"available: {self.all_steps()}")
+            raise CheckpointError(
+                f"no checkpoint step {step} in {self.directory}; available: {self.all_steps()}"
+            )
         where = f"checkpoint step {step} in {self.directory}"
-        remedy = (f"; delete {self.directory / str(step)} or restore another step "
-                  f"(available: {self.all_steps()})")
+        remedy = (
+            f"; delete {self.directory / str(step)} or restore another step "
+            f"(available: {self.all_steps()})"
+        )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_target)
         self._check_matches(step, abstract, where, remedy)
         try:
             restored = self._manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                              meta=ocp.args.JsonRestore()))
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:  # orbax/tensorstore raise many types; say which file is bad
-            raise CheckpointError(f"{where} is incomplete or corrupt and cannot be read "
-                                  f"({type(e).__name__}: {e}){remedy}") from e
+            raise CheckpointError(
+                f"{where} is incomplete or corrupt and cannot be read "
+                f"({type(e).__name__}: {e}){remedy}"
+            ) from e
         return restored["state"], dict(restored["meta"])
 
     def _check_matches(self, step: int, abstract: PyTree, where: str, remedy: str) -> None:
         try:
             stored = self._manager.item_metadata(step)["state"]
         except Exception as e:
-            raise CheckpointError(f"{where} is incomplete or corrupt: its metadata cannot be "
-                                  f"read ({type(e).__name__}: {e}){remedy}") from e
+            raise CheckpointError(
+                f"{where} is incomplete or corrupt: its metadata cannot be "
+                f"read ({type(e).__name__}: {e}){remedy}"
+            ) from e
         stored = getattr(stored, "tree", stored)
         if stored is None:
-            raise CheckpointError(f"{where} is incomplete or corrupt: no array metadata "
-                                  f"(state/_METADATA missing){remedy}")
+            raise CheckpointError(
+                f"{where} is incomplete or corrupt: no array metadata "
+                f"(state/_METADATA missing){remedy}"
+            )
         have, want = _leaf_table(stored), _leaf_table(abstract)
         problems = [f"missing in checkpoint: {k}" for k in want if k not in have]
         problems += [f"not in restore target: {k}" for k in have if k not in want]
@@ -159,14 +180,17 @@ class Checkpointer:
             if _is_key(w.dtype):
                 continue  # typed PRNG keys are stored as their raw uint32 data
             if tuple(h.shape) != tuple(w.shape) or np.dtype(h.dtype) != np.dtype(w.dtype):
-                problems.append(f"{name}: stored {tuple(h.shape)} {np.dtype(h.dtype)}, "
-                                f"expected {tuple(w.shape)} {np.dtype(w.dtype)}")
+                problems.append(
+                    f"{name}: stored {tuple(h.shape)} {np.dtype(h.dtype)}, "
+                    f"expected {tuple(w.shape)} {np.dtype(w.dtype)}"
+                )
         if problems:
             shown = sorted(problems)[:20]
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
             raise CheckpointError(
                 f"{where} does not match the restore target (a different model shape, dtype or "
-                f"optimiser/controller?):\n  " + "\n  ".join(shown) + more)
+                f"optimiser/controller?):\n  " + "\n  ".join(shown) + more
+            )
 
     # -- lifecycle ------------------------------------------------------------------------
     def wait(self) -> None:

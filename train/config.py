@@ -46,8 +46,13 @@ class ConfigError(ValueError):
 Check = Callable[[Any], Optional[str]]
 
 
-def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
-           hi_open: bool = False) -> Check:
+def _range(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> Check:
     def check(v):
         if v is None:
             return None
@@ -63,6 +68,7 @@ def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
         if lo is not None:
             return f"a value {'>' if lo_open else '>='} {lo}"
         return f"a value {'<' if hi_open else '<='} {hi}"
+
     return check
 
 
@@ -78,13 +84,15 @@ def _opt(default: Any, check: Check | None = None) -> Any:
 # The schema.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The base model: a local Hugging Face directory (with config.json) or a hub id."""
+
     path: str = "assets/tiny-qwen3-gsm"
-    dtype: Literal["float32", "bfloat16"] = "float32"          # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"    # master weights
-    remat: bool = False                                         # gradient checkpointing
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    remat: bool = False  # gradient checkpointing
     # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
     # never exist at once); null = all positions together.
     logits_chunk: Optional[int] = _opt(None, _range(1))
@@ -93,6 +101,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Knobs of the synthetic GSM8K-format task (presets are defined in train/synthetic.py)."""
+
     preset: str = "easy"
     n_train: int = _opt(4096, _range(1))
     n_eval: int = _opt(256, _range(1))
@@ -104,7 +113,7 @@ class DataConfig:
     task: Literal["gsm8k", "synthetic"] = "gsm8k"
     train_file: str = "data/gsm8k/train.jsonl"
     eval_file: str = "data/gsm8k/test.jsonl"
-    hub_name: Optional[str] = None       # a datasets hub name used instead of the files
+    hub_name: Optional[str] = None  # a datasets hub name used instead of the files
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = _opt(512, _range(8))
     # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
@@ -116,16 +125,17 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to zero over the run."""
+
     lr: float = _opt(1e-4, _range(0, lo_open=True))
     b1: float = _opt(0.9, _range(0, 1, hi_open=True))
     b2: float = _opt(0.95, _range(0, 1, hi_open=True))
     weight_decay: float = _opt(0.1, _range(0))
-    clip_norm: Optional[float] = _opt(1.0, _range(0, lo_open=True))   # null = no clipping
+    clip_norm: Optional[float] = _opt(1.0, _range(0, lo_open=True))  # null = no clipping
     warmup_steps: int = _opt(0, _range(0))
     epochs: int = _opt(1, _range(1))
-    batch_size: int = _opt(64, _range(1))                  # global, examples per optimiser step
+    batch_size: int = _opt(64, _range(1))  # global, examples per optimiser step
     micro_batch_size: Optional[int] = _opt(None, _range(1))  # null = batch_size (no accumulation)
-    max_steps: Optional[int] = _opt(None, _range(1))       # cap for quick runs
+    max_steps: Optional[int] = _opt(None, _range(1))  # cap for quick runs
 
     @property
     def accumulation_steps(self) -> int:
@@ -136,10 +146,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class HACBOConfig:
     """Arguments of ``hacbo_jax.controllers.hacbo`` (spec defaults)."""
+
     rho: float = _opt(0.8, _range(0, 1, lo_open=True, hi_open=True))
-    interval: int = _opt(30, _range(1))                      # K
+    interval: int = _opt(30, _range(1))  # K
     theta_neg: float = _opt(0.04, _range(0, 1))
-    patience: int = _opt(6, _range(1))                       # F
+    patience: int = _opt(6, _range(1))  # F
     gamma: float = _opt(0.1, _range(0, 1))
     eps: float = _opt(1e-8, _range(0, lo_open=True))
     curvature_norm: Literal["rms", "l2"] = "rms"
@@ -152,9 +163,10 @@ class HACBOConfig:
 @dataclass(frozen=True)
 class BLACConfig:
     """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values)."""
+
     rho: float = _opt(0.7436, _range(0, 1, lo_open=True, hi_open=True))
-    interval: int = _opt(20, _range(1))                      # K
-    freeze_after: int = _opt(300, _range(0))                 # U
+    interval: int = _opt(20, _range(1))  # K
+    freeze_after: int = _opt(300, _range(0))  # U
     update_norm_budget: Optional[float] = _opt(None, _range(0, lo_open=True))
 
 
@@ -172,35 +184,37 @@ class ControllerConfig:
 
 @dataclass(frozen=True)
 class MicroDevConfig:
-    size: int = _opt(1024, _range(1))                        # N_dev
+    size: int = _opt(1024, _range(1))  # N_dev
     pool: Literal["heldout", "test"] = "heldout"
-    refresh_every: int = _opt(500, _range(0))                # R; 0 = never refresh
-    refresh_fraction: float = _opt(0.25, _range(0, 1))       # r
-    batch_size: int = _opt(64, _range(1))                    # examples per dev gradient
-    max_candidates: Optional[int] = _opt(256, _range(1))     # pool items scored per refresh; null = all
+    refresh_every: int = _opt(500, _range(0))  # R; 0 = never refresh
+    refresh_fraction: float = _opt(0.25, _range(0, 1))  # r
+    batch_size: int = _opt(64, _range(1))  # examples per dev gradient
+    max_candidates: Optional[int] = _opt(
+        256, _range(1)
+    )  # pool items scored per refresh; null = all
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    limit: Optional[int] = _opt(None, _range(1))             # null = full split
+    limit: Optional[int] = _opt(None, _range(1))  # null = full split
     max_new_tokens: int = _opt(256, _range(1))
     batch_size: int = _opt(64, _range(1))
     every_epoch: bool = True
-    at_start: bool = False                                    # also evaluate the base model (step 0)
+    at_start: bool = False  # also evaluate the base model (step 0)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
     every: int = _opt(10, _range(1))
     tensorboard: bool = False
-    wandb: bool = False                                       # always offline
+    wandb: bool = False  # always offline
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = _opt(100, _range(0))                         # steps; 0 = only at the end
+    every: int = _opt(100, _range(0))  # steps; 0 = only at the end
     keep: int = _opt(2, _range(1))
-    export_hf: bool = True                                    # RUN_DIR/hf_model at the end
+    export_hf: bool = True  # RUN_DIR/hf_model at the end
 
 
 @dataclass(frozen=True)
@@ -214,15 +228,16 @@ class MeshConfig:
 
     Checked against the devices present by train.finetune.make_run_mesh (hacbo_jax.sharding).
     """
+
     data: int = _opt(1, _mesh_size)
     fsdp: int = _opt(1, _range(1))
 
 
 @dataclass(frozen=True)
 class Config:
-    output_dir: Optional[str] = None       # null = runs/<config file stem>
+    output_dir: Optional[str] = None  # null = runs/<config file stem>
     seed: int = _opt(0, _range(0))
-    method: Optional[str] = None           # name in comparisons; null = controller.kind
+    method: Optional[str] = None  # name in comparisons; null = controller.kind
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -253,7 +268,8 @@ class Config:
             raise ConfigError(
                 f"invalid config:\n  - optim.warmup_steps = {self.optim.warmup_steps}: must be "
                 f"< the run's {total_steps} optimiser steps (epochs x (train examples // "
-                f"batch_size), capped by max_steps); the learning rate would never leave warm-up")
+                f"batch_size), capped by max_steps); the learning rate would never leave warm-up"
+            )
 
     def expected_train_examples(self) -> int | None:
         """Training examples the run will see, when knowable from the config alone.
@@ -291,7 +307,9 @@ def _describe_type(tp) -> str:
         return " or ".join(_describe_type(a) for a in inner) + " or null"
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
-    return {int: "an int", float: "a number", bool: "true/false", str: "a non-empty string"}.get(tp, str(tp))
+    return {int: "an int", float: "a number", bool: "true/false", str: "a non-empty string"}.get(
+        tp, str(tp)
+    )
 
 
 def _coerce(value: Any, tp) -> Any:
@@ -332,8 +350,14 @@ def _coerce(value: Any, tp) -> Any:
 
 
 def _fmt(value: Any) -> str:
-    return repr(value) if isinstance(value, str) else yaml.safe_dump(
-        value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return (
+        repr(value)
+        if isinstance(value, str)
+        else yaml.safe_dump(value, default_flow_style=True, width=10**6)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
 
 
 def _build(cls, raw: Any, prefix: str, problems: list[str], bad: set[str]):
@@ -342,8 +366,9 @@ def _build(cls, raw: Any, prefix: str, problems: list[str], bad: set[str]):
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.append(f"{prefix.rstrip('.') or '<top level>'} = {_fmt(raw)}: "
-                        f"must be {_describe_type(cls)}")
+        problems.append(
+            f"{prefix.rstrip('.') or '<top level>'} = {_fmt(raw)}: must be {_describe_type(cls)}"
+        )
         bad.add(prefix.rstrip("."))
         return cls()
     hints = typing.get_type_hints(cls)
@@ -352,8 +377,9 @@ def _build(cls, raw: Any, prefix: str, problems: list[str], bad: set[str]):
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            problems.append(f"{prefix}{key}: unknown key{hint}; allowed keys here: "
-                            + ", ".join(names))
+            problems.append(
+                f"{prefix}{key}: unknown key{hint}; allowed keys here: " + ", ".join(names)
+            )
     kwargs = {}
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
@@ -384,14 +410,16 @@ def _build(cls, raw: Any, prefix: str, problems: list[str], bad: set[str]):
 # Overrides, paths and cross-field rules.
 # ---------------------------------------------------------------------------------------------
 
+
 def apply_overrides(raw: dict, overrides: Sequence[str], problems: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            problems.append(f"override {item!r}: must look like section.key=value "
-                            "(e.g. optim.lr=1e-4)")
+            problems.append(
+                f"override {item!r}: must look like section.key=value (e.g. optim.lr=1e-4)"
+            )
             continue
         try:
             value = yaml.safe_load(text) if text.strip() else None
@@ -439,13 +467,17 @@ def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
         found = _resolve_existing(model_path)
         if found is not None:
             if not (found / "config.json").is_file():
-                problems.append(f"model.path = {model_path!r}: must be a Hugging Face model "
-                                f"directory containing config.json (looked in {found}), or a hub id")
+                problems.append(
+                    f"model.path = {model_path!r}: must be a Hugging Face model "
+                    f"directory containing config.json (looked in {found}), or a hub id"
+                )
             model_path = str(found)
         elif _looks_like_local_path(model_path):
-            problems.append(f"model.path = {model_path!r}: no such local directory (looked in the "
-                            f"current directory and {PROJECT_ROOT}); must be an existing Hugging "
-                            "Face model directory or a hub id like 'Qwen/Qwen3-0.6B'")
+            problems.append(
+                f"model.path = {model_path!r}: no such local directory (looked in the "
+                f"current directory and {PROJECT_ROOT}); must be an existing Hugging "
+                "Face model directory or a hub id like 'Qwen/Qwen3-0.6B'"
+            )
     data = cfg.data
     files = {}
     if data.task == "gsm8k" and data.hub_name is None and not {"data.task", "data.hub_name"} & bad:
@@ -453,14 +485,19 @@ def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
             given = getattr(data, key)
             found = _resolve_existing(given)
             if found is None or not found.is_file():
-                problems.append(f"data.{key} = {given!r}: file not found (looked in the current "
-                                f"directory and {PROJECT_ROOT}); must be a JSONL file of "
-                                "{question, answer} rows, or set data.hub_name")
+                problems.append(
+                    f"data.{key} = {given!r}: file not found (looked in the current "
+                    f"directory and {PROJECT_ROOT}); must be a JSONL file of "
+                    "{question, answer} rows, or set data.hub_name"
+                )
                 bad.add(f"data.{key}")
             else:
                 files[key] = str(found)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=model_path),
-                               data=dataclasses.replace(data, **files))
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=model_path),
+        data=dataclasses.replace(data, **files),
+    )
 
 
 def _check_synthetic_preset(preset: str) -> str | None:
@@ -477,62 +514,99 @@ def _check_synthetic_preset(preset: str) -> str | None:
 
 def _cross_checks(cfg: Config, problems: list[str], bad: set[str]) -> None:
     """Rules tying several keys together; a rule is skipped when one of its keys was rejected."""
+
     def ok(*keys: str) -> bool:
-        return not any(k == b or k.startswith(b + ".") or b.startswith(k + ".")
-                       for k in keys for b in bad)
+        return not any(
+            k == b or k.startswith(b + ".") or b.startswith(k + ".") for k in keys for b in bad
+        )
 
     o, m, d = cfg.optim, cfg.microdev, cfg.data
-    if ok("optim.batch_size", "optim.micro_batch_size") and o.micro_batch_size is not None \
-            and o.batch_size % o.micro_batch_size:
-        problems.append(f"optim.batch_size = {o.batch_size}: must be a multiple of "
-                        f"optim.micro_batch_size = {o.micro_batch_size} (gradient accumulation)")
+    if (
+        ok("optim.batch_size", "optim.micro_batch_size")
+        and o.micro_batch_size is not None
+        and o.batch_size % o.micro_batch_size
+    ):
+        problems.append(
+            f"optim.batch_size = {o.batch_size}: must be a multiple of "
+            f"optim.micro_batch_size = {o.micro_batch_size} (gradient accumulation)"
+        )
     warmup_ok = ok("optim.warmup_steps", "optim.max_steps")
     if warmup_ok and o.max_steps is not None and o.warmup_steps >= o.max_steps:
-        problems.append(f"optim.warmup_steps = {o.warmup_steps}: must be < optim.max_steps = "
-                        f"{o.max_steps}")
+        problems.append(
+            f"optim.warmup_steps = {o.warmup_steps}: must be < optim.max_steps = {o.max_steps}"
+        )
         warmup_ok = False
     if ok("microdev.batch_size", "microdev.size") and m.batch_size > m.size:
-        problems.append(f"microdev.batch_size = {m.batch_size}: must be <= microdev.size = {m.size}")
-    if ok("microdev.pool", "microdev.size", "data.heldout_size") and m.pool == "heldout" \
-            and d.heldout_size < m.size:
-        problems.append(f"data.heldout_size = {d.heldout_size}: must be >= microdev.size = "
-                        f"{m.size} when microdev.pool is 'heldout' (the buffer is drawn from it)")
+        problems.append(
+            f"microdev.batch_size = {m.batch_size}: must be <= microdev.size = {m.size}"
+        )
+    if (
+        ok("microdev.pool", "microdev.size", "data.heldout_size")
+        and m.pool == "heldout"
+        and d.heldout_size < m.size
+    ):
+        problems.append(
+            f"data.heldout_size = {d.heldout_size}: must be >= microdev.size = "
+            f"{m.size} when microdev.pool is 'heldout' (the buffer is drawn from it)"
+        )
     if d.task == "synthetic" and ok("data.task", "data.synthetic.preset"):
         why = _check_synthetic_preset(d.synthetic.preset)
         if why:
             problems.append(why)
-    if not ok("data.task", "data.train_file", "data.hub_name", "data.heldout_size",
-              "data.synthetic.n_train", "microdev.pool", "optim.epochs", "optim.batch_size"):
+    if not ok(
+        "data.task",
+        "data.train_file",
+        "data.hub_name",
+        "data.heldout_size",
+        "data.synthetic.n_train",
+        "microdev.pool",
+        "optim.epochs",
+        "optim.batch_size",
+    ):
         return
     n_train = cfg.expected_train_examples()
     if n_train is None:
         return  # unknown until the data is loaded: the training loop calls check_warmup
     if n_train < o.batch_size:
-        what = ("data.synthetic.n_train" if d.task == "synthetic" else
-                f"the {n_train + d.heldout_size} rows of data.train_file minus data.heldout_size"
-                if m.pool == "heldout" else "the rows of data.train_file")
-        problems.append(f"optim.batch_size = {o.batch_size}: must be <= the {n_train} training "
-                        f"examples ({what}); an epoch would have no full batch")
+        what = (
+            "data.synthetic.n_train"
+            if d.task == "synthetic"
+            else f"the {n_train + d.heldout_size} rows of data.train_file minus data.heldout_size"
+            if m.pool == "heldout"
+            else "the rows of data.train_file"
+        )
+        problems.append(
+            f"optim.batch_size = {o.batch_size}: must be <= the {n_train} training "
+            f"examples ({what}); an epoch would have no full batch"
+        )
     elif warmup_ok:
         total = cfg.total_steps(n_train)
         if o.warmup_steps >= total:
             problems.append(
                 f"optim.warmup_steps = {o.warmup_steps}: must be < the run's {total} optimiser "
                 f"steps ({o.epochs} epochs x ({n_train} examples // batch {o.batch_size})"
-                f"{', capped by max_steps' if o.max_steps else ''})")
+                f"{', capped by max_steps' if o.max_steps else ''})"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------
 
-def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), *,
-                     name: str = "config", check_paths: bool = True) -> Config:
+
+def config_from_dict(
+    raw: Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    *,
+    name: str = "config",
+    check_paths: bool = True,
+) -> Config:
     """Build and validate a Config from a nested mapping (plus overrides).
 
     Raises ConfigError listing every problem found.
     """
     import copy
+
     problems: list[str] = []
     raw = copy.deepcopy(dict(raw or {}))
     apply_overrides(raw, overrides, problems)
@@ -562,8 +636,10 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r}: not valid YAML: {e}") from None
     if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r}: must be a YAML mapping of sections, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {str(path)!r}: must be a YAML mapping of sections, "
+            f"got {type(raw).__name__}"
+        )
     return config_from_dict(raw or {}, overrides, name=str(path))
 
 
@@ -581,8 +657,12 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def parse_cli(argv: Sequence[str] | None = None, *, prog: str = "python -m train.finetune",
-              description: str | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_cli(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m train.finetune",
+    description: str | None = None,
+) -> tuple[Config, argparse.Namespace]:
     """``--config X.yaml [key=value ...] [--resume]`` -> (Config, args).
 
     On a config problem prints the ConfigError message and exits with status 2 (argparse's
@@ -590,10 +670,15 @@ def parse_cli(argv: Sequence[str] | None = None, *, prog: str = "python -m train
     """
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, values parsed as YAML (e.g. optim.lr=1e-4)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in output_dir")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, values parsed as YAML (e.g. optim.lr=1e-4)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

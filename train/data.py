@@ -108,13 +108,17 @@ def _validate_jsonl(path: Path) -> int:
                     '{"question": str, "answer": str} per line'
                 ) from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(
+                    f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
+                )
             for field in ("question", "answer"):
                 if not isinstance(record.get(field), str):
-                    found = "missing" if field not in record else f"a {type(record[field]).__name__}"
+                    found = (
+                        "missing" if field not in record else f"a {type(record[field]).__name__}"
+                    )
                     raise ValueError(
                         f'{path}:{line_number}: field "{field}" is {found}; expected a string '
-                        f"(each line needs string fields \"question\" and \"answer\")"
+                        f'(each line needs string fields "question" and "answer")'
                     )
             count += 1
     if count == 0:
@@ -223,7 +227,9 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def tokenize_sft(examples: Sequence[Example], tokenizer, max_len: int = DEFAULT_MAX_LEN) -> SFTArrays:
+def tokenize_sft(
+    examples: Sequence[Example], tokenizer, max_len: int = DEFAULT_MAX_LEN
+) -> SFTArrays:
     """Tokenises prompt and target separately (so the prompt tokens are exactly the ones the
     model sees at evaluation) and lays them out right-padded to ``max_len``."""
     if max_len < 2:
@@ -261,7 +267,9 @@ class PromptBatch(NamedTuple):
     num_valid: int
 
 
-def tokenize_prompts(questions: Sequence[str], tokenizer, prompt_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+def tokenize_prompts(
+    questions: Sequence[str], tokenizer, prompt_len: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Left-padded prompt ids and mask [N, prompt_len]; over-long prompts keep their LAST
     ``prompt_len`` tokens (the part next to "Answer:"). Returns (ids, mask, num_truncated)."""
     if prompt_len < 1:
@@ -312,8 +320,14 @@ class EpochSampler:
     of (seed, epoch), so restoring a :class:`DataPosition` resumes the identical stream.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, *, seed: int = 0,
-                 position: DataPosition = DataPosition(0, 0)):
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        position: DataPosition = DataPosition(0, 0),
+    ):
         if batch_size < 1 or num_examples < batch_size:
             raise ValueError(
                 f"need 1 <= batch_size ({batch_size}) <= num_examples ({num_examples})"
@@ -333,7 +347,11 @@ class EpochSampler:
     @position.setter
     def position(self, position: DataPosition) -> None:
         epoch, index = int(position[0]), int(position[1])
-        if epoch < 0 or not 0 <= index <= self.batches_per_epoch * self.batch_size or index % self.batch_size:
+        if (
+            epoch < 0
+            or not 0 <= index <= self.batches_per_epoch * self.batch_size
+            or index % self.batch_size
+        ):
             raise ValueError(
                 f"invalid position {position}: need epoch >= 0 and index a multiple of "
                 f"batch_size={self.batch_size} in [0, {self.batches_per_epoch * self.batch_size}]"
@@ -347,7 +365,9 @@ class EpochSampler:
     @property
     def epoch_fraction(self) -> float:
         """Progress in epochs as a float (for logs)."""
-        return self._position.epoch + self._position.index / (self.batches_per_epoch * self.batch_size)
+        return self._position.epoch + self._position.index / (
+            self.batches_per_epoch * self.batch_size
+        )
 
     def next_indices(self) -> np.ndarray:
         """The next batch's example indices; advances the position."""
@@ -366,5 +386,7 @@ class EpochSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if int(state["seed"]) != self.seed:
-            raise ValueError(f"checkpoint sampler seed {state['seed']} != configured seed {self.seed}")
+            raise ValueError(
+                f"checkpoint sampler seed {state['seed']} != configured seed {self.seed}"
+            )
         self.position = DataPosition(int(state["epoch"]), int(state["index"]))

@@ -8,6 +8,7 @@ same), and each process tokenises-and-gathers only the rows whose shards it hold
 ``jax.make_array_from_process_local_data``. With one process this is an ordinary
 ``device_put`` of the whole batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,14 @@ def maybe_initialize(environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int, *,
-               process_index: int | None = None,
-               process_of: Callable[[jax.Device], int] | None = None) -> slice:
+def local_rows(
+    sharding: NamedSharding,
+    global_shape: tuple[int, ...],
+    axis: int,
+    *,
+    process_index: int | None = None,
+    process_of: Callable[[jax.Device], int] | None = None,
+) -> slice:
     """The contiguous range of ``axis`` whose shards live on ``process_index``'s devices.
 
     ``process_index`` defaults to this process and ``process_of`` (device -> its process) to
@@ -71,7 +77,8 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int
     index_map = sharding.devices_indices_map(tuple(global_shape))
     ranges = {
         index[axis].indices(global_shape[axis])[:2]
-        for device, index in index_map.items() if owner(device) == process
+        for device, index in index_map.items()
+        if owner(device) == process
     }
     if not ranges:
         raise ValueError(f"process {process} holds no shard of this sharding")
@@ -79,8 +86,9 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int
     covered = sum(stop - start for start, stop in ranges)
     lo, hi = min(starts), max(stops)
     if covered != hi - lo:
-        raise ValueError(f"process {process}'s rows along axis {axis} are not contiguous: "
-                         f"{sorted(ranges)}")
+        raise ValueError(
+            f"process {process}'s rows along axis {axis} are not contiguous: {sorted(ranges)}"
+        )
     return slice(lo, hi)
 
 
@@ -91,9 +99,10 @@ def global_batch(local_data: Any, sharding: NamedSharding, axis: int, global_row
     ``axis`` (all ``global_rows`` of them in a single-process run); the global shape is the
     local one with ``axis`` of size ``global_rows``.
     """
+
     def assemble(x):
         x = np.asarray(x)
-        shape = x.shape[:axis] + (global_rows,) + x.shape[axis + 1:]
+        shape = x.shape[:axis] + (global_rows,) + x.shape[axis + 1 :]
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(assemble, local_data)

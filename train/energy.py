@@ -34,12 +34,14 @@ JOULES_PER_KWH = 3.6e6
 
 class EnergyReading(NamedTuple):
     """Energy since :meth:`EnergyMeter.start`; unpacks as ``(kwh, source, mean_watts)``."""
+
     kwh: float | None
     source: str
     mean_watts: float | None
 
 
 # -- NVML ----------------------------------------------------------------------------------------
+
 
 class _NvmlPower:
     """Summed board power (W) of all GPUs; raises at construction when NVML/GPUs are absent."""
@@ -72,8 +74,11 @@ class _RaplCounters:
     """Cumulative package energy (J) from wrapping powercap counters."""
 
     def __init__(self, root: str | os.PathLike):
-        domains = sorted(p for p in glob.glob(os.path.join(root, "intel-rapl:*"))
-                         if _PACKAGE.search(os.path.basename(p)))
+        domains = sorted(
+            p
+            for p in glob.glob(os.path.join(root, "intel-rapl:*"))
+            if _PACKAGE.search(os.path.basename(p))
+        )
         if not domains:
             raise RuntimeError(f"no RAPL package domains under {root}")
         self._files = [Path(d) / "energy_uj" for d in domains]
@@ -96,6 +101,7 @@ class _RaplCounters:
 
 # -- the meter -----------------------------------------------------------------------------------
 
+
 class EnergyMeter:
     """Measure the energy of a run from :meth:`start` on.
 
@@ -110,9 +116,14 @@ class EnergyMeter:
       clock: monotonic time source in seconds (tests inject a fake one).
     """
 
-    def __init__(self, *, rapl_root: str | os.PathLike = "/sys/class/powercap",
-                 use_nvml: bool = True, interval_s: float | None = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        rapl_root: str | os.PathLike = "/sys/class/powercap",
+        use_nvml: bool = True,
+        interval_s: float | None = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if interval_s is not None and interval_s <= 0:
             raise ValueError(f"interval_s={interval_s}: must be > 0 or None")
         self._rapl_root = rapl_root

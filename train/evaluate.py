@@ -40,9 +40,7 @@ def greedy_completions(
 ) -> list[str]:
     """Greedy continuations of ``format_prompt(question)`` for every question, decoded."""
     completions: list[str] = []
-    for batch in prompt_batches(
-        questions, tokenizer, batch_size=batch_size, prompt_len=prompt_len
-    ):
+    for batch in prompt_batches(questions, tokenizer, batch_size=batch_size, prompt_len=prompt_len):
         tokens = generate(
             model,
             batch.input_ids,

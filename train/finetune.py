@@ -86,6 +86,7 @@ def load_task_data(cfg: Config) -> TaskData:
 
 def _to_batch(arrays: dict[str, np.ndarray], accum_steps: int) -> Batch:
     """[batch, L] host arrays -> Batch of [accum, micro, L]."""
+
     def split(x):
         return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
 
@@ -113,8 +114,12 @@ def controller_stats(cfg: Config, opt_state: Any) -> dict | None:
     if kind == "hacbo":
         h = cfg.controller.hacbo
         mult = hacbo_multipliers(
-            state, eps=h.eps, rho=h.rho, debias=h.debias,
-            curvature_weighting=h.curvature_weighting, interval=h.interval,
+            state,
+            eps=h.eps,
+            rho=h.rho,
+            debias=h.debias,
+            curvature_weighting=h.curvature_weighting,
+            interval=h.interval,
         )
         stats["multipliers"] = np.asarray(mult).tolist()
         stats["probation"] = np.asarray(state.probation).tolist()
@@ -145,7 +150,8 @@ def make_run_mesh(cfg: Config) -> jax.sharding.Mesh:
             f"invalid config:\n  - optim.micro_batch_size = {micro}"
             f"{'' if cfg.optim.micro_batch_size else ' (= optim.batch_size)'}: must be divisible "
             f"by the mesh's {mesh.size} devices (mesh.data={mesh.shape['data']} x "
-            f"mesh.fsdp={mesh.shape['fsdp']}), which split each micro-batch between them")
+            f"mesh.fsdp={mesh.shape['fsdp']}), which split each micro-batch between them"
+        )
     return mesh
 
 
@@ -154,8 +160,9 @@ def _controller_hyper(cfg: Config) -> dict:
     return {} if kind == "none" else dataclasses.asdict(getattr(cfg.controller, kind))
 
 
-def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
-        stop_after: int | None = None) -> dict:
+def run(
+    cfg: Config, *, resume: bool = False, show_progress: bool = True, stop_after: int | None = None
+) -> dict:
     """Runs (or resumes) one fine-tuning run; returns the summary also written to summary.json.
 
     ``stop_after``: checkpoint and return right after that step, as a pre-empted job would (the
@@ -200,8 +207,11 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     schedule = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
     controller = build_controller(cfg.controller.kind, labels, **_controller_hyper(cfg))
     tx = build_optimizer(
-        schedule=schedule, b1=cfg.optim.b1, b2=cfg.optim.b2,
-        weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm,
+        schedule=schedule,
+        b1=cfg.optim.b1,
+        b2=cfg.optim.b2,
+        weight_decay=cfg.optim.weight_decay,
+        clip_norm=cfg.optim.clip_norm,
         controller=controller,
     )
     rng = jax.random.key_data(jax.random.key(cfg.seed))
@@ -209,12 +219,15 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     if cfg.microdev.size > len(task.pool):
         raise ConfigError(
             f"invalid config:\n  - microdev.size = {cfg.microdev.size}: must be <= the "
-            f"micro-dev pool's {len(task.pool)} examples (microdev.pool = {cfg.microdev.pool!r})")
+            f"micro-dev pool's {len(task.pool)} examples (microdev.pool = {cfg.microdev.pool!r})"
+        )
     buffer = MicroDevBuffer(
-        len(task.pool), cfg.microdev.size,
+        len(task.pool),
+        cfg.microdev.size,
         refresh_interval=max(cfg.microdev.refresh_every, 1),
         replace_fraction=cfg.microdev.refresh_fraction,
-        max_candidates=cfg.microdev.max_candidates, seed=cfg.seed,
+        max_candidates=cfg.microdev.max_candidates,
+        seed=cfg.seed,
     )
     dev_batch_size = cfg.microdev.batch_size  # <= microdev.size, checked by the config
     shardings = None
@@ -224,21 +237,30 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         # Params go straight to their shards; the optimiser state is created sharded.
         params = jax.device_put(params, shardings.state.params)
         state = TrainState(
-            step=jax.device_put(jnp.int32(0), shardings.state.step), params=params,
+            step=jax.device_put(jnp.int32(0), shardings.state.step),
+            params=params,
             opt_state=jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params),
             rng=jax.device_put(rng, shardings.state.rng),
         )
     else:
         state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng)
     train_step = make_train_step(
-        graphdef, rest, tx, schedule,
-        dev_batch_size=dev_batch_size, uses_dev_grads=uses_dev, shardings=shardings,
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        dev_batch_size=dev_batch_size,
+        uses_dev_grads=uses_dev,
+        shardings=shardings,
         logits_chunk=cfg.model.logits_chunk,
     )
     seq_len = train_arrays.input_ids.shape[1]
     # This process's rows of every micro-batch (all of them with one process).
-    local = (distributed.local_rows(shardings.batch, (accum_steps, micro, seq_len), axis=1)
-             if on_mesh else slice(None))
+    local = (
+        distributed.local_rows(shardings.batch, (accum_steps, micro, seq_len), axis=1)
+        if on_mesh
+        else slice(None)
+    )
 
     def device_batch(indices: np.ndarray) -> tuple[Batch, int]:
         """The step's batch from the sampler's global indices, and this process's tokens."""
@@ -258,15 +280,17 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
 
     def run_eval(params_, examples):
         return evaluate_exact_match(
-            current_model(params_), tokenizer, examples,
-            batch_size=cfg.eval.batch_size, prompt_len=prompt_len,
+            current_model(params_),
+            tokenizer,
+            examples,
+            batch_size=cfg.eval.batch_size,
+            prompt_len=prompt_len,
             max_new_tokens=cfg.eval.max_new_tokens,
         )
 
     # ---- checkpoints and resume
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep)
-    counters = {"wall_time_s": 0.0, "energy_kwh": 0.0, "refreshes": [],
-                "initial_exact_match": None}
+    counters = {"wall_time_s": 0.0, "energy_kwh": 0.0, "refreshes": [], "initial_exact_match": None}
     start_step = 0
     if resume:
         latest = ckpt.latest_step()
@@ -278,7 +302,9 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         counters = meta["counters"]
         start_step = latest
     logger = RunLogger(
-        run_dir, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+        run_dir,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
         resume_step=start_step if resume else None,
         config=dataclasses.asdict(cfg),
     )
@@ -294,8 +320,10 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         kwh, _, _ = energy.read()
         meta = {
             "data_position": list(sampler.position),
-            "microdev": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                         for k, v in buffer.state_dict().items()},
+            "microdev": {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in buffer.state_dict().items()
+            },
             "counters": {
                 **counters,
                 "wall_time_s": counters["wall_time_s"] + time.perf_counter() - wall_start,
@@ -311,8 +339,13 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     last_loss = math.nan
     diverged = False
     check_every = min(cfg.logging.every, cfg.divergence.max_consecutive_nonfinite)
-    progress = tqdm(total=total_steps, initial=start_step, disable=not show_progress,
-                    desc=f"{cfg.method or cfg.controller.kind}", dynamic_ncols=True)
+    progress = tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=not show_progress,
+        desc=f"{cfg.method or cfg.controller.kind}",
+        dynamic_ncols=True,
+    )
     skipped_total = int(jax.device_get(state.opt_state.total_notfinite))
     for step in range(start_step + 1, total_steps + 1):
         batch, tokens = device_batch(sampler.next_indices())
@@ -354,6 +387,7 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
             break
 
         if uses_dev and cfg.microdev.refresh_every and buffer.due(step):
+
             def solve_fn(pool_indices, params_=state.params):
                 examples = [task.pool[i] for i in pool_indices]
                 return run_eval(params_, examples).correct
@@ -365,8 +399,12 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
         epoch_done = step % sampler.batches_per_epoch == 0
         if cfg.eval.every_epoch and epoch_done and step != total_steps:
             result = run_eval(state.params, task.eval)
-            logger.log_eval(step, exact_match=result.exact_match, n=result.num_examples,
-                            epoch=sampler.epoch_fraction)
+            logger.log_eval(
+                step,
+                exact_match=result.exact_match,
+                n=result.num_examples,
+                epoch=sampler.epoch_fraction,
+            )
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save_checkpoint(step)
         if stop_after is not None and step >= stop_after:
@@ -389,12 +427,20 @@ def run(cfg: Config, *, resume: bool = False, show_progress: bool = True,
     else:
         save_checkpoint(final_step)
     result = run_eval(state.params, task.eval)
-    logger.log_eval(final_step, exact_match=result.exact_match, n=result.num_examples,
-                    epoch=sampler.epoch_fraction)
+    logger.log_eval(
+        final_step,
+        exact_match=result.exact_match,
+        n=result.num_examples,
+        epoch=sampler.epoch_fraction,
+    )
     (run_dir / "predictions.jsonl").write_text(
-        "".join(json.dumps({"question": e.question, "reference": e.answer, "prediction": p,
-                            "correct": bool(c)}) + "\n"
-                for e, p, c in zip(task.eval, result.predictions, result.correct))
+        "".join(
+            json.dumps(
+                {"question": e.question, "reference": e.answer, "prediction": p, "correct": bool(c)}
+            )
+            + "\n"
+            for e, p, c in zip(task.eval, result.predictions, result.correct)
+        )
     )
     if cfg.checkpoint.export_hf:
         export_dir = run_dir / "hf_model"

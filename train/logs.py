@@ -62,8 +62,9 @@ def _truncate_after(path: Path, step: int) -> None:
     """Keep only complete lines with ``step <= step`` (atomic rewrite)."""
     if not path.exists():
         return
-    kept = [row for row in read_jsonl(path) if isinstance(row.get("step"), int)
-            and row["step"] <= step]
+    kept = [
+        row for row in read_jsonl(path) if isinstance(row.get("step"), int) and row["step"] <= step
+    ]
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in kept)
@@ -94,9 +95,15 @@ class RunLogger:
       config: a plain dict stored with the W&B run.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, tensorboard: bool = False,
-                 wandb: bool = False, resume_step: int | None = None,
-                 config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        resume_step: int | None = None,
+        config: Mapping[str, Any] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
@@ -115,9 +122,12 @@ class RunLogger:
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
-            warnings.warn("logging.tensorboard is true but tensorboardX is not installed "
-                          "(pip install tensorboardX); TensorBoard logging is off",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "logging.tensorboard is true but tensorboardX is not installed "
+                "(pip install tensorboardX); TensorBoard logging is off",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
         return SummaryWriter(logdir=str(self.run_dir / "tensorboard"))
 
@@ -125,11 +135,20 @@ class RunLogger:
         try:
             import wandb
         except ImportError:
-            warnings.warn("logging.wandb is true but wandb is not installed (pip install wandb); "
-                          "W&B logging is off", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                "logging.wandb is true but wandb is not installed (pip install wandb); "
+                "W&B logging is off",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None
-        return wandb.init(mode="offline", dir=str(self.run_dir), name=self.run_dir.name,
-                          config=dict(config or {}), resume="allow" if resumed else None)
+        return wandb.init(
+            mode="offline",
+            dir=str(self.run_dir),
+            name=self.run_dir.name,
+            config=dict(config or {}),
+            resume="allow" if resumed else None,
+        )
 
     @staticmethod
     def _write(f, row: dict) -> None:
@@ -142,11 +161,17 @@ class RunLogger:
         self._write(self._metrics, row)
         self._mirror(int(step), {k: v for k, v in row.items() if k != "step"}, "train")
 
-    def log_eval(self, step: int, *, exact_match: float, n: int, epoch: float | None = None,
-                 **extra: Any) -> None:
+    def log_eval(
+        self, step: int, *, exact_match: float, n: int, epoch: float | None = None, **extra: Any
+    ) -> None:
         """Append ``{"step", "epoch", "exact_match", "n", **extra}`` to eval.jsonl."""
-        row = {"step": int(step), "epoch": epoch, "exact_match": float(exact_match), "n": int(n),
-               **jsonable(extra)}
+        row = {
+            "step": int(step),
+            "epoch": epoch,
+            "exact_match": float(exact_match),
+            "n": int(n),
+            **jsonable(extra),
+        }
         self._write(self._eval, row)
         self._mirror(int(step), {"exact_match": row["exact_match"]}, "eval")
 

@@ -86,7 +86,9 @@ class MicroDevBuffer:
         self.max_candidates = max_candidates
         self.score_chunk = score_chunk
         self.seed = seed
-        initial = np.random.default_rng([seed, _INIT]).choice(pool_size, size=buffer_size, replace=False)
+        initial = np.random.default_rng([seed, _INIT]).choice(
+            pool_size, size=buffer_size, replace=False
+        )
         self._members = initial.astype(np.int64)
         self.num_refreshes = 0
         self.num_batches = 0
@@ -129,13 +131,21 @@ class MicroDevBuffer:
             self._members[drop_positions[: wrong.size]] = wrong
         self.num_refreshes += 1
         self.num_replaced += int(wrong.size)
-        return RefreshStats(step, int(solved_positions.size), num_to_drop, num_scored, int(wrong.size),
-                            int(wrong.size))
+        return RefreshStats(
+            step,
+            int(solved_positions.size),
+            num_to_drop,
+            num_scored,
+            int(wrong.size),
+            int(wrong.size),
+        )
 
     def sample(self, batch_size: int) -> np.ndarray:
         """Pool indices of a micro-dev batch: ``batch_size`` distinct buffer members, seeded."""
         if not 1 <= batch_size <= self.buffer_size:
-            raise ValueError(f"need 1 <= batch_size ({batch_size}) <= buffer_size ({self.buffer_size})")
+            raise ValueError(
+                f"need 1 <= batch_size ({batch_size}) <= buffer_size ({self.buffer_size})"
+            )
         rng = np.random.default_rng([self.seed, _BATCH, self.num_batches])
         self.num_batches += 1
         return self._members[rng.choice(self.buffer_size, size=batch_size, replace=False)]
@@ -160,7 +170,9 @@ class MicroDevBuffer:
                 f"pool_size={self.pool_size}, seed={self.seed}"
             )
         if members.shape != (self.buffer_size,) or np.unique(members).size != self.buffer_size:
-            raise ValueError(f"state members must be {self.buffer_size} distinct indices, got shape {members.shape}")
+            raise ValueError(
+                f"state members must be {self.buffer_size} distinct indices, got shape {members.shape}"
+            )
         if members.min() < 0 or members.max() >= self.pool_size:
             raise ValueError(f"state members must lie in [0, {self.pool_size})")
         self._members = members.copy()
@@ -172,5 +184,7 @@ class MicroDevBuffer:
 def _call(solve_fn: SolveFn, indices: np.ndarray) -> np.ndarray:
     result = np.asarray(solve_fn(indices.copy()))
     if result.shape != indices.shape:
-        raise ValueError(f"solve_fn returned shape {result.shape} for {indices.shape[0]} items; expected {indices.shape}")
+        raise ValueError(
+            f"solve_fn returned shape {result.shape} for {indices.shape[0]} items; expected {indices.shape}"
+        )
     return result.astype(bool)

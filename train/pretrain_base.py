@@ -63,7 +63,9 @@ def document_texts(examples) -> list[str]:
     return [data.format_prompt(e.question) + data.format_target(e.answer) for e in examples]
 
 
-def pack_documents(token_lists: list[list[int]], seq_len: int, num_rows: int, pad_id: int, eos_id: int):
+def pack_documents(
+    token_lists: list[list[int]], seq_len: int, num_rows: int, pad_id: int, eos_id: int
+):
     """Greedy packing of whole documents (each + EOS) into ``num_rows`` rows of ``seq_len``.
 
     Documents longer than ``seq_len`` are cut. Returns (ids int32[R, L], mask int32[R, L],
@@ -85,8 +87,16 @@ def pack_documents(token_lists: list[list[int]], seq_len: int, num_rows: int, pa
     return ids, mask, used
 
 
-def build_corpus(tokenizer, *, num_rows: int, seq_len: int, gsm8k_train, task: SyntheticTask,
-                 gsm8k_share: float, seed: int):
+def build_corpus(
+    tokenizer,
+    *,
+    num_rows: int,
+    seq_len: int,
+    gsm8k_train,
+    task: SyntheticTask,
+    gsm8k_share: float,
+    seed: int,
+):
     """Rows for pretraining: synthetic train problems with GSM8K documents mixed in at
     probability ``gsm8k_share`` per document, in a seeded order."""
     rng = np.random.default_rng([seed, 7])
@@ -98,11 +108,21 @@ def build_corpus(tokenizer, *, num_rows: int, seq_len: int, gsm8k_train, task: S
     order = rng.permutation(len(documents))
     texts = document_texts([documents[i] for i in order])
     tokens = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    ids, mask, used = pack_documents(tokens, seq_len, num_rows, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    ids, mask, used = pack_documents(
+        tokens, seq_len, num_rows, tokenizer.pad_token_id, tokenizer.eos_token_id
+    )
     if mask[-1].sum() == 0:
         raise RuntimeError(f"corpus too small: only {used} documents for {num_rows} rows")
-    return ids, mask, {"documents": used, "gsm8k_documents": int(np.sum(order[:used] >= len(synthetic))),
-                       "tokens": int(mask.sum()), "fill": float(mask.mean())}
+    return (
+        ids,
+        mask,
+        {
+            "documents": used,
+            "gsm8k_documents": int(np.sum(order[:used] >= len(synthetic))),
+            "tokens": int(mask.sum()),
+            "fill": float(mask.mean()),
+        },
+    )
 
 
 def make_train_step(graphdef, rest, tx):
@@ -121,11 +141,24 @@ def make_train_step(graphdef, rest, tx):
     return train_step
 
 
-def greedy_exact_match(model, tokenizer, examples, *, batch_size: int = 50, prompt_len: int = 64,
-                       max_new_tokens: int = 72) -> tuple[float, list[str]]:
+def greedy_exact_match(
+    model,
+    tokenizer,
+    examples,
+    *,
+    batch_size: int = 50,
+    prompt_len: int = 64,
+    max_new_tokens: int = 72,
+) -> tuple[float, list[str]]:
     """Greedy exact match of ``examples`` (train.evaluate with this script's fixed shapes)."""
-    result = evaluate_exact_match(model, tokenizer, examples, batch_size=batch_size,
-                                  prompt_len=prompt_len, max_new_tokens=max_new_tokens)
+    result = evaluate_exact_match(
+        model,
+        tokenizer,
+        examples,
+        batch_size=batch_size,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+    )
     return result.exact_match, result.predictions
 
 
@@ -150,10 +183,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--task", default=DEFAULT_TASK)
-    p.add_argument("--gsm8k-share", type=float, default=0.05,
-                   help="probability that a corpus document is a GSM8K train-proper example")
+    p.add_argument(
+        "--gsm8k-share",
+        type=float,
+        default=0.05,
+        help="probability that a corpus document is a GSM8K train-proper example",
+    )
     p.add_argument("--eval-n", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=100, help="also measure EM on 50 problems every N steps")
+    p.add_argument(
+        "--eval-every", type=int, default=100, help="also measure EM on 50 problems every N steps"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -171,19 +210,29 @@ def main(argv=None) -> dict:
     vocab_size = len(tokenizer)
     print(f"[pretrain] tokenizer: {vocab_size} tokens ({time.time() - start:.1f}s)", flush=True)
 
-    ids, mask, corpus = build_corpus(tokenizer, num_rows=args.steps * args.batch_size, seq_len=args.seq_len,
-                                     gsm8k_train=gsm8k_train, task=task, gsm8k_share=args.gsm8k_share,
-                                     seed=args.seed)
+    ids, mask, corpus = build_corpus(
+        tokenizer,
+        num_rows=args.steps * args.batch_size,
+        seq_len=args.seq_len,
+        gsm8k_train=gsm8k_train,
+        task=task,
+        gsm8k_share=args.gsm8k_share,
+        seed=args.seed,
+    )
     print(f"[pretrain] corpus: {corpus} ({time.time() - start:.1f}s)", flush=True)
 
     config = model_config(vocab_size, tokenizer, args)
     model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1
+    )
     decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norm scales
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask))
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+    )
     opt_state = tx.init(params)
     train_step = make_train_step(graphdef, rest, tx)
     print(f"[pretrain] model: {num_params:,} parameters", flush=True)
@@ -197,11 +246,16 @@ def main(argv=None) -> dict:
         losses.append(loss)
         if (step + 1) % 25 == 0 or step + 1 == args.steps:
             mean_recent = float(np.mean(jax.device_get(losses[-25:])))
-            record = {"step": step + 1, "loss": round(mean_recent, 4),
-                      "elapsed_s": round(time.time() - train_start, 1)}
+            record = {
+                "step": step + 1,
+                "loss": round(mean_recent, 4),
+                "elapsed_s": round(time.time() - train_start, 1),
+            }
             if args.eval_every and (step + 1) % args.eval_every == 0:
                 nnx.update(model, params)
-                record["exact_match_50"], _ = greedy_exact_match(model, tokenizer, eval_examples[:50])
+                record["exact_match_50"], _ = greedy_exact_match(
+                    model, tokenizer, eval_examples[:50]
+                )
             curve.append(record)
             print(f"[pretrain] {record}", flush=True)
     train_time = time.time() - train_start
@@ -211,22 +265,37 @@ def main(argv=None) -> dict:
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out)
-    save_tokenizer(tokenizer, out)  # written before the evaluation, so a failure there loses nothing
+    save_tokenizer(
+        tokenizer, out
+    )  # written before the evaluation, so a failure there loses nothing
     eval_start = time.time()
     exact_match, outputs = greedy_exact_match(model, tokenizer, eval_examples)
     eval_time = time.time() - eval_start
-    print(f"[pretrain] exact match on {len(eval_examples)} held-out '{args.task}' problems: {exact_match:.3f} "
-          f"({eval_time:.1f}s)", flush=True)
+    print(
+        f"[pretrain] exact match on {len(eval_examples)} held-out '{args.task}' problems: {exact_match:.3f} "
+        f"({eval_time:.1f}s)",
+        flush=True,
+    )
     for example, output in list(zip(eval_examples, outputs))[:3]:
         print(f"[pretrain] Q: {example.question}\n[pretrain] model:{output!r}", flush=True)
 
     metadata = {
-        "command": "python -m train.pretrain_base " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "command": "python -m train.pretrain_base "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "parameters": num_params,
-        "architecture": {k: getattr(config, k) for k in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "tie_word_embeddings")},
+        "architecture": {
+            k: getattr(config, k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "tie_word_embeddings",
+            )
+        },
         "corpus": corpus,
         "synthetic_task": args.task,
         "steps": args.steps,
@@ -235,14 +304,22 @@ def main(argv=None) -> dict:
         "loss_curve": curve,
         "train_time_s": round(train_time, 1),
         "total_time_s": round(time.time() - start, 1),
-        "eval": {"task": args.task, "split": "eval", "n": len(eval_examples), "exact_match": exact_match,
-                 "decoding": "greedy, prompt_len 64, max_new_tokens 72"},
+        "eval": {
+            "task": args.task,
+            "split": "eval",
+            "n": len(eval_examples),
+            "exact_match": exact_match,
+            "decoding": "greedy, prompt_len 64, max_new_tokens 72",
+        },
         "jax_version": jax.__version__,
     }
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     (out / "README.md").write_text(render_readme(metadata))
     size = directory_bytes(out)
-    print(f"[pretrain] wrote {out} ({size / 1e6:.2f} MB) in {time.time() - start:.0f}s total", flush=True)
+    print(
+        f"[pretrain] wrote {out} ({size / 1e6:.2f} MB) in {time.time() - start:.0f}s total",
+        flush=True,
+    )
     if size > MAX_ASSET_BYTES:
         raise RuntimeError(f"asset is {size} bytes, over the {MAX_ASSET_BYTES}-byte budget")
     return metadata
@@ -252,31 +329,31 @@ def render_readme(meta: dict) -> str:
     arch = meta["architecture"]
     return f"""# tiny-qwen3-gsm: the embedded default base model of hacbo-jax
 
-A {meta['parameters']:,}-parameter Qwen3-architecture causal LM ({arch['num_hidden_layers']} layers, hidden
-{arch['hidden_size']}, {arch['num_attention_heads']} query / {arch['num_key_value_heads']} key-value heads of dim
-{arch['head_dim']}, MLP {arch['intermediate_size']}, tied embeddings, vocabulary {arch['vocab_size']}) with a
+A {meta["parameters"]:,}-parameter Qwen3-architecture causal LM ({arch["num_hidden_layers"]} layers, hidden
+{arch["hidden_size"]}, {arch["num_attention_heads"]} query / {arch["num_key_value_heads"]} key-value heads of dim
+{arch["head_dim"]}, MLP {arch["intermediate_size"]}, tied embeddings, vocabulary {arch["vocab_size"]}) with a
 byte-level BPE tokenizer that splits digits individually. Hugging Face format: loads with
 `hacbo_jax.models.qwen3.Qwen3ForCausalLM.from_pretrained` and with `transformers`
 (`AutoTokenizer`, `Qwen3ForCausalLM`). Made from scratch on CPU; no downloaded weights.
 
 ## How it was made
 
-    {meta['command']}
+    {meta["command"]}
 
 - Tokenizer trained on GSM8K train-proper text (the default 1,473-example micro-dev holdout
   excluded) and 5,000 synthetic problems.
-- Pretraining corpus: {meta['corpus']['documents']:,} documents
-  ({meta['corpus']['gsm8k_documents']:,} from GSM8K train-proper, the rest synthetic "{meta['synthetic_task']}"
+- Pretraining corpus: {meta["corpus"]["documents"]:,} documents
+  ({meta["corpus"]["gsm8k_documents"]:,} from GSM8K train-proper, the rest synthetic "{meta["synthetic_task"]}"
   train-stream problems), each `Question: {{q}}\\nAnswer: {{a}}<|endoftext|>`, packed whole into rows;
-  {meta['corpus']['tokens']:,} tokens. Causal LM loss on every token.
-- {meta['steps']} AdamW steps of {meta['tokens_per_step']} token slots, final training loss
-  {meta['final_train_loss']:.3f}; {meta['train_time_s']:.0f} s of training,
-  {meta['total_time_s']:.0f} s in total on a shared 2-core CPU (JAX {meta['jax_version']}).
+  {meta["corpus"]["tokens"]:,} tokens. Causal LM loss on every token.
+- {meta["steps"]} AdamW steps of {meta["tokens_per_step"]} token slots, final training loss
+  {meta["final_train_loss"]:.3f}; {meta["train_time_s"]:.0f} s of training,
+  {meta["total_time_s"]:.0f} s in total on a shared 2-core CPU (JAX {meta["jax_version"]}).
 
 ## Measured ability
 
-Greedy exact match on {meta['eval']['n']} held-out synthetic "{meta['eval']['task']}" problems (eval stream,
-disjoint from training; {meta['eval']['decoding']}): **{meta['eval']['exact_match']:.1%}**.
+Greedy exact match on {meta["eval"]["n"]} held-out synthetic "{meta["eval"]["task"]}" problems (eval stream,
+disjoint from training; {meta["eval"]["decoding"]}): **{meta["eval"]["exact_match"]:.1%}**.
 It is a toy for CPU runs of the fine-tuning stack, not a GSM8K solver. `metadata.json` has the
 loss curve (with exact match on the first 50 of those problems at some steps).
 """

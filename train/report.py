@@ -42,8 +42,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from train.logs import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
 
-__all__ = ["Run", "RunDirError", "load_run", "plot_loss", "plot_exact_match", "plot_multipliers",
-           "plot_status", "summary_table", "write_report", "main"]
+__all__ = [
+    "Run",
+    "RunDirError",
+    "load_run",
+    "plot_loss",
+    "plot_exact_match",
+    "plot_multipliers",
+    "plot_status",
+    "summary_table",
+    "write_report",
+    "main",
+]
 
 
 class RunDirError(ValueError):
@@ -53,6 +63,7 @@ class RunDirError(ValueError):
 @dataclasses.dataclass
 class Run:
     """One run directory, loaded."""
+
     path: Path
     metrics: list[dict]
     evals: list[dict]
@@ -70,8 +81,12 @@ class Run:
 
     @property
     def method(self) -> str:
-        return str(self._summary("method") or (self.config or {}).get("method")
-                   or self.controller_kind or self.path.name)
+        return str(
+            self._summary("method")
+            or (self.config or {}).get("method")
+            or self.controller_kind
+            or self.path.name
+        )
 
     @property
     def seed(self) -> int | None:
@@ -119,7 +134,9 @@ class Run:
     def energy(self) -> tuple[float | None, str | None]:
         kwh, source = self._summary("energy_kwh"), self._summary("energy_source")
         if kwh is None and self.summary is None:
-            logged = [row.get("energy_kwh") for row in self.metrics if row.get("energy_kwh") is not None]
+            logged = [
+                row.get("energy_kwh") for row in self.metrics if row.get("energy_kwh") is not None
+            ]
             kwh = logged[-1] if logged else None
         return kwh, source
 
@@ -148,8 +165,9 @@ class Run:
         if not columns:
             return None
         if len({c.shape for c in columns}) != 1:
-            raise RunDirError(f"{self.path / METRICS_FILE}: controller.{key} changes length "
-                              "between rows")
+            raise RunDirError(
+                f"{self.path / METRICS_FILE}: controller.{key} changes length between rows"
+            )
         return np.asarray(steps), np.stack(columns, axis=1)
 
 
@@ -165,12 +183,15 @@ def load_run(run_dir: str | Path) -> Run:
     """Load a run directory; RunDirError when it has no readable metrics.jsonl."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise RunDirError(f"{path}: not a directory (expected a run directory written by "
-                          "train.finetune)")
+        raise RunDirError(
+            f"{path}: not a directory (expected a run directory written by train.finetune)"
+        )
     metrics_path = path / METRICS_FILE
     if not metrics_path.is_file():
-        raise RunDirError(f"{path}: no {METRICS_FILE}; a run directory written by train.finetune "
-                          f"holds {METRICS_FILE}, {EVAL_FILE}, {SUMMARY_FILE} and config.yaml")
+        raise RunDirError(
+            f"{path}: no {METRICS_FILE}; a run directory written by train.finetune "
+            f"holds {METRICS_FILE}, {EVAL_FILE}, {SUMMARY_FILE} and config.yaml"
+        )
     metrics = read_jsonl(metrics_path)
     bad = [row for row in metrics if not isinstance(row.get("step"), int)]
     if bad:
@@ -207,6 +228,7 @@ def _slug(text: str) -> str:
 
 # -- figures -------------------------------------------------------------------------------------
 
+
 def plot_loss(runs: Sequence[Run], path: str | Path) -> Path:
     """Training loss against step for every run; an x marks a run's first non-finite loss."""
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -218,8 +240,15 @@ def plot_loss(runs: Sequence[Run], path: str | Path) -> Path:
         if bad.any():
             finite = loss[np.isfinite(loss)]
             y = finite[-1] if finite.size else 0.0
-            ax.plot(steps[bad][0], y, "x", color=line.get_color(), ms=10, mew=2,
-                    label=None if marked else "first non-finite loss")
+            ax.plot(
+                steps[bad][0],
+                y,
+                "x",
+                color=line.get_color(),
+                ms=10,
+                mew=2,
+                label=None if marked else "first non-finite loss",
+            )
             marked = True
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -238,10 +267,12 @@ def plot_exact_match(runs: Sequence[Run], path: str | Path) -> Path:
             bar.set_hatch("//")
             bar.set_facecolor("tab:red")
         text = "n/a" if run.final_exact_match is None else f"{value:.1f}"
-        ax.annotate(text, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_xticks(range(len(runs)), [run.label for run in runs], rotation=20, ha="right",
-                  fontsize=8)
+        ax.annotate(
+            text, (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8
+        )
+    ax.set_xticks(
+        range(len(runs)), [run.label for run in runs], rotation=20, ha="right", fontsize=8
+    )
     ax.set_ylabel("final exact match (%)")
     ax.set_ylim(0, max(values + [1.0]) * 1.15)
     return _save(fig, path)
@@ -254,11 +285,15 @@ def plot_multipliers(run: Run, path: str | Path) -> Path | None:
         return None
     steps, values = found
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * values.shape[0] + 1.5)))
-    mesh = ax.pcolormesh(steps, np.arange(values.shape[0]), values, shading="nearest",
-                         cmap="viridis")
+    mesh = ax.pcolormesh(
+        steps, np.arange(values.shape[0]), values, shading="nearest", cmap="viridis"
+    )
     fig.colorbar(mesh, ax=ax, label="block multiplier")
-    what = "Σ_m L_active·w_b·v_bm (summed over sub-modules)" if run.controller_kind == "hacbo" \
+    what = (
+        "Σ_m L_active·w_b·v_bm (summed over sub-modules)"
+        if run.controller_kind == "hacbo"
         else "L_active·w_b"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("block")
     ax.set_title(f"{run.label}: per-block update multiplier, {what}", fontsize=9)
@@ -273,13 +308,16 @@ def plot_status(run: Run, path: str | Path) -> Path | None:
         return None
     steps, values = found
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.18 * values.shape[0] + 1.5)))
-    ax.pcolormesh(steps, np.arange(values.shape[0]), values, shading="nearest", cmap="Greys",
-                  vmin=0, vmax=1)
+    ax.pcolormesh(
+        steps, np.arange(values.shape[0]), values, shading="nearest", cmap="Greys", vmin=0, vmax=1
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("block")
-    ax.set_title(f"{run.label}: blocks {'in probation' if key == 'probation' else 'frozen'} "
-                 f"(black; {int(values[:, -1].sum())} of {values.shape[0]} at the end)",
-                 fontsize=10)
+    ax.set_title(
+        f"{run.label}: blocks {'in probation' if key == 'probation' else 'frozen'} "
+        f"(black; {int(values[:, -1].sum())} of {values.shape[0]} at the end)",
+        fontsize=10,
+    )
     return _save(fig, path)
 
 
@@ -294,6 +332,7 @@ def _save(fig, path) -> Path:
 
 # -- table ---------------------------------------------------------------------------------------
 
+
 def _cell(value: Any, fmt: str = "{}") -> str:
     if value is None:
         return "n/a"
@@ -304,17 +343,31 @@ def _cell(value: Any, fmt: str = "{}") -> str:
 
 def summary_table(runs: Sequence[Run]) -> str:
     """Markdown table: one row per run."""
-    lines = ["| run | method | seed | steps | final loss | final EM (%) | diverged | "
-             "wall time (s) | energy (kWh) |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
+    lines = [
+        "| run | method | seed | steps | final loss | final EM (%) | diverged | "
+        "wall time (s) | energy (kWh) |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
     for run in runs:
         kwh, source = run.energy
         energy = "n/a" if kwh is None else f"{kwh:.4g}" + (f" ({source})" if source else "")
         em = run.final_exact_match
-        lines.append(" | ".join([
-            f"| {run.label}", run.method, _cell(run.seed), _cell(run.steps),
-            _cell(run.final_loss, "{:.4f}"), _cell(None if em is None else 100 * em, "{:.2f}"),
-            "yes" if run.diverged else "no", _cell(run.wall_time_s, "{:.0f}"), energy]) + " |")
+        lines.append(
+            " | ".join(
+                [
+                    f"| {run.label}",
+                    run.method,
+                    _cell(run.seed),
+                    _cell(run.steps),
+                    _cell(run.final_loss, "{:.4f}"),
+                    _cell(None if em is None else 100 * em, "{:.2f}"),
+                    "yes" if run.diverged else "no",
+                    _cell(run.wall_time_s, "{:.0f}"),
+                    energy,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -324,8 +377,11 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         raise RunDirError("no run directory given")
     runs = [load_run(d) for d in run_dirs]
     _unique_labels(runs)
-    out = Path(out_dir) if out_dir is not None else (
-        Path(run_dirs[0]) if len(runs) == 1 else Path("report"))
+    out = (
+        Path(out_dir)
+        if out_dir is not None
+        else (Path(run_dirs[0]) if len(runs) == 1 else Path("report"))
+    )
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_loss(runs, out / "loss.png"), plot_exact_match(runs, out / "exact_match.png")]
     for run in runs:
@@ -340,10 +396,15 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", default=None,
-                        help="output directory (default: the run directory, or report/ for several)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: the run directory, or report/ for several)",
+    )
     args = parser.parse_args(argv)
     try:
         report = write_report(args.run_dirs, args.out)

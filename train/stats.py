@@ -28,6 +28,7 @@ __all__ = ["MeanCI", "PairedTest", "mean_ci", "paired_ttest"]
 
 class MeanCI(NamedTuple):
     """Mean of n values with a two-sided confidence interval (NaN bounds when n = 1)."""
+
     mean: float
     low: float
     high: float
@@ -39,15 +40,16 @@ class MeanCI(NamedTuple):
 
 class PairedTest(NamedTuple):
     """Paired t-test of ``a`` against ``b`` (differences ``a - b``), two-sided."""
+
     n: int
     mean_diff: float
-    ci_low: float        # confidence interval of the mean difference
+    ci_low: float  # confidence interval of the mean difference
     ci_high: float
-    t: float             # NaN when undefined (n < 2, or all differences equal)
+    t: float  # NaN when undefined (n < 2, or all differences equal)
     p: float
     df: int
     alpha: float
-    note: str            # why t/p are NaN, else ""
+    note: str  # why t/p are NaN, else ""
 
     @property
     def significant(self) -> bool:
@@ -60,8 +62,10 @@ def _as_values(values: Sequence[float], name: str) -> np.ndarray:
     if x.ndim != 1 or x.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} must be finite, got {x.tolist()} (filter NaN/inf values, e.g. "
-                         "diverged runs' losses, before computing statistics)")
+        raise ValueError(
+            f"{name} must be finite, got {x.tolist()} (filter NaN/inf values, e.g. "
+            "diverged runs' losses, before computing statistics)"
+        )
     return x
 
 
@@ -100,11 +104,30 @@ def paired_ttest(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) ->
     diff = mean_ci(x - y, confidence=1.0 - alpha)
     n = x.size
     if n < 2:
-        return PairedTest(n, diff.mean, diff.low, diff.high, math.nan, math.nan, 0, alpha,
-                          "n/a: one pair only")
+        return PairedTest(
+            n, diff.mean, diff.low, diff.high, math.nan, math.nan, 0, alpha, "n/a: one pair only"
+        )
     if np.all(x - y == (x - y)[0]):
-        return PairedTest(n, diff.mean, diff.low, diff.high, math.nan, math.nan, n - 1, alpha,
-                          "n/a: all paired differences are equal")
+        return PairedTest(
+            n,
+            diff.mean,
+            diff.low,
+            diff.high,
+            math.nan,
+            math.nan,
+            n - 1,
+            alpha,
+            "n/a: all paired differences are equal",
+        )
     result = sps.ttest_rel(x, y)
-    return PairedTest(n, diff.mean, diff.low, diff.high, float(result.statistic),
-                      float(result.pvalue), int(result.df), alpha, "")
+    return PairedTest(
+        n,
+        diff.mean,
+        diff.low,
+        diff.high,
+        float(result.statistic),
+        float(result.pvalue),
+        int(result.df),
+        alpha,
+        "",
+    )

@@ -127,9 +127,7 @@ def build_controller(kind: str, labels: Any, **hyper: Any):
 def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL over answer tokens (fp32), and the number of those tokens."""
     weights = batch.loss_mask.astype(jnp.float32)
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch.targets
-    )
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch.targets)
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
@@ -162,8 +160,9 @@ def chunked_answer_nll(
         nll = optax.softmax_cross_entropy_with_integer_labels(lm_logits(h), y)
         return total + jnp.sum(nll * w), None
 
-    total, _ = jax.lax.scan(add_chunk, jnp.zeros([], jnp.float32),
-                            (split(hidden), split(targets), split(weights)))
+    total, _ = jax.lax.scan(
+        add_chunk, jnp.zeros([], jnp.float32), (split(hidden), split(targets), split(weights))
+    )
     return total, jnp.sum(weights)
 
 
@@ -231,9 +230,13 @@ def make_train_step(
         constrain_grads = constrain_dev = lambda tree: tree
     else:
         constrain_grads = lambda grads: jax.lax.with_sharding_constraint(
-            grads, shardings.state.params)
-        constrain_dev = (lambda dev: dev) if shardings.dev_batch is None else (
-            lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
+            grads, shardings.state.params
+        )
+        constrain_dev = (
+            (lambda dev: dev)
+            if shardings.dev_batch is None
+            else (lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
+        )
 
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch):
         rng, dev_key = jax.random.split(state.rng)
@@ -271,15 +274,21 @@ def make_train_step(
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=donate_argnums)
     return jax.jit(
-        step_fn, donate_argnums=donate_argnums,
+        step_fn,
+        donate_argnums=donate_argnums,
         in_shardings=(shardings.state, shardings.batch, shardings.dev_buffer),
         out_shardings=(shardings.state, shardings.metrics),
     )
 
 
-def step_shardings(mesh: jax.sharding.Mesh, state: TrainState, *,
-                   rules: Sequence[sharding_lib.PartitionRule] = sharding_lib.QWEN3_RULES,
-                   dev_batch_size: int, min_elements: int = 2**16) -> StepShardings:
+def step_shardings(
+    mesh: jax.sharding.Mesh,
+    state: TrainState,
+    *,
+    rules: Sequence[sharding_lib.PartitionRule] = sharding_lib.QWEN3_RULES,
+    dev_batch_size: int,
+    min_elements: int = 2**16,
+) -> StepShardings:
     """Shardings of a step on ``mesh`` for ``state`` (arrays or ``jax.eval_shape`` output).
 
     Params and every optimiser-state leaf that mirrors a param (AdamW's mu / nu) follow

@@ -50,9 +50,18 @@ def _check_bounds(lo: float, hi: float) -> None:
         raise ValueError(f"learning-rate range [{lo}, {hi}]: need 0 < lo < hi (log-uniform)")
 
 
-def sweep_method(base_config: str | Path, method: str, *, trials: int = 4, lo: float = 1e-5,
-                 hi: float = 3e-3, seed: int = 0, out_dir: str | Path = "runs/sweep",
-                 overrides: Sequence[str] = (), run_fn: RunFn | None = None) -> dict[str, Any]:
+def sweep_method(
+    base_config: str | Path,
+    method: str,
+    *,
+    trials: int = 4,
+    lo: float = 1e-5,
+    hi: float = 3e-3,
+    seed: int = 0,
+    out_dir: str | Path = "runs/sweep",
+    overrides: Sequence[str] = (),
+    run_fn: RunFn | None = None,
+) -> dict[str, Any]:
     """One TPE study over ``lr`` for ``method``; returns {"lr": best, "exact_match": its value,
     "trials": [{"lr", "exact_match", "final_train_loss", "diverged"}, ...]}."""
     import optuna
@@ -67,26 +76,45 @@ def sweep_method(base_config: str | Path, method: str, *, trials: int = 4, lo: f
     def objective(trial: "optuna.Trial") -> float:
         lr = trial.suggest_float("lr", lo, hi, log=True)
         run_dir = Path(out_dir) / method / f"trial{trial.number}"
-        cfg = load_config(base_config, [*overrides, *method_overrides(method), f"seed={seed}",
-                                        f"optim.lr={lr!r}", f"output_dir={run_dir}"])
+        cfg = load_config(
+            base_config,
+            [
+                *overrides,
+                *method_overrides(method),
+                f"seed={seed}",
+                f"optim.lr={lr!r}",
+                f"output_dir={run_dir}",
+            ],
+        )
         summary = run_fn(cfg, show_progress=False)
         em = float(summary["final_exact_match"])
-        records.append({"lr": lr, "exact_match": em,
-                        "final_train_loss": float(summary["final_train_loss"]),
-                        "diverged": bool(summary["diverged"])})
+        records.append(
+            {
+                "lr": lr,
+                "exact_match": em,
+                "final_train_loss": float(summary["final_train_loss"]),
+                "diverged": bool(summary["diverged"]),
+            }
+        )
         return em
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed),
-                                study_name=f"lr-{method}")
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        study_name=f"lr-{method}",
+    )
     study.optimize(objective, n_trials=trials)
-    return {"lr": float(study.best_params["lr"]), "exact_match": float(study.best_value),
-            "trials": records}
+    return {
+        "lr": float(study.best_params["lr"]),
+        "exact_match": float(study.best_value),
+        "trials": records,
+    }
 
 
-def write_lrs(path: str | Path, results: Mapping[str, Mapping[str, Any]], *,
-              header: str = "") -> Path:
+def write_lrs(
+    path: str | Path, results: Mapping[str, Mapping[str, Any]], *, header: str = ""
+) -> Path:
     """Write (merge into) a ``--lrs`` file: ``lr: {method: best}`` and ``trials: {method: [...]}``."""
     path = Path(path)
     existing: dict[str, Any] = {}
@@ -105,40 +133,60 @@ def write_lrs(path: str | Path, results: Mapping[str, Mapping[str, Any]], *,
     return path
 
 
-def sweep(base_config: str | Path, methods: Sequence[str] = COMPARED_METHODS, *,
-          write: str | Path = "configs/lrs/compare_cpu.yaml", command: str | None = None,
-          log: Callable[[str], None] = print, **kwargs: Any) -> dict[str, dict[str, Any]]:
+def sweep(
+    base_config: str | Path,
+    methods: Sequence[str] = COMPARED_METHODS,
+    *,
+    write: str | Path = "configs/lrs/compare_cpu.yaml",
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+    **kwargs: Any,
+) -> dict[str, dict[str, Any]]:
     """:func:`sweep_method` for every method, then :func:`write_lrs`; returns the results."""
     results = {}
     for method in methods:
         results[method] = sweep_method(base_config, method, **kwargs)
-        log(f"{method}: best lr {results[method]['lr']:.3g} (exact match "
-            f"{100 * results[method]['exact_match']:.1f}%)")
-    header = "\n".join([
-        "Base learning rate per method, written by train.sweep (read by train.compare --lrs).",
-        f"Command: {command}" if command else f"Base config: {base_config}",
-        "Objective: final exact match of one short run per trial (maximised); Optuna TPE, "
-        "lr log-uniform.",
-    ])
+        log(
+            f"{method}: best lr {results[method]['lr']:.3g} (exact match "
+            f"{100 * results[method]['exact_match']:.1f}%)"
+        )
+    header = "\n".join(
+        [
+            "Base learning rate per method, written by train.sweep (read by train.compare --lrs).",
+            f"Command: {command}" if command else f"Base config: {base_config}",
+            "Objective: final exact match of one short run per trial (maximised); Optuna TPE, "
+            "lr log-uniform.",
+        ]
+    )
     write_lrs(write, results, header=header)
     log(f"wrote {write}")
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sweep",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sweep", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--config", required=True, help="base config (YAML)")
-    parser.add_argument("--methods", default=",".join(COMPARED_METHODS),
-                        help="comma-separated method names (see train.compare), or 'all'")
+    parser.add_argument(
+        "--methods",
+        default=",".join(COMPARED_METHODS),
+        help="comma-separated method names (see train.compare), or 'all'",
+    )
     parser.add_argument("--trials", type=int, default=4, help="trials per method (default 4)")
     parser.add_argument("--lo", type=float, default=1e-5, help="lowest learning rate")
     parser.add_argument("--hi", type=float, default=3e-3, help="highest learning rate")
     parser.add_argument("--seed", type=int, default=0, help="TPE seed and run seed")
-    parser.add_argument("--out", default="runs/sweep", help="trial runs go to OUT/<method>/trial<k>")
+    parser.add_argument(
+        "--out", default="runs/sweep", help="trial runs go to OUT/<method>/trial<k>"
+    )
     parser.add_argument("--write", default="configs/lrs/compare_cpu.yaml", help="output lrs file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides for every trial run (e.g. optim.max_steps=30)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides for every trial run (e.g. optim.max_steps=30)",
+    )
     args = parser.parse_args(argv)
     command = "python -m train.sweep " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -147,16 +195,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.trials < 1:
             raise ValueError(f"--trials {args.trials}: must be >= 1")
         for method in methods:  # validate before the first run starts
-            load_config(args.config, [*args.overrides, *method_overrides(method),
-                                      f"optim.lr={args.lo!r}"])
+            load_config(
+                args.config, [*args.overrides, *method_overrides(method), f"optim.lr={args.lo!r}"]
+            )
     except (ConfigError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     from train.compare import enable_compilation_cache
 
     enable_compilation_cache(Path(args.out) / "jax_cache")
-    sweep(args.config, methods, write=args.write, command=command, trials=args.trials,
-          lo=args.lo, hi=args.hi, seed=args.seed, out_dir=args.out, overrides=args.overrides)
+    sweep(
+        args.config,
+        methods,
+        write=args.write,
+        command=command,
+        trials=args.trials,
+        lo=args.lo,
+        hi=args.hi,
+        seed=args.seed,
+        out_dir=args.out,
+        overrides=args.overrides,
+    )
     return 0
 
 

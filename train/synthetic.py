@@ -36,18 +36,56 @@ FAMILIES = ("inventory", "comparison", "shopping")
 _FAMILY_STEPS = {"inventory": None, "comparison": (1, 2), "shopping": (1, 2)}
 
 NAMES = (
-    ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"), ("Ben", "he"),
-    ("Lily", "she"), ("Tom", "he"), ("Emma", "she"), ("Jack", "he"), ("Nora", "she"),
-    ("Omar", "he"), ("Ruby", "she"), ("Ivan", "he"), ("Sara", "she"), ("Noah", "he"),
-    ("Ella", "she"), ("Max", "he"), ("Lucy", "she"), ("Dan", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Ava", "she"),
+    ("Sam", "he"),
+    ("Zoe", "she"),
+    ("Ben", "he"),
+    ("Lily", "she"),
+    ("Tom", "he"),
+    ("Emma", "she"),
+    ("Jack", "he"),
+    ("Nora", "she"),
+    ("Omar", "he"),
+    ("Ruby", "she"),
+    ("Ivan", "he"),
+    ("Sara", "she"),
+    ("Noah", "he"),
+    ("Ella", "she"),
+    ("Max", "he"),
+    ("Lucy", "she"),
+    ("Dan", "he"),
 )
 OBJECTS = (
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "coins", "cards", "shells",
-    "stamps", "toys", "balloons", "candies", "eggs", "flowers", "crayons", "buttons", "rocks",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "coins",
+    "cards",
+    "shells",
+    "stamps",
+    "toys",
+    "balloons",
+    "candies",
+    "eggs",
+    "flowers",
+    "crayons",
+    "buttons",
+    "rocks",
 )
 ITEMS = (
-    ("pen", "pens"), ("notebook", "notebooks"), ("toy car", "toy cars"), ("mug", "mugs"),
-    ("kite", "kites"), ("sandwich", "sandwiches"), ("ticket", "tickets"), ("plant", "plants"),
+    ("pen", "pens"),
+    ("notebook", "notebooks"),
+    ("toy car", "toy cars"),
+    ("mug", "mugs"),
+    ("kite", "kites"),
+    ("sandwich", "sandwiches"),
+    ("ticket", "tickets"),
+    ("plant", "plants"),
 )
 _OBJECTIVE = {"she": "her", "he": "him"}
 _POSSESSIVE = {"she": "her", "he": "his"}
@@ -78,7 +116,9 @@ class SyntheticConfig:
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})")
+            raise ValueError(
+                f"need 1 <= min_steps ({self.min_steps}) <= max_steps ({self.max_steps})"
+            )
         if self.max_start < 2 or self.max_operand < 1 or self.max_factor < 2:
             raise ValueError(
                 f"need max_start >= 2 (got {self.max_start}), max_operand >= 1 (got "
@@ -91,7 +131,9 @@ class SyntheticConfig:
             )
         bad_ops = set(self.operations) - set(OPERATIONS)
         if bad_ops or not self.operations:
-            raise ValueError(f"operations={self.operations}; choose a non-empty subset of {OPERATIONS}")
+            raise ValueError(
+                f"operations={self.operations}; choose a non-empty subset of {OPERATIONS}"
+            )
         bad_families = set(self.families) - set(FAMILIES)
         if bad_families or not self.families:
             raise ValueError(f"families={self.families}; choose a non-empty subset of {FAMILIES}")
@@ -107,7 +149,8 @@ class SyntheticConfig:
         table = {}
         for steps in range(self.min_steps, self.max_steps + 1):
             allowed = tuple(
-                f for f in self.families
+                f
+                for f in self.families
                 if _FAMILY_STEPS[f] is None or _FAMILY_STEPS[f][0] <= steps <= _FAMILY_STEPS[f][1]
             )
             if allowed:
@@ -117,14 +160,23 @@ class SyntheticConfig:
 
 PRESETS: dict[str, SyntheticConfig] = {
     # one step, + and - on numbers <= 20: the easiest sanity task.
-    "arith-tiny": SyntheticConfig(min_steps=1, max_steps=1, max_start=20, max_operand=9,
-                                  max_value=40, operations=("+", "-"), families=("inventory",)),
+    "arith-tiny": SyntheticConfig(
+        min_steps=1,
+        max_steps=1,
+        max_start=20,
+        max_operand=9,
+        max_value=40,
+        operations=("+", "-"),
+        families=("inventory",),
+    ),
     # the default fine-tuning/eval task for the embedded model: 1-2 steps, + - * small numbers.
-    "arith-small": SyntheticConfig(min_steps=1, max_steps=2, max_start=20, max_operand=10,
-                                   max_factor=3, max_value=99),
+    "arith-small": SyntheticConfig(
+        min_steps=1, max_steps=2, max_start=20, max_operand=10, max_factor=3, max_value=99
+    ),
     # harder: up to 3 steps and larger numbers.
-    "arith-medium": SyntheticConfig(min_steps=1, max_steps=3, max_start=50, max_operand=30,
-                                    max_factor=5, max_value=300),
+    "arith-medium": SyntheticConfig(
+        min_steps=1, max_steps=3, max_start=50, max_operand=30, max_factor=5, max_value=300
+    ),
 }
 
 
@@ -132,7 +184,10 @@ def _step_line(
     subject: str, left: int, op: str, right: int, unit: str, verb: str = "has"
 ) -> tuple[str, int]:
     result = {"+": left + right, "-": left - right, "*": left * right}[op]
-    return f"{subject} {verb} {left} {op} {right} = <<{left}{op}{right}={result}>>{result} {unit}.", result
+    return (
+        f"{subject} {verb} {left} {op} {right} = <<{left}{op}{right}={result}>>{result} {unit}.",
+        result,
+    )
 
 
 def _pick_op(
@@ -171,16 +226,25 @@ def _inventory(rng: np.random.Generator, cfg: SyntheticConfig, steps: int) -> Ex
         pronoun = he.capitalize() if not then else he
         if op == "+":
             verb = rng.integers(3)
-            text = (f"{pronoun} buys {k} more {obj}.", f"{pronoun} finds {k} more {obj}.",
-                    f"{friend} gives {him} {k} {obj}.")[verb]
+            text = (
+                f"{pronoun} buys {k} more {obj}.",
+                f"{pronoun} finds {k} more {obj}.",
+                f"{friend} gives {him} {k} {obj}.",
+            )[verb]
             text = text if verb < 2 or not then else f"{friend} gives {him} {k} more {obj}."
         elif op == "-":
-            text = (f"{pronoun} gives {k} {obj} to {friend}.", f"{pronoun} loses {k} {obj}.",
-                    f"{pronoun} sells {k} {obj}.")[rng.integers(3)]
+            text = (
+                f"{pronoun} gives {k} {obj} to {friend}.",
+                f"{pronoun} loses {k} {obj}.",
+                f"{pronoun} sells {k} {obj}.",
+            )[rng.integers(3)]
         else:
             named = {2: f"{pronoun} doubles {his} {obj}.", 3: f"{pronoun} triples {his} {obj}."}
-            text = named.get(k) if rng.integers(2) and k in named else (
-                f"{pronoun} gets {k} times as many {obj} as {he} had.")
+            text = (
+                named.get(k)
+                if rng.integers(2) and k in named
+                else (f"{pronoun} gets {k} times as many {obj} as {he} had.")
+            )
         if then and not text.startswith(friend):
             text = then + text
         sentences.append(text)
@@ -197,8 +261,11 @@ def _comparison(rng: np.random.Generator, cfg: SyntheticConfig, steps: int) -> E
     # With a total to compute, the second count must leave room for base + other <= max_value.
     cap = cfg.max_value - base if steps == 2 else cfg.max_value
     op, k = _pick_op(rng, cfg, base, cap) or ("-", 1)
-    relation = {"+": f"{k} more {obj} than {first}", "-": f"{k} fewer {obj} than {first}",
-                "*": f"{k} times as many {obj} as {first}"}[op]
+    relation = {
+        "+": f"{k} more {obj} than {first}",
+        "-": f"{k} fewer {obj} than {first}",
+        "*": f"{k} times as many {obj} as {first}",
+    }[op]
     line, other = _step_line(second, base, op, k, obj)
     question = f"{first} has {base} {obj}. {second} has {relation}."
     if steps == 1:
@@ -219,14 +286,17 @@ def _shopping(rng: np.random.Generator, cfg: SyntheticConfig, steps: int) -> Exa
     line = f"{name} spends {price} * {count} = <<{price}*{count}={cost}>>{cost} dollars."
     question = f"A {item} costs ${price}. {name} buys {count} {items}."
     if steps == 1:
-        return Example(question + f" How much does {name} spend in dollars?", f"{line}\n#### {cost}")
+        return Example(
+            question + f" How much does {name} spend in dollars?", f"{line}\n#### {cost}"
+        )
     bill = next((b for b in (10, 20, 50, 100, 200, 500) if b >= cost and b <= cfg.max_value), None)
     if bill is None or bill == cost:
         bill = cost + int(rng.integers(1, cfg.max_operand + 1))
     change = bill - cost
     change_line = f"{name} gets {bill} - {cost} = <<{bill}-{cost}={change}>>{change} dollars back."
     return Example(
-        question + f" {he.capitalize()} pays with a ${bill} bill. How much change does {name} get in dollars?",
+        question
+        + f" {he.capitalize()} pays with a ${bill} bill. How much change does {name} get in dollars?",
         f"{line}\n{change_line}\n#### {change}",
     )
 
@@ -234,7 +304,9 @@ def _shopping(rng: np.random.Generator, cfg: SyntheticConfig, steps: int) -> Exa
 _GENERATORS = {"inventory": _inventory, "comparison": _comparison, "shopping": _shopping}
 
 
-def generate_problem(rng: np.random.Generator, config: SyntheticConfig = SyntheticConfig()) -> Example:
+def generate_problem(
+    rng: np.random.Generator, config: SyntheticConfig = SyntheticConfig()
+) -> Example:
     """One random problem drawn with ``rng`` under ``config``."""
     table = config._families_for_steps()
     steps = list(table)[rng.integers(len(table))]
@@ -242,7 +314,9 @@ def generate_problem(rng: np.random.Generator, config: SyntheticConfig = Synthet
     return _GENERATORS[family](rng, config, steps)
 
 
-def generate_problems(n: int, seed: int, config: SyntheticConfig = SyntheticConfig()) -> list[Example]:
+def generate_problems(
+    n: int, seed: int, config: SyntheticConfig = SyntheticConfig()
+) -> list[Example]:
     """``n`` problems from ``np.random.default_rng(seed)`` (deterministic)."""
     rng = np.random.default_rng(seed)
     return [generate_problem(rng, config) for _ in range(n)]
@@ -266,7 +340,9 @@ class SyntheticTask:
     ``SyntheticTask("arith-small").examples("eval", 200)`` is the same list on every call.
     """
 
-    def __init__(self, name: str = "arith-small", *, seed: int = 0, config: SyntheticConfig | None = None):
+    def __init__(
+        self, name: str = "arith-small", *, seed: int = 0, config: SyntheticConfig | None = None
+    ):
         if config is None:
             if name not in PRESETS:
                 raise ValueError(f"unknown synthetic task {name!r}; presets: {sorted(PRESETS)}")

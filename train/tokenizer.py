@@ -80,5 +80,7 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
     path = Path(directory)
     if not (path / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"no tokenizer.json in {path}; expected a Hugging Face tokenizer directory")
+        raise FileNotFoundError(
+            f"no tokenizer.json in {path}; expected a Hugging Face tokenizer directory"
+        )
     return AutoTokenizer.from_pretrained(str(path))

@@ -1,7 +1,15 @@
 """HACBO and BLAC as optax transformations (spec: shared/spec/controllers.md)."""
+
 from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
 from hacbo_jax.controllers.hacbo import HACBOState, hacbo, hacbo_multipliers
 from hacbo_jax.controllers.labels import label_by_rules
 
-__all__ = ["hacbo", "blac", "HACBOState", "BLACState", "hacbo_multipliers",
-           "blac_multipliers", "label_by_rules"]
+__all__ = [
+    "hacbo",
+    "blac",
+    "HACBOState",
+    "BLACState",
+    "hacbo_multipliers",
+    "blac_multipliers",
+    "label_by_rules",
+]

@@ -6,6 +6,7 @@ every row has produced an end-of-sequence token or the budget is spent. Left pad
 last prompt token of every row in the same column, so each step writes one cache slot for the
 whole batch; RoPE positions count real tokens only (as transformers' ``generate`` does).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,10 +21,17 @@ from hacbo_jax.models.qwen3 import Qwen3ForCausalLM, positions_from_mask
 __all__ = ["generate"]
 
 
-def generate(model: Qwen3ForCausalLM, input_ids: jax.Array, attention_mask: jax.Array, *,
-             max_new_tokens: int, eos_token_id: int | Sequence[int],
-             pad_token_id: int, temperature: float = 0.0,
-             rng: jax.Array | None = None) -> jax.Array:
+def generate(
+    model: Qwen3ForCausalLM,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int],
+    pad_token_id: int,
+    temperature: float = 0.0,
+    rng: jax.Array | None = None,
+) -> jax.Array:
     """Continues LEFT-padded prompts; returns int32[B, max_new_tokens].
 
     Args:
@@ -46,22 +54,48 @@ def generate(model: Qwen3ForCausalLM, input_ids: jax.Array, attention_mask: jax.
     input_ids = jnp.asarray(input_ids, jnp.int32)
     attention_mask = jnp.asarray(attention_mask).astype(jnp.bool_)
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must both be [B, T], got "
-                         f"{input_ids.shape} and {attention_mask.shape}")
-    eos = tuple(int(e) for e in (eos_token_id if isinstance(eos_token_id, Sequence)
-                                 else (eos_token_id,)))
+        raise ValueError(
+            f"input_ids and attention_mask must both be [B, T], got "
+            f"{input_ids.shape} and {attention_mask.shape}"
+        )
+    eos = tuple(
+        int(e) for e in (eos_token_id if isinstance(eos_token_id, Sequence) else (eos_token_id,))
+    )
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, input_ids, attention_mask, rng,
-                     jnp.float32(max(temperature, 1e-6)), max_new_tokens=int(max_new_tokens),
-                     eos=eos, pad_token_id=int(pad_token_id), sample=temperature > 0)
+    return _generate(
+        graphdef,
+        state,
+        input_ids,
+        attention_mask,
+        rng,
+        jnp.float32(max(temperature, 1e-6)),
+        max_new_tokens=int(max_new_tokens),
+        eos=eos,
+        pad_token_id=int(pad_token_id),
+        sample=temperature > 0,
+    )
 
 
-@partial(jax.jit, static_argnums=(0,),
-         static_argnames=("max_new_tokens", "eos", "pad_token_id", "sample"))
-def _generate(graphdef, state, input_ids, prompt_mask, rng, temperature, *, max_new_tokens,
-              eos, pad_token_id, sample):
+@partial(
+    jax.jit,
+    static_argnums=(0,),
+    static_argnames=("max_new_tokens", "eos", "pad_token_id", "sample"),
+)
+def _generate(
+    graphdef,
+    state,
+    input_ids,
+    prompt_mask,
+    rng,
+    temperature,
+    *,
+    max_new_tokens,
+    eos,
+    pad_token_id,
+    sample,
+):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     cache_len = prompt_len + max_new_tokens
@@ -77,8 +111,9 @@ def _generate(graphdef, state, input_ids, prompt_mask, rng, temperature, *, max_
     causal = jnp.arange(cache_len)[None, :] <= jnp.arange(prompt_len)[:, None]  # [T, S]
     mask = causal[None, None] & slot_valid[:, None, None, :]
     cache = model.init_cache(batch, cache_len)
-    logits, cache = model.forward_with_cache(input_ids, positions_from_mask(prompt_mask), mask,
-                                             cache, 0, last_only=True)
+    logits, cache = model.forward_with_cache(
+        input_ids, positions_from_mask(prompt_mask), mask, cache, 0, last_only=True
+    )
     rng, key = jax.random.split(rng)
     token = pick(logits[:, -1], key)
     done = jnp.isin(token, eos_ids)

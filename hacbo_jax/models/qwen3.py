@@ -15,6 +15,7 @@ kernels are stored input-axes-first with heads split out (q_proj: [D, N, H], o_p
 and :func:`hf_to_param` / :func:`param_to_hf` are the one place that converts to and from
 Hugging Face's ``[out, in]`` layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,15 +77,23 @@ class Qwen3Config:
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # keep the config hashable (it is static in jit)
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"Qwen3Config.{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention")
+                f"num_key_value_heads ({self.num_key_value_heads}) for grouped-query attention"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rms_norm_eps > 0:
@@ -95,11 +104,22 @@ class Qwen3Config:
     @classmethod
     def qwen3_0_6b(cls) -> Qwen3Config:
         """The Qwen/Qwen3-0.6B architecture (values from its published config.json)."""
-        return cls(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                   num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                   head_dim=128, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
-                   tie_word_embeddings=True, attention_bias=False,
-                   max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645)
+        return cls(
+            vocab_size=151936,
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            max_position_embeddings=40960,
+            bos_token_id=151643,
+            eos_token_id=151645,
+        )
 
     @classmethod
     def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
@@ -118,7 +138,8 @@ class Qwen3Config:
         cfg = dict(config)
         if cfg.get("model_type") != "qwen3":
             raise ValueError(
-                f"not a Qwen3 config: model_type={cfg.get('model_type')!r} (expected 'qwen3')")
+                f"not a Qwen3 config: model_type={cfg.get('model_type')!r} (expected 'qwen3')"
+            )
         problems = []
         if cfg.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu' is implemented)")
@@ -126,17 +147,28 @@ class Qwen3Config:
             problems.append("use_sliding_window=True (sliding-window attention is not implemented)")
         layer_types = cfg.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            problems.append(f"layer_types={sorted(set(layer_types))} (only 'full_attention' is "
-                            "implemented)")
+            problems.append(
+                f"layer_types={sorted(set(layer_types))} (only 'full_attention' is implemented)"
+            )
         rope = cfg.get("rope_parameters") or {}
         rope_scaling = cfg.get("rope_scaling") or {}
         for source, params in (("rope_parameters", rope), ("rope_scaling", rope_scaling)):
             rope_type = params.get("rope_type", params.get("type", "default"))
             if rope_type != "default":
-                problems.append(f"{source}.rope_type={rope_type!r} (only 'default' RoPE is "
-                                "implemented)")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
-                               "num_hidden_layers", "num_attention_heads") if k not in cfg]
+                problems.append(
+                    f"{source}.rope_type={rope_type!r} (only 'default' RoPE is implemented)"
+                )
+        missing = [
+            k
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+            )
+            if k not in cfg
+        ]
         if missing:
             problems.append(f"missing required keys {missing}")
         if problems:
@@ -197,12 +229,23 @@ class Linear(nnx.Module):
     to ``dtype`` for the matmul, so fp32 master weights can drive bf16 compute.
     """
 
-    def __init__(self, einsum: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], *,
-                 use_bias: bool, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        einsum: str,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        *,
+        use_bias: bool,
+        std: float,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         self.einsum = einsum
         self.dtype = dtype
         self.kernel = nnx.Param(
-            std * jax.random.normal(rngs.params(), in_shape + out_shape, param_dtype))
+            std * jax.random.normal(rngs.params(), in_shape + out_shape, param_dtype)
+        )
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -273,17 +316,26 @@ class Qwen3Attention(nnx.Module):
     """Grouped-query self-attention with per-head q/k RMSNorm and RoPE."""
 
     def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        d, n, k, h = (config.hidden_size, config.num_attention_heads,
-                      config.num_key_value_heads, config.head_dim)
-        common = dict(use_bias=config.attention_bias, std=config.initializer_range, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+        d, n, k, h = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        common = dict(
+            use_bias=config.attention_bias,
+            std=config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.q_proj = Linear("BTD,DNH->BTNH", (d,), (n, h), **common)
         self.k_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
         self.v_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
         self.o_proj = Linear("BTNH,NHD->BTD", (n, h), (d,), **common)
         self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.scale = h ** -0.5
+        self.scale = h**-0.5
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
         q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)
@@ -291,15 +343,18 @@ class Qwen3Attention(nnx.Module):
         v = self.v_proj(x)
         if cache is not None:
             # Left-padded batches write all rows at the same slot, so one dynamic slice suffices.
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype),
-                                             (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
-                                             (0, cache_index, 0, 0))
+            k = jax.lax.dynamic_update_slice(
+                cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0)
+            )
             cache = (k, v)
         # jax.nn.dot_product_attention groups query heads as [K, N/K] (repeat, not tile) and
         # takes the softmax in float32.
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                           scale=self.scale)
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=self.scale
+        )
         return self.o_proj(out), cache
 
 
@@ -308,8 +363,13 @@ class Qwen3MLP(nnx.Module):
 
     def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        common = dict(use_bias=False, std=config.initializer_range, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+        common = dict(
+            use_bias=False,
+            std=config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
         self.gate_proj = Linear("BTD,DF->BTF", (d,), (f,), **common)
         self.up_proj = Linear("BTD,DF->BTF", (d,), (f,), **common)
         self.down_proj = Linear("BTF,FD->BTD", (f,), (d,), **common)
@@ -320,11 +380,13 @@ class Qwen3MLP(nnx.Module):
 
 class Qwen3DecoderLayer(nnx.Module):
     def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
-                                       param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         self.self_attn = Qwen3Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                dtype=dtype, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
@@ -342,20 +404,30 @@ class Qwen3Model(nnx.Module):
     """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree)."""
 
     def __init__(self, config: Qwen3Config, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
-                                      std=config.initializer_range, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([
-            Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype,
-                            param_dtype=param_dtype)
+        self.embed_tokens = Embedding(
+            config.vocab_size,
+            config.hidden_size,
+            std=config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
         self.remat = remat
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
 
-    def __call__(self, input_ids, positions, mask, cache: KVCache | None = None,
-                 cache_index=None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None
+    ) -> tuple[jax.Array, KVCache | None]:
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
         new_cache = []
@@ -363,8 +435,9 @@ class Qwen3Model(nnx.Module):
             if cache is None and self.remat:
                 x = nnx.remat(_remat_layer)(layer, x, cos, sin, mask)
             else:
-                x, layer_cache = layer(x, cos, sin, mask, None if cache is None else cache[i],
-                                       cache_index)
+                x, layer_cache = layer(
+                    x, cos, sin, mask, None if cache is None else cache[i], cache_index
+                )
                 new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 
@@ -385,19 +458,34 @@ class Qwen3ForCausalLM(nnx.Module):
       rngs: initialisation randomness (normal(0, initializer_range) weights, unit norms).
     """
 
-    def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs | None = None):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ):
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
         self.dtype = dtype
-        self.model = Qwen3Model(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                rngs=rngs)
+        self.model = Qwen3Model(
+            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+        )
         if config.tie_word_embeddings:
             self.lm_head = None
         else:
-            self.lm_head = Linear("BTD,DV->BTV", (config.hidden_size,), (config.vocab_size,),
-                                  use_bias=False, std=config.initializer_range, dtype=dtype,
-                                  param_dtype=param_dtype, rngs=rngs)
+            self.lm_head = Linear(
+                "BTD,DV->BTV",
+                (config.hidden_size,),
+                (config.vocab_size,),
+                use_bias=False,
+                std=config.initializer_range,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits float32[B, T, V] for input_ids int[B, T].
@@ -408,8 +496,9 @@ class Qwen3ForCausalLM(nnx.Module):
         """
         return self.lm_logits(self.hidden_states(input_ids, attention_mask))
 
-    def hidden_states(self, input_ids: jax.Array,
-                      attention_mask: jax.Array | None = None) -> jax.Array:
+    def hidden_states(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype (``lm_logits`` maps them).
 
         Lets a loss compute the [T, V] logits chunk by chunk instead of all at once.
@@ -431,9 +520,16 @@ class Qwen3ForCausalLM(nnx.Module):
             logits = self.lm_head(h)
         return logits.astype(jnp.float32)
 
-    def forward_with_cache(self, input_ids, positions, mask, cache: KVCache | None = None,
-                           cache_index=None, *, last_only: bool = False
-                           ) -> tuple[jax.Array, KVCache | None]:
+    def forward_with_cache(
+        self,
+        input_ids,
+        positions,
+        mask,
+        cache: KVCache | None = None,
+        cache_index=None,
+        *,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
         """Low-level forward used by generation.
 
         Args:
@@ -454,14 +550,22 @@ class Qwen3ForCausalLM(nnx.Module):
         """Zeroed key/value cache, [B, max_length, K, H] per layer in the compute dtype."""
         c = self.config
         shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
-        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-                     for _ in range(c.num_hidden_layers))
+        return tuple(
+            (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in range(c.num_hidden_layers)
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32,
-                        param_dtype=jnp.float32, remat: bool = False) -> Qwen3ForCausalLM:
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+    ) -> Qwen3ForCausalLM:
         """Loads a Hugging Face Qwen3 checkpoint (local directory, or a hub id when online).
 
         The model is built abstractly (``nnx.eval_shape``) and each parameter is read tensor by
@@ -471,18 +575,21 @@ class Qwen3ForCausalLM(nnx.Module):
         """
         directory = _resolve_checkpoint_dir(path_or_hub_id)
         config = Qwen3Config.from_hf(directory)
-        abstract = nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype,
-                                              remat=remat, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(
+            lambda: cls(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
+        )
         graphdef, state = nnx.split(abstract)
         flat = nnx.to_flat_state(state)
         files = _checkpoint_files(directory)
         expected = {hf_name(path): (path, var) for path, var in flat}
         present = set(files)
         missing = sorted(set(expected) - present)
-        unexpected = sorted(present - set(expected)
-                            - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        unexpected = sorted(
+            present - set(expected) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+        )
         mismatched = []
         from safetensors import safe_open
+
         loaded = {}
         by_file: dict[str, list[str]] = {}
         for name in expected:
@@ -499,8 +606,9 @@ class Qwen3ForCausalLM(nnx.Module):
                         continue
                     if missing or unexpected or mismatched:
                         continue  # only validating from here on
-                    loaded[path] = hf_to_param(path, f.get_tensor(name), tuple(var.shape),
-                                               param_dtype)
+                    loaded[path] = hf_to_param(
+                        path, f.get_tensor(name), tuple(var.shape), param_dtype
+                    )
         if missing or unexpected or mismatched:
             lines = [f"cannot load Qwen3 checkpoint {directory!s}:"]
             if missing:
@@ -520,6 +628,7 @@ class Qwen3ForCausalLM(nnx.Module):
         Parameters are saved in their storage dtype; a tied model saves only the embedding.
         """
         from safetensors.flax import save_file
+
         os.makedirs(directory, exist_ok=True)
         flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
         tensors = {hf_name(path): param_to_hf(path, var[...]) for path, var in flat}
@@ -589,6 +698,7 @@ def _resolve_checkpoint_dir(path_or_hub_id) -> str:
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
         raise ValueError(f"{path!r} is neither a checkpoint directory nor a hub id 'org/name'")
     from huggingface_hub import snapshot_download
+
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
@@ -602,6 +712,7 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
     if not os.path.exists(single):
         raise ValueError(f"no model.safetensors or model.safetensors.index.json in {directory!r}")
     from safetensors import safe_open
+
     with safe_open(single, framework="flax") as f:
         return {name: "model.safetensors" for name in f.keys()}
 
@@ -615,8 +726,11 @@ QWEN3_LABEL_RULES = (
     (r"(?:^|/)layers/(\d+)/self_attn/(?:q_proj|k_proj|v_proj)/", r"\1/attn_qkv"),
     (r"(?:^|/)layers/(\d+)/self_attn/o_proj/", r"\1/attn_out"),
     (r"(?:^|/)layers/(\d+)/mlp/(?:gate_proj|up_proj|down_proj)/", r"\1/mlp"),
-    (r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|self_attn/q_norm|"
-     r"self_attn/k_norm)/", r"\1/ln"),
+    (
+        r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|self_attn/q_norm|"
+        r"self_attn/k_norm)/",
+        r"\1/ln",
+    ),
 )
 
 
@@ -632,8 +746,9 @@ def qwen3_labels(params) -> Any:
     """
     from hacbo_jax.controllers import label_by_rules
 
-    return label_by_rules(params, [(pattern, label) for pattern, label in QWEN3_LABEL_RULES],
-                          default="other")
+    return label_by_rules(
+        params, [(pattern, label) for pattern, label in QWEN3_LABEL_RULES], default="other"
+    )
 
 
 def iter_hf_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, jax.Array]]:
