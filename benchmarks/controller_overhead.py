@@ -1,25 +1,27 @@
 """Cost of HACBO on top of AdamW: one jitted train step, chain(adamw, hacbo) vs adamw alone.
 
-Same model (a residual stack of MLP blocks), same batch, same run; timings are interleaved
-(A, B, C, ... per round, several rounds, median) because the CPU is shared. Prints:
+Same model (a residual stack of MLP blocks), same batch, same run; timed by the protocol of
+``benchmarks/protocol.py`` (load average, interleaved sides, min and median of >= 7 steps,
+contaminated rounds retried). Prints:
 - ordinary steps (t mod K != 0): time ratio hacbo / adamw (no block in probation, and one);
 - measurement steps (t mod K == 0): ratio, and the micro-dev backward pass timed on its own;
+- ``chain(adamw, hacbo).update`` alone against ``adamw.update`` alone on a 28-block tree;
 - the controller state's bytes against AdamW's.
 
-    python benchmarks/controller_overhead.py [--width 512 --depth 8 --batch 256 --rounds 15 --iters 2]
+    python benchmarks/controller_overhead.py [--width 512 --depth 8 --batch 256 --steps 7]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from hacbo_jax import hacbo, label_by_rules
+
+import protocol  # benchmarks/protocol.py
 
 
 def init_params(key, width, depth):
@@ -58,13 +60,45 @@ def nbytes(tree) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def time_call(fn, args, iters):
-    """Mean wall-clock and process CPU seconds per call (CPU time is less sensitive to waiting
-    for cores that other processes hold)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(iters):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - wall) / iters, (time.process_time() - cpu) / iters
+def update_only_cases(depth: int, width: int, interval: int) -> dict:
+    """``adamw.update`` vs ``chain(adamw, hacbo).update`` alone on a Qwen3-like tree of ``depth``
+    blocks x 9 leaves (q, k, v, o, gate, up, down kernels; two norms), no forward/backward."""
+    keys = iter(jax.random.split(jax.random.key(3), depth * 9))
+    shapes = {
+        ("attn_qkv", "q"): (width, width),
+        ("attn_qkv", "k"): (width, width // 2),
+        ("attn_qkv", "v"): (width, width // 2),
+        ("attn_out", "o"): (width, width),
+        ("mlp", "gate"): (width, 3 * width),
+        ("mlp", "up"): (width, 3 * width),
+        ("mlp", "down"): (3 * width, width),
+        ("ln", "input"): (width,),
+        ("ln", "post"): (width,),
+    }
+    params = {
+        "layers": [
+            {
+                f"{sub}.{name}": jax.random.normal(next(keys), shape)
+                for (sub, name), shape in shapes.items()
+            }
+            for _ in range(depth)
+        ]
+    }
+    grads = jax.tree.map(lambda x: 0.01 * x, params)
+    labels = label_by_rules(params, [(r"layers/(\d+)/(\w+)\.", r"\1/\2")])
+    adamw = optax.adamw(1e-3)
+    controlled = optax.chain(optax.adamw(1e-3), hacbo(labels, interval=interval))
+    adamw_update = jax.jit(lambda g, s, p: adamw.update(g, s, p))
+    hacbo_update = jax.jit(lambda g, s, p: controlled.update(g, s, p, train_grads=g, dev_grads=g))
+    adamw_state, hacbo_state = adamw.init(params), controlled.init(params)
+    return {
+        "adamw.update alone": lambda: jax.block_until_ready(
+            adamw_update(grads, adamw_state, params)
+        ),
+        "chain(adamw,hacbo).update": lambda: jax.block_until_ready(
+            hacbo_update(grads, hacbo_state, params)
+        ),
+    }
 
 
 def main():
@@ -74,9 +108,11 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dev-batch", type=int, default=64)
     parser.add_argument("--interval", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=protocol.MIN_STEPS)
+    parser.add_argument("--update-depth", type=int, default=28)
+    parser.add_argument("--update-width", type=int, default=128)
     args = parser.parse_args()
+    watch = protocol.LoadWatch("controller_overhead")
 
     params = init_params(jax.random.key(0), args.width, args.depth)
     train_batch = make_batch(jax.random.key(1), args.batch, args.width)
@@ -115,67 +151,48 @@ def main():
         ordinary_state[0],
         ordinary_state[1]._replace(probation=ordinary_state[1].probation.at[0].set(True)),
     )  # one block quantised
-    cases = {
-        "adamw": (adamw_step, (params, adamw_state)),
-        "hacbo_ordinary": (hacbo_step, (params, ordinary_state)),
-        "hacbo_probation": (hacbo_step, (params, probation_state)),
-        "hacbo_measurement": (hacbo_step, (params, measuring_state)),
-        "dev_backward": (dev_backward, (params,)),
+
+    def run(fn, fn_args):
+        return lambda: jax.block_until_ready(fn(*fn_args))
+
+    sides = {
+        "adamw step": run(adamw_step, (params, adamw_state)),
+        "adamw+hacbo ordinary": run(hacbo_step, (params, ordinary_state)),
+        "ordinary, 1 in probation": run(hacbo_step, (params, probation_state)),
+        "adamw+hacbo measurement": run(hacbo_step, (params, measuring_state)),
+        "dev backward alone": run(dev_backward, (params,)),
     }
-    for fn, fn_args in cases.values():  # compile and warm up
-        time_call(fn, fn_args, 2)
-    samples = {name: [] for name in cases}
-    order = list(cases)
-    for round_index in range(args.rounds):
-        # alternate the order so a slow phase of the shared CPU does not always hit the same case
-        for name in order if round_index % 2 == 0 else order[::-1]:
-            fn, fn_args = cases[name]
-            samples[name].append(time_call(fn, fn_args, args.iters))
-
-    def summary(clock):  # clock 0: wall, 1: CPU
-        times = {name: [x[clock] for x in values] for name, values in samples.items()}
-        median = {name: statistics.median(values) for name, values in times.items()}
-        # paired within a round: robust to the load of other processes drifting between rounds
-        paired = {
-            name: statistics.median(t / a for t, a in zip(times[name], times["adamw"]))
-            for name in cases
-        }
-        return median, paired
-
+    sides.update(update_only_cases(args.update_depth, args.update_width, args.interval))
+    result = protocol.interleaved(sides, steps=args.steps)
+    clean = watch.finish()
     num_params = sum(x.size for x in jax.tree.leaves(params))
     print(
         f"model: {args.depth} MLP blocks, width {args.width}, {num_params / 1e6:.1f}M params; "
         f"train batch {args.batch}, dev batch {args.dev_batch}, K = {args.interval}; "
-        f"{args.rounds} interleaved rounds x {args.iters} steps, medians"
+        f"update-only tree: {args.update_depth} blocks x 9 leaves, d {args.update_width}"
     )
-    for clock, clock_name in ((0, "wall-clock"), (1, "process CPU time")):
-        median, paired = summary(clock)
-        print(f"-- {clock_name} (median ms; ratio of medians; median of per-round ratios)")
-        print(f"adamw step                 {median['adamw'] * 1e3:8.1f}")
-        for name, text in (
-            ("hacbo_ordinary", "adamw+hacbo ordinary step "),
-            ("hacbo_probation", "  ordinary, 1 in probation "),
-            ("hacbo_measurement", "adamw+hacbo measurement   "),
-        ):
-            print(
-                f"{text} {median[name] * 1e3:8.1f}   {median[name] / median['adamw']:.3f}   "
-                f"{paired[name]:.3f}"
-            )
-        print(
-            f"  dev backward alone       {median['dev_backward'] * 1e3:8.1f}   measurement "
-            f"minus it: {(median['hacbo_measurement'] - median['dev_backward']) / median['adamw']:.3f}"
-        )
-        amortised = (
-            (args.interval - 1) * median["hacbo_ordinary"] + median["hacbo_measurement"]
-        ) / args.interval
-        print(
-            f"  amortised over K steps   {amortised * 1e3:8.1f}   {amortised / median['adamw']:.3f}"
-        )
+    print("\n".join(result.summary_lines()))
+    t = {name: timing for name, timing in result.timings.items()}
+
+    def ratio(a, b):
+        return f"{t[a].min / t[b].min:.3f} (min) {t[a].median / t[b].median:.3f} (median)"
+
+    for name in ("adamw+hacbo ordinary", "ordinary, 1 in probation", "adamw+hacbo measurement"):
+        print(f"{name} / adamw step: {ratio(name, 'adamw step')}")
+    amortised = (
+        (args.interval - 1) * t["adamw+hacbo ordinary"].median + t["adamw+hacbo measurement"].median
+    ) / args.interval
+    print(f"amortised over K steps / adamw step (median): {amortised / t['adamw step'].median:.3f}")
+    print(
+        "chain(adamw,hacbo).update / adamw.update alone: "
+        f"{ratio('chain(adamw,hacbo).update', 'adamw.update alone')}"
+    )
     hacbo_bytes, adamw_bytes = nbytes(ordinary_state[1]), nbytes(adamw_state)
     print(
         f"state bytes: hacbo {hacbo_bytes} vs adamw {adamw_bytes} "
         f"({hacbo_bytes / adamw_bytes:.2e} of AdamW's)"
     )
+    print(f"clean (idle machine, contamination <= 5%): {'yes' if clean and result.clean else 'NO'}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,13 @@
 
 One training step = forward, next-token cross-entropy, backward, AdamW update. Both sides use
 the same small config, the same weights (ours are loaded from the checkpoint transformers
-wrote) and the same batch; steps alternate between the sides (median time of each). Prints tokens/s of each and the ratio (ours / PyTorch).
+wrote) and the same batch. Timed by the protocol of ``benchmarks/protocol.py`` (load average
+before and after, sides interleaved, min and median of >= 7 steps, contaminated rounds retried).
+Prints tokens/s of each side, the ratio (ours / PyTorch), the step's FLOPs (XLA's cost
+analysis), the fp32 matmul rate of both libraries measured in the same run, and the fraction of
+that rate the step achieves.
 
-    python benchmarks/qwen3_throughput.py [--layers 4 --hidden 256 --batch 8 --seq 256 --steps 10]
+    python benchmarks/qwen3_throughput.py [--layers 4 --hidden 256 --batch 8 --seq 256 --steps 7]
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,6 +29,8 @@ from flax import nnx  # noqa: E402
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
 
+import protocol  # noqa: E402  (benchmarks/protocol.py)
+
 
 def jax_step_fn(model, lr):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -34,8 +39,7 @@ def jax_step_fn(model, lr):
 
     def loss_fn(params, ids):
         logits = nnx.merge(graphdef, params, rest)(ids)
-        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, ids[:, 1:, None], -1))
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
     @jax.jit
     def step(params, opt_state, ids):
@@ -46,18 +50,22 @@ def jax_step_fn(model, lr):
     return step, params, opt_state
 
 
-def time_interleaved(steps, **run_steps):
-    """Median seconds per step of each side, alternating sides so shared-CPU load hits both."""
-    for run in run_steps.values():  # compile / warm up
-        run()
-        run()
-    times = {name: [] for name in run_steps}
-    for _ in range(steps):
-        for name, run in run_steps.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+def matmul_rates(m: int, k: int, n: int, steps: int) -> dict[str, float]:
+    """GFLOP/s of one [m, k] x [k, n] fp32 matmul on each side (the step's matmul-bound limit)."""
+    a = np.random.RandomState(1).standard_normal((m, k)).astype(np.float32)
+    b = np.random.RandomState(2).standard_normal((k, n)).astype(np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jmm = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    result = protocol.interleaved(
+        {
+            "xla matmul": lambda: jax.block_until_ready(jmm(ja, jb)),
+            "torch matmul": lambda: torch.matmul(ta, tb),
+        },
+        steps=steps,
+    )
+    flops = 2.0 * m * k * n
+    return {name: flops / t.min / 1e9 for name, t in result.timings.items()}
 
 
 def main():
@@ -71,8 +79,9 @@ def main():
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=protocol.MIN_STEPS)
     args = ap.parse_args()
+    watch = protocol.LoadWatch("qwen3_throughput")
     torch.set_num_threads(os.cpu_count() or 1)
 
     cfg = transformers.Qwen3Config(
@@ -112,19 +121,40 @@ def main():
         state[0], state[1], loss = step(state[0], state[1], j_ids)
         jax.block_until_ready(loss)
 
-    times = time_interleaved(args.steps, jax=jax_step, torch=torch_step)
-    t_jax, t_torch = times["jax"], times["torch"]
+    # FLOPs of one step as XLA counts them (forward + backward + AdamW).
+    flops = (
+        step.lower(state[0], state[1], j_ids).compile().cost_analysis().get("flops", float("nan"))
+    )
+    result = protocol.interleaved({"jax (ours)": jax_step, "pytorch": torch_step}, steps=args.steps)
+    rates = matmul_rates(tokens, args.hidden, args.vocab, args.steps)
+    clean = watch.finish()
+    t_jax, t_torch = result.timings["jax (ours)"], result.timings["pytorch"]
     print(
         f"config: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.kv_heads}"
         f"x{args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}; "
-        f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side "
-        f"(interleaved, median); "
-        f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch {torch.__version__}"
+        f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side, "
+        f"interleaved; {os.cpu_count()} CPU threads; jax {jax.__version__}, "
+        f"torch {torch.__version__}"
     )
-    print(f"{'':14}{'s/step':>10}{'tokens/s':>12}")
-    print(f"{'jax (ours)':14}{t_jax:10.3f}{tokens / t_jax:12.0f}")
-    print(f"{'pytorch':14}{t_torch:10.3f}{tokens / t_torch:12.0f}")
-    print(f"ratio (ours / pytorch tokens/s): {t_torch / t_jax:.2f}x")
+    print("\n".join(result.summary_lines()))
+    print(f"{'':14}{'tokens/s (min)':>16}{'tokens/s (median)':>19}")
+    for name, t in result.timings.items():
+        print(f"{name:14}{tokens / t.min:16.0f}{tokens / t.median:19.0f}")
+    print(
+        f"ratio (ours / pytorch tokens/s): {t_torch.min / t_jax.min:.2f}x (min), "
+        f"{t_torch.median / t_jax.median:.2f}x (median)"
+    )
+    print(
+        f"matmul rate [{tokens}x{args.hidden}]x[{args.hidden}x{args.vocab}] fp32, best of "
+        f"{args.steps}: xla {rates['xla matmul']:.0f} GFLOP/s, torch "
+        f"{rates['torch matmul']:.0f} GFLOP/s"
+    )
+    achieved = flops / t_jax.min / 1e9
+    print(
+        f"ours: {flops / 1e9:.1f} GFLOP/step (XLA cost analysis) -> {achieved:.0f} GFLOP/s = "
+        f"{100 * achieved / rates['xla matmul']:.0f}% of the XLA matmul rate"
+    )
+    print(f"clean (idle machine, contamination <= 5%): {'yes' if clean and result.clean else 'NO'}")
 
 
 if __name__ == "__main__":
