@@ -84,6 +84,7 @@ def test_inject_hyperparams_numeric_hyperparameters_are_injectable():
         up, sp = run(plain.update, sp)
         chex.assert_trees_all_close(ui, up, rtol=1e-6)
     chex.assert_trees_all_close(si.inner_state, sp, rtol=1e-6)
+    assert_state_invariants(injected.init(train), si)
     # an outer driver changes gamma without recompiling
     si.hyperparams["gamma"] = jnp.asarray(0.0, jnp.float32)
     blac_injected = optax.inject_hyperparams(
@@ -211,7 +212,8 @@ def test_budget_equals_clip_by_global_norm_last_and_masked_clips_only_the_subset
     masked = optax.masked(
         hacbo(labels, interval=5, update_norm_budget=1.0), mask, mask_compatible_extra_args=True
     )
-    out_m, _ = step(masked, masked.init(train), train, train, updates)
+    out_m, st_m = step(masked, masked.init(train), train, train, updates)
+    assert_state_invariants(masked.init(train), st_m)
     np.testing.assert_array_equal(out_m["emb"], [3.0, 4.0])  # untouched, though over budget
     np.testing.assert_allclose(block_values(out_m, 0), [[0.5, 0], [0.5, 0]], rtol=1e-6)  # 1/2
     # the whole-update budget for masked use: clip_by_global_norm placed last
