@@ -23,8 +23,7 @@ from hacbo_jax import (
     hacbo,
     hacbo_multipliers,
 )
-from hacbo_jax.controllers._groups import fake_int8, sign_cosine_and_sq_norms
-from hacbo_jax.controllers._groups import parse_labels
+from hacbo_jax.controllers._groups import fake_int8, parse_labels, sign_cosine_and_sq_norms
 from tests.test_controllers import ONES, block_values, labels_for, ones_updates, state, tree
 
 
@@ -52,6 +51,7 @@ def test_omitted_dev_source_traces_no_measurement_and_counts_missed(make):
     for t in range(1, 5):  # t = 2 and 4 are measurement steps reached without a dev gradient
         out, st = ordinary(ones_updates(2), st)
         assert int(st.count) == t
+        chex.assert_tree_all_finite(out)
     assert int(st.missed_measurements) == 2
     np.testing.assert_array_equal(st.agreement, [0, 0])  # never treated as "no agreement"
     np.testing.assert_array_equal(st.layer_weights, [0.5, 0.5])
@@ -424,8 +424,8 @@ def test_controller_before_the_optimiser_warns_once(make):
     params = _mlp_params()
     g = jax.grad(_mlp_loss)(params, _batch(0, 8))
     first = optax.chain(make(_mlp_labels(), interval=5), optax.adam(1e-3))
+    st = first.init(params)
     with pytest.warns(UserWarning, match="after the base optimiser"):
-        st = first.init(params)
         _, st = first.update(g, st, params, train_grads=g, dev_grads=g)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -500,7 +500,12 @@ def test_stacked_labels_match_the_unrolled_tree(make):
         out_s, ss = run(stacked_tx, params_s, ss, train_s, dev_s)
         out_u, su = run(unrolled_tx, params_u, su, train_u, dev_u)
         chex.assert_trees_all_close(_unstack(out_s), out_u, rtol=1e-6, atol=1e-7)
+        # float sums may run in another order (bit-identical on CPU today); the discrete
+        # fields (count, counters, probation / frozen, neg_count) must be identical
         chex.assert_trees_all_close(ss[1], su[1], rtol=1e-6, atol=1e-7)
+        for a, b in zip(ss[1], su[1]):
+            if not jnp.issubdtype(a.dtype, jnp.floating):
+                np.testing.assert_array_equal(a, b)
         flags = getattr(ss[1], "probation", getattr(ss[1], "frozen", None))
         probation_seen |= bool(np.any(flags))
     assert probation_seen  # the run exercised probation / freezing
