@@ -3,11 +3,13 @@
 from hacbo_jax.controllers import (
     BLACState,
     HACBOState,
+    accumulate_gradients,
     blac,
     blac_multipliers,
     hacbo,
     hacbo_multipliers,
     label_by_rules,
+    train_grads_from_updates,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "hacbo_multipliers",
     "blac_multipliers",
     "label_by_rules",
+    "accumulate_gradients",
+    "train_grads_from_updates",
 ]

@@ -320,19 +320,16 @@ def test_bf16_updates_keep_dtype_state_stays_float32():
         assert getattr(st, field).dtype == jnp.float32
 
 
-def test_missing_dev_gradient_raises_under_jit():
+def test_dev_gradient_input_errors():
+    # (issue 12: omitting the dev gradient is no longer an error, see
+    # test_controllers_issue12.py::test_omitted_dev_source_traces_no_measurement_and_counts_missed)
     params = ones_updates(2)
     tx = hacbo(labels_for(2), interval=3)
     st = tx.init(params)
-    with pytest.raises(ValueError, match="dev_grads"):
-        jax.jit(lambda u, s: tx.update(u, s, train_grads=u))(params, st)
-    # eagerly, a non-measurement step (t = 1) may omit it; a measurement step may not
-    _, st = tx.update(params, st, train_grads=params)
-    st = st._replace(count=jnp.int32(2))
-    with pytest.raises(ValueError, match="dev_grads"):
-        tx.update(params, st, train_grads=params)
     with pytest.raises(ValueError, match="params"):
         tx.update(params, st, None, train_grads=params, dev_grad_fn=lambda p: p)
+    with pytest.raises(ValueError, match="not both"):
+        tx.update(params, st, params, train_grads=params, dev_grads=params, dev_grad_fn=lambda p: p)
     with pytest.raises(ValueError, match="train_grads"):
         tx.update(params, st, params, dev_grads=params)
 

@@ -98,8 +98,8 @@ def test_blac_rejects_bad_input():
     with pytest.raises(ValueError, match="freeze_after"):
         blac(LABELS, freeze_after=-1)
     tx = blac(LABELS, interval=1)
-    with pytest.raises(ValueError, match="dev_grad"):
-        tx.update(TRAIN, tx.init(TRAIN), TRAIN, train_grads=TRAIN)
+    with pytest.raises(ValueError, match="dev_grad_fn needs the params"):
+        tx.update(TRAIN, tx.init(TRAIN), None, train_grads=TRAIN, dev_grad_fn=lambda p: p)
 
 
 @pytest.mark.parametrize("make", [blac, hacbo], ids=["blac", "hacbo"])

@@ -1,6 +1,7 @@
 """HACBO and BLAC as optax transformations (spec: shared/spec/controllers.md)."""
 
 from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
+from hacbo_jax.controllers.compose import accumulate_gradients, train_grads_from_updates
 from hacbo_jax.controllers.hacbo import HACBOState, hacbo, hacbo_multipliers
 from hacbo_jax.controllers.labels import label_by_rules
 
@@ -12,4 +13,6 @@ __all__ = [
     "hacbo_multipliers",
     "blac_multipliers",
     "label_by_rules",
+    "accumulate_gradients",
+    "train_grads_from_updates",
 ]

@@ -1,13 +1,15 @@
 """Shared machinery of the HACBO and BLAC transformations.
 
-Label parsing (a static leaf -> (block, sub-module) layout), the per-block sign-cosine and
-per-group gradient norms of a measurement, per-tensor fake int8, the per-group scaling of an
-update and the global update-norm budget. Spec: ``shared/spec/controllers.md``.
+Label parsing (a static leaf -> (block, sub-module) layout, per-layer ``"3/mlp"`` or stacked
+``"*/mlp"``), the per-block sign-cosine and per-group gradient norms of a measurement, per-tensor
+fake int8, the per-group scaling of an update, the global update-norm budget, hyper-parameter
+checks and the measurement cadence. Spec: ``shared/spec/controllers.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +22,10 @@ PyTree = Any
 Labels = PyTree | Callable[[PyTree], PyTree]
 
 _CONTROLLED_LABEL = re.compile(r"^(\d+)/(.+)$")
+_STACKED_LABEL = re.compile(r"^\*/(.+)$")
 UNCONTROLLED = -1
+# leaf_block of a stacked leaf ("*/mlp"): its leading axis is the block axis.
+STACKED = -2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +35,9 @@ class GroupLayout:
     Attributes:
       treedef: structure of the label tree; the parameter/update trees are flattened *up to* it,
         so a leaf position may hold an array or an empty subtree (``optax.MaskedNode``).
-      leaf_block: per label leaf, its block index, or ``UNCONTROLLED``.
+      leaf_block: per label leaf, its block index, ``UNCONTROLLED``, or ``STACKED`` for a leaf
+        labelled ``"*/<submodule>"`` whose slice i along axis 0 belongs to block i (only from
+        ``resolve_layout(..., allow_stacked=True)``).
       leaf_submodule: per label leaf, its sub-module index, or ``UNCONTROLLED``.
       num_blocks: B.
       submodules: sub-module names in their fixed order (length M).
@@ -46,33 +53,69 @@ class GroupLayout:
     def num_submodules(self) -> int:
         return len(self.submodules)
 
+    @property
+    def has_stacked(self) -> bool:
+        return STACKED in self.leaf_block
 
-def parse_labels(label_tree: PyTree, submodules: Sequence[str] | None = None) -> GroupLayout:
+
+def parse_labels(
+    label_tree: PyTree,
+    submodules: Sequence[str] | None = None,
+    *,
+    stacked_blocks: int | None = None,
+) -> GroupLayout:
     """Builds the static layout of a tree whose leaves are label strings.
 
-    A leaf ``"{block}/{submodule}"`` (e.g. ``"3/mlp"``) is controlled; any other string is not.
-    Blocks must be numbered 0..B-1. Sub-modules are ordered by ``submodules`` if given, else sorted.
+    A leaf ``"{block}/{submodule}"`` (e.g. ``"3/mlp"``) is controlled; so is a stacked leaf
+    ``"*/{submodule}"`` when ``stacked_blocks`` (B, the leading size of the stacked leaves) is
+    given; any other string is not. Blocks must be numbered 0..B-1 (numbered labels next to
+    stacked ones must lie in 0..stacked_blocks-1). Sub-modules are ordered by ``submodules`` if
+    given, else sorted.
 
     Raises:
-      ValueError: for a non-string leaf, no controlled leaf, non-contiguous block numbers, or a
-        sub-module missing from ``submodules``.
+      ValueError: for a non-string leaf, no controlled leaf, non-contiguous block numbers, a
+        sub-module missing from ``submodules``, or a stacked label without ``stacked_blocks``.
     """
     leaves, treedef = jax.tree.flatten(label_tree)
     parsed: list[tuple[int, str] | None] = []
     for leaf in leaves:
         if not isinstance(leaf, str):
             raise ValueError(
-                f"label leaves must be strings like '3/mlp' or 'other', got {leaf!r} "
+                f"label leaves must be strings like '3/mlp', '*/mlp' or 'other', got {leaf!r} "
                 f"of type {type(leaf).__name__}"
             )
         match = _CONTROLLED_LABEL.match(leaf)
-        parsed.append(None if match is None else (int(match.group(1)), match.group(2)))
+        stacked = _STACKED_LABEL.match(leaf)
+        if match is not None:
+            parsed.append((int(match.group(1)), match.group(2)))
+        elif stacked is not None:
+            if stacked_blocks is None:
+                raise ValueError(
+                    f"label {leaf!r} is a stacked-layer label; its number of blocks comes from "
+                    "the leading axis of the leaves, so build the layout with "
+                    "resolve_layout(labels, tree, submodules, allow_stacked=True)"
+                )
+            parsed.append((STACKED, stacked.group(1)))
+        else:
+            parsed.append(None)
     controlled = [p for p in parsed if p is not None]
     if not controlled:
         raise ValueError("no leaf is labelled '{block}/{submodule}'; nothing to control")
-    blocks = sorted({b for b, _ in controlled})
-    if blocks != list(range(len(blocks))):
-        raise ValueError(f"blocks must be numbered 0..B-1 without gaps, got block numbers {blocks}")
+    blocks = sorted({b for b, _ in controlled if b != STACKED})
+    if stacked_blocks is not None and any(b == STACKED for b, _ in controlled):
+        num_blocks = int(stacked_blocks)
+        outside = [b for b in blocks if b >= num_blocks]
+        if outside:
+            raise ValueError(
+                f"numbered labels use blocks {outside}, but the stacked leaves' leading axis "
+                f"gives B = {num_blocks} blocks (0..{num_blocks - 1})"
+            )
+    else:
+        if blocks != list(range(len(blocks))):
+            raise ValueError(
+                f"blocks must be numbered 0..B-1 without gaps, got block numbers {blocks}"
+            )
+        num_blocks = len(blocks)
     found = sorted({m for _, m in controlled})
     if submodules is None:
         names = tuple(found)
@@ -86,13 +129,48 @@ def parse_labels(label_tree: PyTree, submodules: Sequence[str] | None = None) ->
     index = {m: i for i, m in enumerate(names)}
     leaf_block = tuple(UNCONTROLLED if p is None else p[0] for p in parsed)
     leaf_sub = tuple(UNCONTROLLED if p is None else index[p[1]] for p in parsed)
-    return GroupLayout(treedef, leaf_block, leaf_sub, len(blocks), names)
+    return GroupLayout(treedef, leaf_block, leaf_sub, num_blocks, names)
 
 
-def resolve_layout(labels: Labels, tree: PyTree, submodules: Sequence[str] | None) -> GroupLayout:
-    """Parses ``labels`` (a label tree, or a callable of ``tree`` returning one)."""
+def resolve_layout(
+    labels: Labels,
+    tree: PyTree,
+    submodules: Sequence[str] | None,
+    *,
+    allow_stacked: bool = False,
+) -> GroupLayout:
+    """Parses ``labels`` (a label tree, or a callable of ``tree`` returning one).
+
+    With ``allow_stacked``, leaves labelled ``"*/{submodule}"`` are stacked: every such leaf of
+    ``tree`` must have the same leading size B, which fixes the number of blocks (see
+    ``notes/label_form.md``). Without it, a stacked label is an error (so that code that does
+    not handle ``STACKED`` never sees one).
+    """
     label_tree = labels(tree) if callable(labels) else labels
-    return parse_labels(label_tree, submodules)
+    if not allow_stacked:
+        return parse_labels(label_tree, submodules)
+    label_leaves = jax.tree.leaves(label_tree)
+    if not any(isinstance(x, str) and _STACKED_LABEL.match(x) for x in label_leaves):
+        return parse_labels(label_tree, submodules)
+    treedef = jax.tree.structure(label_tree)
+    try:
+        leaves = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"the tree does not have the structure of the label tree: {err}") from err
+    leading = set()
+    for label, leaf in zip(label_leaves, leaves):
+        if isinstance(label, str) and _STACKED_LABEL.match(label) and _is_array(leaf):
+            if jnp.ndim(leaf) < 1:
+                raise ValueError(
+                    f"stacked label {label!r} is on a scalar leaf; it needs a leading block axis"
+                )
+            leading.add(int(jnp.shape(leaf)[0]))
+    if len(leading) != 1:
+        raise ValueError(
+            "all leaves labelled '*/{submodule}' must have the same leading (block) size, got "
+            f"leading sizes {sorted(leading)}"
+        )
+    return parse_labels(label_tree, submodules, stacked_blocks=leading.pop())
 
 
 def _is_array(x: Any) -> bool:
@@ -110,6 +188,8 @@ def flatten_like(layout: GroupLayout, tree: PyTree, name: str) -> list[Any]:
 def check_groups_present(layout: GroupLayout, leaves: Sequence[Any]) -> np.ndarray:
     """Returns the static number of coordinates of each (block, sub-module) group, f64[B, M].
 
+    A stacked leaf of shape [B, ...] gives size / B coordinates to every block.
+
     Raises:
       ValueError: if a group has no array leaf (its curvature would stay 0 and take all the
         curvature weight of its block).
@@ -117,7 +197,17 @@ def check_groups_present(layout: GroupLayout, leaves: Sequence[Any]) -> np.ndarr
     sizes = np.zeros((layout.num_blocks, layout.num_submodules))
     present = np.zeros((layout.num_blocks, layout.num_submodules), bool)
     for leaf, b, m in zip(leaves, layout.leaf_block, layout.leaf_submodule):
-        if b != UNCONTROLLED and _is_array(leaf):
+        if b == UNCONTROLLED or not _is_array(leaf):
+            continue
+        if b == STACKED:
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != layout.num_blocks:
+                raise ValueError(
+                    f"a stacked leaf of shape {jnp.shape(leaf)} needs the leading (block) size "
+                    f"B = {layout.num_blocks}"
+                )
+            sizes[:, m] += np.size(leaf) / layout.num_blocks
+            present[:, m] = True
+        else:
             sizes[b, m] += np.size(leaf)
             present[b, m] = True
     missing = [(b, layout.submodules[m]) for b, m in zip(*np.nonzero(~present))]
@@ -130,6 +220,11 @@ def check_groups_present(layout: GroupLayout, leaves: Sequence[Any]) -> np.ndarr
     return sizes
 
 
+def _per_block_sum(x: jax.Array, stacked: bool) -> jax.Array:
+    """Sum of all coordinates (a scalar), or per slice along the block axis (f32[B])."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim))) if stacked else jnp.sum(x)
+
+
 def sign_cosine_and_sq_norms(
     layout: GroupLayout, train_leaves: Sequence[Any], dev_leaves: Sequence[Any]
 ) -> tuple[jax.Array, jax.Array]:
@@ -137,12 +232,15 @@ def sign_cosine_and_sq_norms(
 
     cos_b = sum_i sign(gt_i) sign(gd_i) / (sqrt(nnz(gt)) sqrt(nnz(gd))) over all coordinates of
     block b (the L2 norm of a sign vector is the square root of its number of non-zeros), and
-    cos_b = 0 when either count is 0. Sign products and counts are summed in float32: exact
-    while a leaf has fewer than 2^24 coordinates (beyond, relative error ~1e-7), and about 1.5x
-    faster on CPU than int32 sums.
+    cos_b = 0 when either count is 0; clipped to [-1, 1] (float32 rounding gives 1.0000001 for
+    two agreeing coordinates). Sign products and counts are summed in float32: exact while a leaf
+    has fewer than 2^24 coordinates (beyond, relative error ~1e-7), and about 1.5x faster on CPU
+    than int32 sums. Stacked leaves are reduced per slice along their block axis.
     """
     num_b, num_m = layout.num_blocks, layout.num_submodules
     dots, nnz_t, nnz_d, sq, blocks, groups = [], [], [], [], [], []
+    dot_b = nt_b = nd_b = jnp.zeros(num_b, jnp.float32)
+    sq_bm = jnp.zeros((num_b, num_m), jnp.float32)
     for gt, gd, b, m in zip(train_leaves, dev_leaves, layout.leaf_block, layout.leaf_submodule):
         if b == UNCONTROLLED or not _is_array(gt):
             continue
@@ -150,32 +248,56 @@ def sign_cosine_and_sq_norms(
             raise ValueError(
                 f"dev gradient leaf {gd!r} does not match train gradient shape {jnp.shape(gt)}"
             )
+        stacked = b == STACKED
         gt32, gd32 = gt.astype(jnp.float32), gd.astype(jnp.float32)
         st, sd = jnp.sign(gt32), jnp.sign(gd32)
-        dots.append(jnp.sum(st * sd))
-        nnz_t.append(jnp.sum(st * st))
-        nnz_d.append(jnp.sum(sd * sd))
-        sq.append(jnp.sum(gt32 * gt32))
+        sums = [_per_block_sum(v, stacked) for v in (st * sd, st * st, sd * sd, gt32 * gt32)]
+        if stacked:
+            dot_b, nt_b, nd_b = dot_b + sums[0], nt_b + sums[1], nd_b + sums[2]
+            sq_bm = sq_bm.at[:, m].add(sums[3])
+            continue
+        dots.append(sums[0])
+        nnz_t.append(sums[1])
+        nnz_d.append(sums[2])
+        sq.append(sums[3])
         blocks.append(b)
         groups.append(b * num_m + m)
-    block_ids = np.asarray(blocks)
-    dot_b = jnp.zeros(num_b, jnp.float32).at[block_ids].add(jnp.stack(dots))
-    nt_b = jnp.zeros(num_b, jnp.float32).at[block_ids].add(jnp.stack(nnz_t))
-    nd_b = jnp.zeros(num_b, jnp.float32).at[block_ids].add(jnp.stack(nnz_d))
+    if blocks:
+        block_ids = np.asarray(blocks)
+        dot_b = dot_b.at[block_ids].add(jnp.stack(dots))
+        nt_b = nt_b.at[block_ids].add(jnp.stack(nnz_t))
+        nd_b = nd_b.at[block_ids].add(jnp.stack(nnz_d))
+        sq_flat = jnp.zeros(num_b * num_m, jnp.float32).at[np.asarray(groups)].add(jnp.stack(sq))
+        sq_bm = sq_bm + sq_flat.reshape(num_b, num_m)
     denom = jnp.sqrt(nt_b) * jnp.sqrt(nd_b)
     cos = jnp.where(denom > 0, dot_b / jnp.where(denom > 0, denom, 1.0), 0.0)
-    sq_bm = jnp.zeros(num_b * num_m, jnp.float32).at[np.asarray(groups)].add(jnp.stack(sq))
-    return cos, sq_bm.reshape(num_b, num_m)
+    return jnp.clip(cos, -1.0, 1.0), sq_bm
 
 
-def fake_int8(x: jax.Array) -> jax.Array:
+def all_finite(layout: GroupLayout, leaves: Sequence[Any]) -> jax.Array:
+    """bool scalar: every controlled array leaf is finite."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x, b in zip(leaves, layout.leaf_block)
+        if b != UNCONTROLLED and _is_array(x)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
+
+
+def fake_int8(x: jax.Array, per_slice: bool = False) -> jax.Array:
     """Symmetric per-tensor int8 quantise-dequantise: s = max|x| / 127, x -> round(x / s) * s.
 
-    ``x`` is returned unchanged when max|x| = 0. Rounding is half-to-even (``jnp.round``).
+    ``x`` is returned unchanged when max|x| = 0. Rounding is half-to-even (``jnp.round``). With
+    ``per_slice``, each slice along axis 0 (a stacked block) is its own tensor.
     """
-    scale = jnp.max(jnp.abs(x)) / 127.0
+    axes = tuple(range(1, x.ndim)) if per_slice else None
+    scale = jnp.max(jnp.abs(x), axis=axes, keepdims=per_slice) / 127.0
     safe = jnp.where(scale > 0, scale, 1.0)
     return jnp.where(scale > 0, jnp.round(x / safe) * safe, x)
+
+
+def _block_axis(vector: jax.Array, ndim: int) -> jax.Array:
+    return vector.reshape(vector.shape + (1,) * (ndim - 1))
 
 
 def scale_updates(
@@ -190,17 +312,23 @@ def scale_updates(
     Leaves of a block in ``probation`` become gamma * fake_int8(multiplier * u) instead. The
     multiply happens outside any control flow (XLA fuses it with the base optimiser and
     ``apply_updates``); the quantisation is one ``lax.cond`` per block whose other branch is the
-    identity, which XLA forwards without a copy, so ordinary steps pay for the multiply only.
+    identity, which XLA forwards without a copy, so ordinary steps pay for the multiply only
+    (stacked leaves: one ``lax.cond`` on "any block in probation", then a per-slice select).
     Uncontrolled leaves are returned as they are; every leaf keeps its dtype (for bf16 leaves the
     quantiser sees multiplier * u rounded to bf16).
     """
     out = list(update_leaves)
     by_block: dict[int, list[int]] = {}
+    stacked: list[int] = []
     for i, (u, b) in enumerate(zip(update_leaves, layout.leaf_block)):
-        if b != UNCONTROLLED and _is_array(u):
-            out[i] = (multipliers[b, layout.leaf_submodule[i]] * u.astype(jnp.float32)).astype(
-                u.dtype
-            )
+        if b == UNCONTROLLED or not _is_array(u):
+            continue
+        m = layout.leaf_submodule[i]
+        factor = _block_axis(multipliers[:, m], u.ndim) if b == STACKED else multipliers[b, m]
+        out[i] = (factor * u.astype(jnp.float32)).astype(u.dtype)
+        if b == STACKED:
+            stacked.append(i)
+        else:
             by_block.setdefault(b, []).append(i)
     if probation is None:
         return out
@@ -212,52 +340,137 @@ def scale_updates(
         new = jax.lax.cond(probation[b], quantised, lambda leaves: leaves, [out[i] for i in idx])
         for i, x in zip(idx, new):
             out[i] = x
+
+    def quantised_slices(leaves):
+        return [
+            jnp.where(
+                _block_axis(probation, x.ndim),
+                (gamma * fake_int8(x.astype(jnp.float32), per_slice=True)).astype(x.dtype),
+                x,
+            )
+            for x in leaves
+        ]
+
+    if stacked:
+        new = jax.lax.cond(
+            jnp.any(probation), quantised_slices, lambda leaves: leaves, [out[i] for i in stacked]
+        )
+        for i, x in zip(stacked, new):
+            out[i] = x
     return out
+
+
+def clip_to_budget_with_scale(
+    leaves: Sequence[Any], budget: float | None
+) -> tuple[list[Any], jax.Array]:
+    """Scales the whole update to global L2 norm ``budget`` when its norm exceeds it.
+
+    Returns the leaves and the factor applied (f32 scalar, 1 when under budget or off): the same
+    operation as ``optax.clip_by_global_norm(budget)``, computed in float32.
+    """
+    if budget is None:
+        return list(leaves), jnp.ones([], jnp.float32)
+    arrays = [u for u in leaves if _is_array(u)]
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in arrays))
+    factor = jnp.where(norm > budget, budget / jnp.where(norm > 0, norm, 1.0), 1.0)
+    factor = factor.astype(jnp.float32)
+    clipped = [
+        (factor * u.astype(jnp.float32)).astype(u.dtype) if _is_array(u) else u for u in leaves
+    ]
+    return clipped, factor
 
 
 def clip_to_budget(leaves: Sequence[Any], budget: float | None) -> list[Any]:
     """Scales the whole update to global L2 norm ``budget`` when its norm exceeds it."""
-    if budget is None:
-        return list(leaves)
-    arrays = [u for u in leaves if _is_array(u)]
-    norm = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32))) for u in arrays))
-    factor = jnp.where(norm > budget, budget / jnp.where(norm > 0, norm, 1.0), 1.0)
-    return [(factor * u.astype(jnp.float32)).astype(u.dtype) if _is_array(u) else u for u in leaves]
+    return clip_to_budget_with_scale(leaves, budget)[0]
+
+
+# ---------------------------------------------------------------- hyper-parameter checks
+
+_STATIC_HINT = (
+    "; under optax.inject_hyperparams list it in static_args (it fixes shapes or control flow)"
+)
+
+
+def _is_concrete_number(value: Any) -> bool:
+    """A Python or NumPy real number (not a bool): checked at construction. jax arrays (e.g.
+    ``optax.inject_hyperparams``'s injected values, possibly traced) are not checked."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def validate_real(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+    allowed: str,
+) -> None:
+    """Rejects a non-number, a non-finite number or one outside the interval (``allowed`` says
+    what is allowed, in the message). jax arrays pass unchecked (injected hyper-parameters)."""
+    if isinstance(value, jax.Array) and jnp.ndim(value) == 0:
+        return
+    if not _is_concrete_number(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def validate_flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(
+            f"{name} must be True or False, got {value!r} of type {type(value).__name__}"
+        )
+
+
+def validate_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
 def validate_budget(budget: float | None) -> None:
-    if budget is not None and not budget > 0:
-        raise ValueError(f"update_norm_budget must be None or > 0, got {budget!r}")
+    if budget is not None:
+        validate_real(
+            "update_norm_budget",
+            budget,
+            low=0.0,
+            low_open=True,
+            allowed="None or a finite number > 0",
+        )
 
 
-def validate_positive_int(name: str, value: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+def validate_positive_int(name: str, value: int, minimum: int = 1) -> None:
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not ok or value < minimum:
+        hint = _STATIC_HINT if isinstance(value, jax.Array) else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}{hint}")
 
 
 def validate_rho(rho: float) -> None:
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must be in [0, 1), got {rho!r}")
+    validate_real("rho", rho, low=0.0, high=1.0, high_open=True, allowed="a number in [0, 1)")
+
+
+# ---------------------------------------------------------------- measurement cadence
 
 
 def dev_gradient_source(
     dev_grads: PyTree | None, dev_grad_fn: Callable | None, params: PyTree | None
-) -> Callable[[], PyTree]:
-    """Returns a thunk producing the micro-dev gradient, validating the inputs at trace time.
-
-    The step is traced for any count, so a missing dev gradient is an error even when this
-    particular step would not measure: a jitted step must be able to measure.
-    """
+) -> Callable[[], PyTree] | None:
+    """Returns a thunk producing the micro-dev gradient, or None when neither source is given
+    (then the traced update contains no measurement)."""
     if dev_grads is not None and dev_grad_fn is not None:
         raise ValueError("pass either dev_grads or dev_grad_fn, not both")
     if dev_grads is not None:
         return lambda: dev_grads
     if dev_grad_fn is None:
-        raise ValueError(
-            "a measurement step needs the micro-dev gradient: pass dev_grads=<grads> or "
-            "dev_grad_fn=<params -> grads> to update (dev_grad_fn is only called on measurement "
-            "steps, inside lax.cond)"
-        )
+        return None
     if not callable(dev_grad_fn):
         raise ValueError(f"dev_grad_fn must be callable, got {type(dev_grad_fn).__name__}")
     if params is None:
@@ -272,29 +485,54 @@ def measure_if_due(
     dev_grads: PyTree | None,
     dev_grad_fn: Callable | None,
     params: PyTree | None,
+    *,
+    layout: GroupLayout,
+    train_leaves: Sequence[Any],
 ):
-    """``(t, is_measurement, state')``: ``measure(state, dev_source)`` under ``lax.cond`` on steps
-    with t = count + 1 divisible by ``interval``, the state unchanged otherwise; count is not
-    advanced here.
+    """``(t, measured, state')`` for step t = count + 1 (count is not advanced here).
 
-    Outside jit, a step that does not measure may omit the dev gradient (the spec allows it);
-    traced, the step must be able to measure, so :func:`dev_gradient_source` insists on one.
+    On a step with t divisible by ``interval`` (a measurement step):
+    - without a dev source, nothing is traced and ``missed_measurements`` is incremented;
+    - with one, under ``lax.cond``: if every controlled train and dev leaf is finite,
+      ``state' = measure(state, dev_leaves)``; otherwise the measurement is skipped and only
+      ``skipped_measurements`` is incremented.
+    ``measured`` (bool scalar) is True when a measurement was taken; other steps return the
+    state unchanged with ``measured`` False. ``state`` needs the two counter fields.
     """
     t = state.count + 1
-    is_measurement = t % interval == 0
-    if (
-        dev_grads is None
-        and dev_grad_fn is None
-        and not isinstance(t, jax.core.Tracer)
-        and not bool(is_measurement)
-    ):
-        return t, is_measurement, state
+    is_due = t % interval == 0
     dev_source = dev_gradient_source(dev_grads, dev_grad_fn, params)
-    return (
-        t,
-        is_measurement,
-        jax.lax.cond(is_measurement, lambda s: measure(s, dev_source), lambda s: s, state),
-    )
+    if dev_source is None:
+        missed = state.missed_measurements + is_due.astype(jnp.int32)
+        return t, jnp.asarray(False), state._replace(missed_measurements=missed)
+
+    def due(s):
+        dev_leaves = flatten_like(layout, dev_source(), "dev gradient")
+        finite = all_finite(layout, train_leaves) & all_finite(layout, dev_leaves)
+        new = measure(s, dev_leaves)
+        skipped = s._replace(skipped_measurements=s.skipped_measurements + 1)
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, skipped), finite
+
+    measured_state, measured = jax.lax.cond(is_due, due, lambda s: (s, jnp.asarray(False)), state)
+    return t, measured, measured_state
+
+
+def measurements_taken(state, count: jax.Array, interval: int) -> jax.Array:
+    """Number of measurements actually taken up to step ``count`` (for debiasing):
+    count // interval minus the missed and skipped ones."""
+    n = count // interval
+    for field in ("missed_measurements", "skipped_measurements"):
+        value = getattr(state, field, None)
+        if value is not None:
+            n = n - value
+    return n
+
+
+def is_controller_first(updates: PyTree, train_grads: PyTree) -> bool:
+    """True when ``updates`` holds the very arrays of ``train_grads`` (checked by identity at
+    trace time): nothing transformed the gradient before the controller."""
+    ups, grads = jax.tree.leaves(updates), jax.tree.leaves(train_grads)
+    return bool(ups) and len(ups) == len(grads) and all(u is g for u, g in zip(ups, grads))
 
 
 def check_state_shape(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:

@@ -6,6 +6,7 @@ fine-tuning" (HACBO), Algorithm 1, in the precise reading of ``shared/spec/contr
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -22,13 +23,26 @@ class HACBOState(NamedTuple):
     """State of :func:`hacbo`; float32 regardless of the params' dtype.
 
     Attributes:
-      count: int32 scalar, number of ``update`` calls so far (t - 1 before call t).
+      count: int32 scalar, number of applied updates so far (t - 1 before call t); a step that
+        ``optax.apply_if_finite`` rejects leaves the whole state, count included, unchanged.
       agreement: a, f32[B], EMA of max(0, sign-cosine) per block (raw, never debiased).
       curvature: c, f32[B, M], EMA of the training-gradient norm per (block, sub-module) (raw).
       neg_count: z, int32[B], consecutive measurements with a_b < theta_neg.
-      probation: p, bool[B].
+      probation: p, bool[B] (after this step's probation exit: it applies to the next step).
       layer_weights: w, f32[B], a / sum(a) at the last measurement with sum(a) > 0 (init 1/B).
-      cosine: f32[B], the sign-cosine of the last measurement (init 0).
+      cosine: f32[B], the sign-cosine of the last measurement taken (init 0).
+      missed_measurements: int32 scalar, measurement steps reached without a dev gradient
+        (``update`` called with neither ``dev_grads`` nor ``dev_grad_fn``): nothing measured.
+      skipped_measurements: int32 scalar, measurement steps whose train or dev gradient was not
+        finite: skipped, the rest of the state unchanged.
+      multipliers: f32[B, M], the multipliers applied at the last step, before a block in
+        probation's gamma * fake_int8(.) and before the budget (what the logs should show;
+        :func:`hacbo_multipliers` of the state gives the next step's).
+      budget_scale: f32 scalar, the factor ``update_norm_budget`` applied at the last step (1
+        when under budget or off).
+
+    The last four fields default to None so that a state can be written by hand with the first
+    seven; ``update`` fills them in (zeros, and 1 for ``budget_scale``).
     """
 
     count: jax.Array
@@ -38,14 +52,35 @@ class HACBOState(NamedTuple):
     probation: jax.Array
     layer_weights: jax.Array
     cosine: jax.Array
+    missed_measurements: jax.Array | None = None
+    skipped_measurements: jax.Array | None = None
+    multipliers: jax.Array | None = None
+    budget_scale: jax.Array | None = None
 
 
-def _debias_divisor(count: jax.Array, rho: float, interval: int, debias: bool) -> jax.Array:
-    """1 - rho^n with n = count // interval measurements so far; 1 when n = 0 or debias is off."""
+def _completed(state: HACBOState) -> HACBOState:
+    """Fills the optional fields of a hand-written state."""
+    num_b, num_m = jnp.shape(state.curvature)
+    defaults = {
+        "missed_measurements": lambda: jnp.zeros([], jnp.int32),
+        "skipped_measurements": lambda: jnp.zeros([], jnp.int32),
+        "multipliers": lambda: jnp.zeros([num_b, num_m], jnp.float32),
+        "budget_scale": lambda: jnp.ones([], jnp.float32),
+    }
+    missing = {k: make() for k, make in defaults.items() if getattr(state, k) is None}
+    return state._replace(**missing) if missing else state
+
+
+def _debias_divisor(n: jax.Array, rho: float, debias: bool) -> jax.Array:
+    """1 - rho^n for n measurements taken; 1 when n = 0 or debias is off."""
     if not debias:
         return jnp.ones([], jnp.float32)
-    n = (count // interval).astype(jnp.float32)
-    return jnp.where(n > 0, 1.0 - jnp.float32(rho) ** n, 1.0)
+    n = jnp.asarray(n).astype(jnp.float32)
+    return jnp.where(n > 0, 1.0 - jnp.asarray(rho, jnp.float32) ** n, 1.0)
+
+
+def _is_zero(x: Any) -> bool:
+    return not isinstance(x, jax.Array) and float(x) == 0.0
 
 
 def hacbo_multipliers(
@@ -56,23 +91,39 @@ def hacbo_multipliers(
     debias: bool = False,
     curvature_weighting: bool = True,
     interval: int = 30,
+    curvature_floor: float = 0.0,
+    probation_share: str = "weights",
 ) -> jax.Array:
-    """Per-group update multipliers f32[B, M] of a HACBO state (spec steps 5-7).
+    """Per-group update multipliers f32[B, M] that a HACBO state gives (spec steps 5-7).
 
     multiplier_{b,m} = L_active * w_b * v_{b,m}, with v_{b,m} = u_{b,m} / sum_m' u_{b,m'},
-    u = 1 / (c + eps) (uniform 1/M if ``curvature_weighting`` is False) and
-    L_active = #{b : not p_b}. Leaves of a block in probation additionally get
-    gamma * fake_int8(.) in the update. ``rho``, ``debias`` and ``interval`` must match the
-    transformation's: with ``debias``, c is divided by 1 - rho^n, n = count // interval.
+    u = 1 / (max(c, floor * mean_m' c_{b,m'}) + eps) (floor = ``curvature_floor``, default 0:
+    the spec's 1 / (c + eps); uniform 1/M if ``curvature_weighting`` is False) and
+    L_active = #{b : not p_b}. With ``probation_share="uniform"`` a block in probation gets v_b
+    instead (its share with all blocks active and uniform weights). Leaves of a block in
+    probation additionally get gamma * fake_int8(.) in the update. The keyword arguments must
+    match the transformation's: with ``debias``, c is divided by 1 - rho^n, n = measurements
+    taken so far (count // interval less the missed and skipped ones).
+
+    These are the multipliers the *next* step would apply; the ones the last step applied are
+    ``state.multipliers`` (they differ after a probation exit on a measurement step).
     """
-    curvature = state.curvature / _debias_divisor(state.count, rho, interval, debias)
+    curvature = state.curvature / _debias_divisor(
+        _groups.measurements_taken(state, state.count, interval), rho, debias
+    )
     if curvature_weighting:
+        if not _is_zero(curvature_floor):
+            floor = curvature_floor * jnp.mean(curvature, axis=1, keepdims=True)
+            curvature = jnp.maximum(curvature, floor)
         inverse = 1.0 / (curvature + eps)
         within_block = inverse / jnp.sum(inverse, axis=1, keepdims=True)
     else:
         within_block = jnp.full_like(state.curvature, 1.0 / state.curvature.shape[1])
     l_active = jnp.sum(~state.probation).astype(jnp.float32)
-    return (l_active * state.layer_weights[:, None] * within_block).astype(jnp.float32)
+    multipliers = l_active * state.layer_weights[:, None] * within_block
+    if probation_share == "uniform":
+        multipliers = jnp.where(state.probation[:, None], within_block, multipliers)
+    return multipliers.astype(jnp.float32)
 
 
 def hacbo(
@@ -90,19 +141,26 @@ def hacbo(
     submodules: Sequence[str] | None = None,
     curvature_weighting: bool = True,
     probation: bool = True,
+    curvature_floor: float = 0.0,
+    probation_share: str = "weights",
 ) -> optax.GradientTransformationExtraArgs:
     r"""HACBO: rescales each (block, sub-module) group of the base optimiser's update.
 
     Chain it *after* the base optimiser (``optax.chain(optax.adamw(lr), hacbo(labels))``): a
     per-group factor applied to the gradient before Adam is cancelled by Adam's per-coordinate
-    normalisation. ``update`` takes two extra keyword arguments: ``train_grads`` (the raw
-    training gradient) and the micro-dev gradient, either ``dev_grads`` or ``dev_grad_fn``
-    (params -> grads, called only on measurement steps, inside ``lax.cond``).
+    normalisation (placed first, it warns once). ``update`` takes extra keyword arguments:
+    ``train_grads`` (the raw training gradient) and the micro-dev gradient, either ``dev_grads``
+    or ``dev_grad_fn`` (params -> grads, called only on measurement steps, inside ``lax.cond``).
+    With neither, the traced update contains no measurement: a measurement step reached that way
+    measures nothing and is counted in ``missed_measurements`` (so a loop may compile one step
+    without and one with the dev gradient). The update is meant to be jitted: called eagerly,
+    ``dev_grad_fn`` is traced again on every call.
 
-    At step t (t = count + 1), if t mod K = 0 (K = ``interval``), a measurement:
+    At step t (t = count + 1, applied steps), if t mod K = 0 (K = ``interval``), a measurement
+    (skipped, and counted in ``skipped_measurements``, if a train or dev gradient is not finite):
 
     1. cos_b = <sign g_train(b), sign g_dev(b)> / (||sign g_train(b)|| ||sign g_dev(b)||)
-       (0 if a norm is 0); a_b <- rho a_b + (1 - rho) max(0, cos_b).
+       (0 if a norm is 0, clipped to [-1, 1]); a_b <- rho a_b + (1 - rho) max(0, cos_b).
     2. c_{b,m} <- rho c_{b,m} + (1 - rho) n_{b,m}, n = ||g_train(b,m)||_2 / sqrt(size) ("rms")
        or ||g_train(b,m)||_2 ("l2").
     3. z_b <- z_b + 1 if a_b < theta_neg else 0; p_b <- True if z_b >= F (F = ``patience``).
@@ -112,27 +170,44 @@ def hacbo(
     group (b, m) becomes multiplier * u, or gamma * fake_int8(multiplier * u) if p_b. Then, on
     measurement steps only, a block in probation leaves it (p_b <- False, z_b <- 0) if cos_b > 0
     or mean_m c_{b,m} < median_b' mean_m c_{b',m}; this affects the *next* step's update. Last,
-    with ``update_norm_budget`` = lambda, the whole update is clipped to global L2 norm lambda.
+    with ``update_norm_budget`` = lambda, the update this transformation sees is clipped to
+    global L2 norm lambda (inside ``optax.masked`` that is only the masked subset: for the spec's
+    whole-update budget put ``optax.clip_by_global_norm(lambda)`` last in the chain instead).
 
     With ``debias=True``, wherever a and c are *used* (the theta_neg test, w, v and the
-    probation-exit median test) they are divided by 1 - rho^n, n = t // K = number of
-    measurements so far including this step's; the stored EMAs stay raw.
+    probation-exit median test) they are divided by 1 - rho^n, n = number of measurements taken
+    so far including this step's; the stored EMAs stay raw.
 
     Args:
       labels: pytree of strings matching the params (or callable params -> such a tree):
-        ``"{block}/{submodule}"`` is controlled, anything else (e.g. ``"other"``) passes through.
-      rho: EMA factor for a and c.
-      interval: K, measurement every K steps.
-      theta_neg: agreement below which a measurement counts towards probation.
-      patience: F, consecutive low measurements that put a block in probation.
-      gamma: factor of a block in probation (0 freezes it).
-      eps: added to c in v.
+        ``"{block}/{submodule}"`` is controlled; ``"*/{submodule}"`` marks a stacked leaf whose
+        slice i along axis 0 is block i (scanned layers); anything else (e.g. ``"other"``)
+        passes through.
+      rho: EMA factor for a and c, in [0, 1).
+      interval: K, measurement every K steps (static under ``optax.inject_hyperparams``).
+      theta_neg: agreement below which a measurement counts towards probation, in [0, 1].
+      patience: F, consecutive low measurements that put a block in probation (static).
+      gamma: factor of a block in probation (0 freezes it), finite and >= 0.
+      eps: added to c in v, finite and > 0.
       curvature_norm: ``"rms"`` (default) or ``"l2"``.
       debias: divide a and c by 1 - rho^n where used.
-      update_norm_budget: lambda, or None for no clipping.
+      update_norm_budget: lambda, or None for no clipping (see above for ``optax.masked``).
       submodules: explicit sub-module order (default: sorted names found in the labels).
       curvature_weighting: False makes v uniform 1/M (ablation).
       probation: False means no block ever enters probation (ablation).
+      curvature_floor: option (not in the paper), in [0, 1]; c_{b,m} is raised to at least
+        ``curvature_floor`` x the block's mean curvature before v is computed, so that a
+        sub-module with zero (or tiny) gradient cannot take nearly all of its block's share.
+        0 (default) is the spec's rule.
+      probation_share: ``"weights"`` (default, the spec: a block in probation gets
+        gamma * fake_int8(L_active w_b v_{b,m} u), which is near 0 because w_b is) or
+        ``"uniform"`` (option: it gets gamma * fake_int8(v_{b,m} u), gamma times the share it
+        would have with all blocks active and uniform weights; this also keeps training when
+        every block is in probation, L_active = 0).
+
+    Numeric hyper-parameters (rho, theta_neg, gamma, eps, update_norm_budget, curvature_floor)
+    may be jax scalars, as ``optax.inject_hyperparams`` passes them; they are checked only when
+    they are Python or NumPy numbers.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`HACBOState`.
@@ -141,12 +216,25 @@ def hacbo(
     _groups.validate_positive_int("interval", interval)
     _groups.validate_positive_int("patience", patience)
     _groups.validate_budget(update_norm_budget)
-    if curvature_norm not in ("rms", "l2"):
-        raise ValueError(f"curvature_norm must be 'rms' or 'l2', got {curvature_norm!r}")
-    if not gamma >= 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    _groups.validate_choice("curvature_norm", curvature_norm, ("rms", "l2"))
+    _groups.validate_real("theta_neg", theta_neg, low=0.0, high=1.0, allowed="a number in [0, 1]")
+    _groups.validate_real("gamma", gamma, low=0.0, allowed="a finite number >= 0")
+    _groups.validate_real("eps", eps, low=0.0, low_open=True, allowed="a finite number > 0")
+    _groups.validate_real(
+        "curvature_floor", curvature_floor, low=0.0, high=1.0, allowed="a number in [0, 1]"
+    )
+    _groups.validate_choice("probation_share", probation_share, ("weights", "uniform"))
+    for name, flag in [
+        ("debias", debias),
+        ("curvature_weighting", curvature_weighting),
+        ("probation", probation),
+    ]:
+        _groups.validate_flag(name, flag)
+    debias, curvature_weighting, probation = (
+        bool(debias),
+        bool(curvature_weighting),
+        bool(probation),
+    )
     multipliers_of = lambda state: hacbo_multipliers(
         state,
         eps=eps,
@@ -154,19 +242,24 @@ def hacbo(
         debias=debias,
         curvature_weighting=curvature_weighting,
         interval=interval,
+        curvature_floor=curvature_floor,
+        probation_share=probation_share,
     )
+    warned_first = []
 
     def init_fn(params):
-        layout = _groups.resolve_layout(labels, params, submodules)
+        layout = _groups.resolve_layout(labels, params, submodules, allow_stacked=True)
         num_b, num_m = layout.num_blocks, layout.num_submodules
-        return HACBOState(
-            count=jnp.zeros([], jnp.int32),
-            agreement=jnp.zeros([num_b], jnp.float32),
-            curvature=jnp.zeros([num_b, num_m], jnp.float32),
-            neg_count=jnp.zeros([num_b], jnp.int32),
-            probation=jnp.zeros([num_b], bool),
-            layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32),
-            cosine=jnp.zeros([num_b], jnp.float32),
+        return _completed(
+            HACBOState(
+                count=jnp.zeros([], jnp.int32),
+                agreement=jnp.zeros([num_b], jnp.float32),
+                curvature=jnp.zeros([num_b, num_m], jnp.float32),
+                neg_count=jnp.zeros([num_b], jnp.int32),
+                probation=jnp.zeros([num_b], bool),
+                layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32),
+                cosine=jnp.zeros([num_b], jnp.float32),
+            )
         )
 
     def update_fn(
@@ -184,24 +277,28 @@ def hacbo(
             raise ValueError(
                 "hacbo needs the raw training gradient: update(..., train_grads=grads)"
             )
-        layout = _groups.resolve_layout(labels, updates, submodules)
+        if not warned_first and _groups.is_controller_first(updates, train_grads):
+            warned_first.append(True)
+            warnings.warn(FIRST_WARNING.format(name="hacbo"), UserWarning, stacklevel=2)
+        layout = _groups.resolve_layout(labels, updates, submodules, allow_stacked=True)
         num_b, num_m = layout.num_blocks, layout.num_submodules
         _groups.check_state_shape("agreement", state.agreement, (num_b,))
         _groups.check_state_shape("curvature", state.curvature, (num_b, num_m))
+        state = _completed(state)
         update_leaves = _groups.flatten_like(layout, updates, "updates")
         train_leaves = _groups.flatten_like(layout, train_grads, "train_grads")
         sizes = _groups.check_groups_present(layout, train_leaves)
 
-        def measure(state: HACBOState, dev_source) -> HACBOState:
+        def measure(state: HACBOState, dev_leaves) -> HACBOState:
             t = state.count + 1
-            dev_leaves = _groups.flatten_like(layout, dev_source(), "dev gradient")
             cos, sq_norms = _groups.sign_cosine_and_sq_norms(layout, train_leaves, dev_leaves)
             agreement = rho * state.agreement + (1.0 - rho) * jnp.maximum(cos, 0.0)
             norms = jnp.sqrt(sq_norms)
             if curvature_norm == "rms":
                 norms = norms / jnp.sqrt(jnp.asarray(sizes, jnp.float32))
             curvature = rho * state.curvature + (1.0 - rho) * norms
-            used_agreement = agreement / _debias_divisor(t, rho, interval, debias)
+            n_taken = _groups.measurements_taken(state, t, interval)
+            used_agreement = agreement / _debias_divisor(n_taken, rho, debias)
             neg_count = jnp.where(used_agreement < theta_neg, state.neg_count + 1, 0)
             new_probation = state.probation
             if probation:
@@ -210,18 +307,24 @@ def hacbo(
             weights = jnp.where(
                 total > 0, used_agreement / jnp.where(total > 0, total, 1.0), state.layer_weights
             )
-            return HACBOState(
-                state.count,
-                agreement,
-                curvature,
-                neg_count.astype(jnp.int32),
-                new_probation,
-                weights.astype(jnp.float32),
-                cos,
+            return state._replace(
+                agreement=agreement.astype(jnp.float32),
+                curvature=curvature.astype(jnp.float32),
+                neg_count=neg_count.astype(jnp.int32),
+                probation=new_probation,
+                layer_weights=weights.astype(jnp.float32),
+                cosine=cos,
             )
 
-        t, is_measurement, measured = _groups.measure_if_due(
-            state, interval, measure, dev_grads, dev_grad_fn, params
+        t, measured_now, measured = _groups.measure_if_due(
+            state,
+            interval,
+            measure,
+            dev_grads,
+            dev_grad_fn,
+            params,
+            layout=layout,
+            train_leaves=train_leaves,
         )
         measured = measured._replace(count=t)
 
@@ -234,15 +337,25 @@ def hacbo(
         mean_curvature = jnp.mean(measured.curvature, axis=1)  # common debias factor: irrelevant
         leaves_probation = (
             measured.probation
-            & is_measurement
+            & measured_now
             & ((measured.cosine > 0) | (mean_curvature < jnp.median(mean_curvature)))
         )
+        new_leaves, budget_scale = _groups.clip_to_budget_with_scale(new_leaves, update_norm_budget)
         new_state = measured._replace(
             probation=measured.probation & ~leaves_probation,
             neg_count=jnp.where(leaves_probation, 0, measured.neg_count).astype(jnp.int32),
+            multipliers=multipliers,
+            budget_scale=budget_scale,
         )
-
-        new_leaves = _groups.clip_to_budget(new_leaves, update_norm_budget)
         return layout.treedef.unflatten(new_leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+FIRST_WARNING = (
+    "{name} received as updates the very arrays passed as train_grads: it is first in the chain, "
+    "before the base optimiser. Before Adam (or any per-coordinate normalising optimiser) its "
+    "per-group factors are cancelled; place it after the base optimiser: "
+    "optax.chain(optax.adamw(lr), {name}(labels, ...)). (Before a linear optimiser such as SGD "
+    "this order is legitimate; filter this warning then.)"
+)

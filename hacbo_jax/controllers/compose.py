@@ -1,0 +1,73 @@
+"""Helpers to compose the controllers with optax wrappers that hide what they need.
+
+``optax.MultiSteps`` accumulates the gradient and calls the inner transformation with the
+accumulation, but forwards the caller's extra arguments unchanged: ``train_grads`` would be the
+last mini-batch's gradient and ``dev_grad_fn`` would be evaluated on every mini-step.
+:func:`train_grads_from_updates` gives the controller the gradient its chain receives (the
+accumulation, under MultiSteps) and :func:`accumulate_gradients` also evaluates the dev gradient
+only on the mini-step that emits an update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+PyTree = Any
+
+
+def train_grads_from_updates(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+    """Calls ``inner`` with ``train_grads`` = the updates this transformation receives.
+
+    Wrap the whole chain (``train_grads_from_updates(optax.chain(optax.adamw(lr), hacbo(...)))``)
+    so that the controller sees the gradient the chain was given; inside ``optax.MultiSteps``
+    that is the accumulated gradient. The caller must not pass ``train_grads`` itself.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        if "train_grads" in extra_args:
+            raise ValueError(
+                "train_grads_from_updates passes the updates it receives as train_grads; "
+                "do not pass train_grads=... as well"
+            )
+        return inner.update(updates, state, params, train_grads=updates, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def accumulate_gradients(
+    inner: optax.GradientTransformation, every_k: int, **multi_steps_kwargs: Any
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.MultiSteps`` for a chain that contains a controller.
+
+    Equivalent to ``optax.MultiSteps(train_grads_from_updates(inner), every_k, ...)`` (the state
+    is a ``optax.MultiStepsState``; the controller's is in ``state.inner_opt_state``), with two
+    rules: the controller sees the accumulated gradient as ``train_grads``, and a ``dev_grad_fn``
+    passed to ``update`` is evaluated only on the mini-step that emits the update (inside
+    ``lax.cond``; the other mini-steps' controller states are discarded by MultiSteps anyway), so
+    once per optimiser step. ``update(grads, state, params, dev_grad_fn=...)`` takes the
+    mini-batch gradient and no ``train_grads``. The controller's count and K-cadence follow the
+    optimiser steps. ``multi_steps_kwargs`` go to ``optax.MultiSteps`` (e.g. ``use_grad_mean``).
+    """
+    if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
+        raise ValueError(f"every_k must be an integer >= 1, got {every_k!r}")
+    multi = optax.MultiSteps(train_grads_from_updates(inner), every_k, **multi_steps_kwargs)
+
+    def update_fn(updates, state, params=None, *, dev_grad_fn=None, **extra_args):
+        if dev_grad_fn is not None:
+            emits = state.mini_step == every_k - 1
+            real_fn = dev_grad_fn
+
+            def dev_grad_fn(p):
+                shapes = jax.eval_shape(real_fn, p)
+                return jax.lax.cond(emits, real_fn, lambda _: optax.tree.zeros_like(shapes), p)
+
+            extra_args["dev_grad_fn"] = dev_grad_fn
+        return multi.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(multi.init, update_fn)
