@@ -9,13 +9,25 @@ from hacbo_jax.controllers import (
     hacbo_multipliers,
     label_by_rules,
 )
+from hacbo_jax.controllers.adagradselect import (
+    AdaGradSelectState,
+    adagradselect,
+    adagradselect_epsilon,
+    adagradselect_num_selected,
+    adagradselect_stats,
+)
 
 __all__ = [
     "hacbo",
     "blac",
+    "adagradselect",
     "HACBOState",
     "BLACState",
+    "AdaGradSelectState",
     "hacbo_multipliers",
     "blac_multipliers",
+    "adagradselect_epsilon",
+    "adagradselect_num_selected",
+    "adagradselect_stats",
     "label_by_rules",
 ]
