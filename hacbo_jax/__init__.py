@@ -1,5 +1,6 @@
 """hacbo-jax: budget-controlled full fine-tuning of language models in JAX."""
 
+from hacbo_jax.autolrs import AutoLRSConfig, AutoLRSResult, AutoLRSState, autolrs_run
 from hacbo_jax.controllers import (
     BLACState,
     HACBOState,
@@ -30,4 +31,8 @@ __all__ = [
     "adagradselect_num_selected",
     "adagradselect_stats",
     "label_by_rules",
+    "autolrs_run",
+    "AutoLRSConfig",
+    "AutoLRSState",
+    "AutoLRSResult",
 ]

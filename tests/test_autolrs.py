@@ -298,6 +298,17 @@ def test_rewind_data_stage_is_the_snapshot_trained_tau_steps_at_the_chosen_lr():
     assert_trees_equal(result.state, expected)
 
 
+def test_copy_snapshot_lets_the_step_donate_its_state():
+    step = make_step()
+    donating = jax.jit(step, donate_argnums=0)
+    plain = autolrs_run(step, None, initial_state(), batch_at, TOY, num_steps=40)
+    donated = autolrs_run(
+        donating, None, initial_state(), batch_at, TOY, num_steps=40, copy_snapshot=True
+    )
+    assert_trees_equal(donated.state, plain.state)
+    assert donated.driver.to_dict() == plain.driver.to_dict()
+
+
 def test_without_rewind_each_candidate_draws_fresh_batches():
     positions = []
 
