@@ -1,5 +1,6 @@
 """hacbo-jax: budget-controlled full fine-tuning of language models in JAX."""
 
+from hacbo_jax.autolrs import AutoLRSConfig, AutoLRSResult, AutoLRSState, autolrs_run
 from hacbo_jax.controllers import (
     BLACState,
     HACBOState,
@@ -11,15 +12,31 @@ from hacbo_jax.controllers import (
     label_by_rules,
     train_grads_from_updates,
 )
+from hacbo_jax.controllers.adagradselect import (
+    AdaGradSelectState,
+    adagradselect,
+    adagradselect_epsilon,
+    adagradselect_num_selected,
+    adagradselect_stats,
+)
 
 __all__ = [
     "hacbo",
     "blac",
+    "adagradselect",
     "HACBOState",
     "BLACState",
+    "AdaGradSelectState",
     "hacbo_multipliers",
     "blac_multipliers",
+    "adagradselect_epsilon",
+    "adagradselect_num_selected",
+    "adagradselect_stats",
     "label_by_rules",
     "accumulate_gradients",
     "train_grads_from_updates",
+    "autolrs_run",
+    "AutoLRSConfig",
+    "AutoLRSState",
+    "AutoLRSResult",
 ]
