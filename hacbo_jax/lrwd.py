@@ -180,7 +180,7 @@ def t_gamma(total_steps: int, lr: float, wd: float) -> float:
     return float(total_steps * lr * wd)
 
 
-def check_t_gamma(total_steps: int, lr: float, wd: float) -> float:
+def check_t_gamma(total_steps: int, lr: float, wd: float, *, stacklevel: int = 2) -> float:
     """Returns T * gamma and warns (``UserWarning``) when it is below 1: gamma-invariance is
     only expected once T * gamma >~ 1 (expect eta-invariance only)."""
     value = t_gamma(total_steps, lr, wd)
@@ -189,7 +189,7 @@ def check_t_gamma(total_steps: int, lr: float, wd: float) -> float:
             f"T x gamma = {total_steps} x {lr * wd:.3g} = {value:.3g} < 1: the runs cover less "
             "than one weight-decay timescale, so expect eta-invariance only",
             UserWarning,
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
     return value
 
@@ -298,7 +298,7 @@ def run_sweep(
     runs = grid_runs(
         anchor, span=span, families=families, seed=seed, noise_seeds=noise_seeds, full=full
     )
-    value = check_t_gamma(total_steps, *anchor)
+    value = check_t_gamma(total_steps, *anchor, stacklevel=3)  # point at run_sweep's caller
     echo(f"[lrwd] T x gamma = {total_steps} x {anchor[0] * anchor[1]:.3g} = {value:.3g}")
     curves = {}
     for k, run in enumerate(runs):

@@ -353,3 +353,36 @@ def test_write_outputs(tmp_path):
     assert document["metadata"] == {"checkpoint": "x"}
     assert document["groups"][0]["curvature_ema"] is None
     assert paths["png"].stat().st_size > 0
+
+
+# ---- the entry script (train/probe_curvature.py): input errors exit 2 without a traceback ----
+
+
+def test_probe_script_bad_inputs_exit_2(tmp_path, capsys):
+    from train import probe_curvature as script
+
+    assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "no config.json" in err and "Traceback" not in err
+    (tmp_path / "config.json").write_text("{}")
+    args = [str(tmp_path), "--out", str(tmp_path / "o"), "--hacbo-state", str(tmp_path / "c.txt")]
+    assert script.main(args) == 2
+    assert "neither a file nor a checkpoint directory" in capsys.readouterr().err
+    assert script.main([str(tmp_path), "--out", str(tmp_path / "o"), "--rows", "0"]) == 2
+    assert "--rows must be >= 1" in capsys.readouterr().err
+
+
+def test_probe_script_reads_the_curvature_ema(tmp_path):
+    import json
+
+    from train.probe_curvature import load_curvature
+
+    c = np.arange(8.0).reshape(4, 2)
+    (tmp_path / "c.json").write_text(json.dumps({"curvature": c.tolist()}))
+    np.save(tmp_path / "c.npy", c)
+    np.savez(tmp_path / "c.npz", curvature=c)
+    for name in ("c.json", "c.npy", "c.npz"):
+        np.testing.assert_array_equal(load_curvature(str(tmp_path / name)), c)
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="no top-level 'curvature'"):
+        load_curvature(str(tmp_path / "bad.json"))

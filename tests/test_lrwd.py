@@ -152,3 +152,15 @@ def test_analyse_without_full_grid_has_no_angle():
     result = analyse(runs, curves, anchor=(0.1, 0.2))
     assert result.angle is None and set(result.spreads) == {"gamma", "eta", "lambda", "noise"}
     assert not math.isnan(result.ratios["eta"])
+
+
+def test_sweep_script_bad_inputs_exit_2(tmp_path, capsys):
+    from train import sweep_lrwd as script
+
+    assert script.main(["--out", str(tmp_path), "--steps", "20", "--log-every", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "at least 5 logged points" in err and "Traceback" not in err
+    assert script.main(["--out", str(tmp_path), "--tokenizer", str(tmp_path)]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    assert script.main(["--out", str(tmp_path), "--wd", "0"]) == 2
+    assert "--lr and --wd must be > 0" in capsys.readouterr().err
