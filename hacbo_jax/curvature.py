@@ -641,6 +641,62 @@ def rank_correlations(
     return out
 
 
+def bootstrap_rank_ci(
+    per_batch: Sequence[Sequence[GroupCurvature]],
+    *,
+    proxy: str = "rms_grad",
+    curvature: str = "eigenvalue",
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs over probe batches for the within-block mean rho and the pooled
+    rho (spec step 3: "bootstrap over probe batches for CIs").
+
+    ``per_batch`` holds one probe table per probe batch (same groups in the same order). Each
+    replicate draws batches with replacement, averages every group's ``proxy`` and ``curvature``
+    over the drawn batches and recomputes the two statistics (our reading). Replicates where a
+    statistic is undefined are dropped. Returns {"within_blocks": (lo, hi), "pooled": (lo, hi)}.
+    """
+    _groups.validate_positive_int("n_boot", n_boot)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    if len(per_batch) < 2:
+        raise ValueError(f"a bootstrap over batches needs >= 2 probe tables, got {len(per_batch)}")
+    keys = [(r.block, r.submodule) for r in per_batch[0]]
+    if any([(r.block, r.submodule) for r in table] != keys for table in per_batch):
+        raise ValueError("every probe table must list the same groups in the same order")
+    blocks = sorted({b for b, _ in keys})
+    subs = list(dict.fromkeys(m for _, m in keys))
+    position = {k: i for i, k in enumerate(keys)}
+    order = [position[b, m] for b in blocks for m in subs]
+    values = {
+        name: np.array([[getattr(r, name) for r in table] for table in per_batch])[:, order]
+        for name in (proxy, curvature)
+    }
+    rng = np.random.default_rng(seed)
+    within, pooled = [], []
+    for _ in range(n_boot):
+        draw = rng.integers(0, len(per_batch), len(per_batch))
+        p = values[proxy][draw].mean(axis=0).reshape(len(blocks), len(subs))
+        c = values[curvature][draw].mean(axis=0).reshape(len(blocks), len(subs))
+        per_block = _row_pearson(scipy.stats.rankdata(p, axis=1), scipy.stats.rankdata(c, axis=1))
+        if not np.all(np.isnan(per_block)):
+            within.append(np.nanmean(per_block))
+        rho = spearman(p.ravel(), c.ravel())
+        if not math.isnan(rho):
+            pooled.append(rho)
+    tail = 100 * (1 - level) / 2
+
+    def interval(samples):
+        if not samples:
+            return (math.nan, math.nan)
+        lo, hi = np.percentile(samples, [tail, 100 - tail])
+        return (float(lo), float(hi))
+
+    return {"within_blocks": interval(within), "pooled": interval(pooled)}
+
+
 # --------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------

@@ -386,3 +386,23 @@ def test_probe_script_reads_the_curvature_ema(tmp_path):
     (tmp_path / "bad.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="no top-level 'curvature'"):
         load_curvature(str(tmp_path / "bad.json"))
+
+
+def test_bootstrap_over_probe_batches():
+    from hacbo_jax.curvature import bootstrap_rank_ci
+
+    subs = ["a", "b", "c", "d"]
+    # Identical batches: every replicate is the same table, so the CI collapses onto rho.
+    table = [
+        row(b, m, 1.0 + k + b, 2.0 * (1 + k) + b) for b in range(3) for k, m in enumerate(subs)
+    ]
+    ci = bootstrap_rank_ci([table, table, table], n_boot=50)
+    assert ci["within_blocks"] == pytest.approx((1.0, 1.0))
+    assert ci["pooled"][0] == ci["pooled"][1] == pytest.approx(spearman(
+        [r.rms_grad for r in table], [r.eigenvalue for r in table]))  # fmt: skip
+    # Two batches with opposite within-block rankings: replicates give -1, 1 or the mean table.
+    flipped = [row(b, m, 4.0 - k, 2.0 * (1 + k) + b) for b in range(3) for k, m in enumerate(subs)]
+    lo, hi = bootstrap_rank_ci([table, flipped], n_boot=400)["within_blocks"]
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=">= 2 probe tables"):
+        bootstrap_rank_ci([table])
