@@ -126,45 +126,34 @@ def power_iteration(
     *,
     tol: float = 1e-3,
     max_iters: int = 100,
-    shift: jax.Array | float = 0.0,
-) -> tuple[jax.Array, jax.Array]:
+    shift: float = 0.0,
+) -> tuple[float, int]:
     """Eigenvalue of largest magnitude of the symmetric operator ``matvec - shift * I``, plus shift.
 
     PyHessian's loop (``hessian.eigenvalues``): v = v0/||v0||; repeat w = A v, lambda_i = v.w,
     v = w/||w|| until |lambda_i - lambda_{i-1}| / (|lambda_{i-1}| + 1e-6) < ``tol`` or
-    ``max_iters`` products. Traceable (a ``lax.while_loop``). A zero operator gives 0 after two
-    products. Returns (lambda + shift, number of products).
+    ``max_iters`` products. A host loop around ``matvec`` (pass a jitted one): one compiled
+    product, not a compiled loop (which took minutes to compile for a tiny Qwen3 on CPU).
+    A zero operator gives 0 after two products. Returns (lambda + shift, number of products).
     """
-
-    def apply(v):
-        return optax.tree_utils.tree_add_scale(matvec(v), -shift, v)
+    tree = optax.tree_utils
 
     def step(v):
-        w = apply(v)
-        return optax.tree_utils.tree_vdot(v, w), _safe_normalise(w)
+        w = matvec(v)
+        if shift:
+            w = tree.tree_add_scale(w, -shift, v)
+        return float(tree.tree_vdot(v, w)), _safe_normalise(w)
 
-    v = _safe_normalise(v0)
-    lam, v = step(v)
-
-    def cond(carry):
-        i, _, _, converged = carry
-        return (i < max_iters) & ~converged
-
-    def body(carry):
-        i, v, lam, _ = carry
+    lam, v = step(_safe_normalise(v0))
+    iters = 1
+    while iters < max_iters:
         new_lam, v = step(v)
-        converged = jnp.abs(new_lam - lam) / (jnp.abs(lam) + _STOP_FLOOR) < tol
-        return i + 1, v, new_lam, converged
-
-    iters, _, lam, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), v, lam, jnp.bool_(False)))
+        iters += 1
+        converged = abs(new_lam - lam) / (abs(lam) + _STOP_FLOOR) < tol
+        lam = new_lam
+        if converged:
+            break
     return lam + shift, iters
-
-
-def _running_mean_stop(samples: jax.Array, j: jax.Array, old_mean: jax.Array, tol: float):
-    """New running mean of samples[: j + 1] and whether it moved less than ``tol`` (relative)."""
-    mean = jnp.sum(samples, axis=0) / (j + 1).astype(samples.dtype)
-    change = jnp.abs(mean - old_mean) / (jnp.abs(old_mean) + _STOP_FLOOR)
-    return mean, jnp.all(change < tol)
 
 
 def hutchinson_samples(
@@ -175,40 +164,28 @@ def hutchinson_samples(
     tol: float = 1e-3,
     max_probes: int = 100,
     split: Callable[[PyTree, PyTree], jax.Array] | None = None,
-) -> tuple[jax.Array, jax.Array]:
+) -> np.ndarray:
     """Hutchinson probes t_j = z_j . A z_j, z_j Rademacher (key ``fold_in(key, j)``).
 
     Stops when the running mean (initially 0, as in PyHessian's ``hessian.trace``) changes by less
     than ``tol`` relative, or after ``max_probes``. With ``split(z, u)`` -> f[G] the probe yields
     one sample per group (``trace_mode="shared"``) and the rule must hold for every group.
-    Returns (samples f[max_probes] or f[max_probes, G], zero past the used ones; probes used).
+    Returns the samples, f64[probes] or f64[probes, G].
     """
     measure = split if split is not None else optax.tree_utils.tree_vdot
-
-    def probe(j):
+    samples: list[np.ndarray] = []
+    mean = 0.0
+    for j in range(max_probes):
         z = optax.tree_utils.tree_random_like(
             jax.random.fold_in(key, j), like, sampler=jax.random.rademacher
         )
-        return jnp.asarray(measure(z, matvec(z)))
-
-    shape = jax.eval_shape(probe, jnp.int32(0))
-    buffer = jnp.zeros((max_probes, *shape.shape), shape.dtype)
-
-    def cond(carry):
-        j, _, _, stop = carry
-        return (j < max_probes) & ~stop
-
-    def body(carry):
-        j, buffer, mean, _ = carry
-        buffer = buffer.at[j].set(probe(j))
-        mean, stop = _running_mean_stop(buffer, j, mean, tol)
-        return j + 1, buffer, mean, stop
-
-    zero_mean = jnp.zeros(shape.shape, shape.dtype)
-    probes, buffer, _, _ = jax.lax.while_loop(
-        cond, body, (jnp.int32(0), buffer, zero_mean, jnp.bool_(False))
-    )
-    return buffer, probes
+        samples.append(np.asarray(measure(z, matvec(z)), np.float64))
+        new_mean = np.mean(samples, axis=0)
+        stop = np.all(np.abs(new_mean - mean) / (np.abs(mean) + _STOP_FLOOR) < tol)
+        mean = new_mean
+        if stop:
+            break
+    return np.asarray(samples)
 
 
 def _mean_se(samples: np.ndarray) -> tuple[float, float]:
@@ -359,89 +336,67 @@ def probe_curvature(
     def loss_of_leaves(all_leaves):
         return loss_fn(layout.treedef.unflatten(all_leaves))
 
-    def analyse(matvec, like, project, key):
-        """Power iteration (+ shift when negative) and, per group, the Hutchinson probes."""
-        v0 = project(optax.tree_utils.tree_random_like(key, like, sampler=jax.random.normal))
-        lam, iters = power_iteration(matvec, v0, tol=tol, max_iters=max_iters)
-        # Largest algebraic eigenvalue when the top-|lambda| one is negative (our reading).
-        lam_max, _ = jax.lax.cond(
-            lam < 0,
-            lambda: power_iteration(matvec, v0, tol=tol, max_iters=max_iters, shift=lam),
-            lambda: (lam, jnp.int32(0)),
-        )
-        if trace_mode == "shared":
-            return lam, iters, lam_max, None, None
-        samples, probes = hutchinson_samples(
-            lambda z: matvec(project(z)), like, jax.random.fold_in(key, 1),
-            tol=trace_tol, max_probes=trace_max_probes,
-        )  # fmt: skip
-        return lam, iters, lam_max, samples, probes
-
     if hvp_form == "restricted":
 
-        def group_runner(g: _Group):
-            hvp = _restricted_hvp(loss_of_leaves, g.leaf_index)
-            run = lambda all_leaves, key: analyse(
-                lambda v: hvp(all_leaves, v),
-                [all_leaves[i] for i in g.leaf_index],
-                lambda v: v,
-                key,
-            )
-            return lambda key: jax.jit(run)(leaves, key)
+        def group_operator(g: _Group):
+            """(matvec, like, project): matvec = the group's own compiled HVP."""
+            hvp = jax.jit(_restricted_hvp(loss_of_leaves, g.leaf_index))
+            like = [leaves[i] for i in g.leaf_index]
+            return (lambda v: hvp(leaves, v)), like, (lambda v: v)
 
     else:
         hvp_all = _restricted_hvp(loss_of_leaves, controlled)
 
         @jax.jit
-        def run_masked(all_leaves, mask, key):
-            project = lambda v: [m * x for m, x in zip(mask, v)]
-            return analyse(
-                lambda v: project(hvp_all(all_leaves, project(v))),
-                [all_leaves[i] for i in controlled],
-                project,
-                key,
-            )
+        def masked_hvp(all_leaves, mask, v):
+            project = lambda x: [m * y for m, y in zip(mask, x)]
+            return project(hvp_all(all_leaves, project(v)))
 
-        def group_runner(g: _Group):
+        def group_operator(g: _Group):
             members = set(g.leaf_index)
             mask = [jnp.asarray(i in members, leaves[i].dtype) for i in controlled]
-            return lambda key: run_masked(leaves, mask, key)
+            project = lambda v: [m * x for m, x in zip(mask, v)]
+            like = [leaves[i] for i in controlled]
+            return (lambda v: masked_hvp(leaves, mask, v)), like, project
 
     traces: dict[int, tuple[float, float, int]] = {}
     if trace_mode == "shared":
         position = {leaf: k for k, leaf in enumerate(controlled)}
-        hvp_all = _restricted_hvp(loss_of_leaves, controlled)
+        shared_hvp = jax.jit(_restricted_hvp(loss_of_leaves, controlled))
 
+        @jax.jit
         def split(z, u):
             per_leaf = [jnp.vdot(a, b) for a, b in zip(z, u)]
             return jnp.stack([sum(per_leaf[position[i]] for i in g.leaf_index) for g in group_list])
 
-        @jax.jit
-        def run_shared(all_leaves, key):
-            sub = [all_leaves[i] for i in controlled]
-            return hutchinson_samples(
-                lambda v: hvp_all(all_leaves, v),
-                sub,
-                key,
-                tol=trace_tol,
-                max_probes=trace_max_probes,
-                split=split,
-            )
-
-        samples, probes = run_shared(leaves, jax.random.fold_in(base_key, 2**20))
-        samples, probes = np.asarray(samples), int(probes)
+        samples = hutchinson_samples(
+            lambda v: shared_hvp(leaves, v),
+            [leaves[i] for i in controlled],
+            jax.random.fold_in(base_key, 2**20),
+            tol=trace_tol,
+            max_probes=trace_max_probes,
+            split=split,
+        )
         for k, g in enumerate(group_list):
-            traces[g.group_id] = (*_mean_se(samples[:probes, k]), probes)
+            traces[g.group_id] = (*_mean_se(samples[:, k]), len(samples))
 
     grads = jax.jit(jax.grad(loss_of_leaves))(leaves)
     rows = []
     for g in group_list:
-        lam, iters, lam_max, samples, probes = group_runner(g)(
-            jax.random.fold_in(base_key, g.group_id)
-        )
+        key = jax.random.fold_in(base_key, g.group_id)
+        matvec, like, project = group_operator(g)
+        v0 = project(optax.tree_utils.tree_random_like(key, like, sampler=jax.random.normal))
+        lam, iters = power_iteration(matvec, v0, tol=tol, max_iters=max_iters)
+        lam_max = lam
+        if lam < 0:  # largest algebraic eigenvalue: iterate on H - lam I (our reading)
+            lam_max, _ = power_iteration(matvec, v0, tol=tol, max_iters=max_iters, shift=lam)
         if trace_mode == "per_group":
-            probes = int(probes)
-            traces[g.group_id] = (*_mean_se(np.asarray(samples)[:probes]), probes)
+            samples = hutchinson_samples(
+                lambda z, matvec=matvec, project=project: matvec(project(z)),
+                like, jax.random.fold_in(key, 1),
+                tol=trace_tol, max_probes=trace_max_probes,
+            )  # fmt: skip
+            traces[g.group_id] = (*_mean_se(samples), len(samples))
         trace, trace_se, probes = traces[g.group_id]
         size = int(sum(np.size(leaves[i]) for i in g.leaf_index))
         grad_sq = sum(
