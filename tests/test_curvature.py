@@ -406,3 +406,26 @@ def test_bootstrap_over_probe_batches():
     assert lo == pytest.approx(-1.0) and hi == pytest.approx(1.0)
     with pytest.raises(ValueError, match=">= 2 probe tables"):
         bootstrap_rank_ci([table])
+
+
+@pytest.mark.slow  # compiles the HVP of a (tiny) Qwen3
+def test_probe_script_end_to_end_on_a_tiny_qwen3(tmp_path, capsys):
+    import json
+
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+    from train import probe_curvature as script
+
+    model_dir = make_tiny_checkpoint(tmp_path / "model", hidden=16)
+    np.save(tmp_path / "c.npy", np.arange(8.0).reshape(2, 4) + 1.0)
+    out = tmp_path / "out"
+    argv = [str(model_dir), "--out", str(out), "--rows", "2", "--seq-len", "32",
+            "--max-iters", "3", "--trace-max-probes", "2", "--n-resamples", "50",
+            "--hvp-form", "masked", "--hacbo-state", str(tmp_path / "c.npy")]  # fmt: skip
+    assert script.main(argv) == 0
+    assert "within_blocks" in capsys.readouterr().out
+    document = json.loads((out / "curvature.json").read_text())
+    groups = [(g["block"], g["submodule"]) for g in document["groups"]]
+    assert groups == [(b, m) for b in range(2) for m in ("attn_qkv", "attn_out", "mlp", "ln")]
+    assert document["groups"][5]["curvature_ema"] == 6.0  # c[1, 1]
+    assert all(g["eigenvalue_iters"] <= 3 and g["trace_probes"] <= 2 for g in document["groups"])
+    assert (out / "curvature.png").stat().st_size > 0
