@@ -69,7 +69,7 @@ class GroupCurvature:
       rms_grad: r_G = ||g_G||_2 / sqrt(n_G) on the probe set.
       curvature_ema: c_G from a HACBO state, NaN if none was given (or ``groups="blocks"``).
       flag: ``""``, or ``"negative"`` when ``eigenvalue`` < 0, ``"not_converged"`` when the
-        power iteration hit its limit (joined by ``";"``).
+        power iteration stopped at ``max_iters`` without meeting its rule (joined by ``";"``).
     """
 
     block: int
@@ -127,14 +127,15 @@ def power_iteration(
     tol: float = 1e-3,
     max_iters: int = 100,
     shift: float = 0.0,
-) -> tuple[float, int]:
+) -> tuple[float, int, bool]:
     """Eigenvalue of largest magnitude of the symmetric operator ``matvec - shift * I``, plus shift.
 
     PyHessian's loop (``hessian.eigenvalues``): v = v0/||v0||; repeat w = A v, lambda_i = v.w,
     v = w/||w|| until |lambda_i - lambda_{i-1}| / (|lambda_{i-1}| + 1e-6) < ``tol`` or
     ``max_iters`` products. A host loop around ``matvec`` (pass a jitted one): one compiled
     product, not a compiled loop (which took minutes to compile for a tiny Qwen3 on CPU).
-    A zero operator gives 0 after two products. Returns (lambda + shift, number of products).
+    A zero operator gives 0 after two products. Returns (lambda + shift, number of products,
+    whether the stop rule was met).
     """
     tree = optax.tree_utils
 
@@ -145,15 +146,13 @@ def power_iteration(
         return float(tree.tree_vdot(v, w)), _safe_normalise(w)
 
     lam, v = step(_safe_normalise(v0))
-    iters = 1
-    while iters < max_iters:
+    iters, converged = 1, False
+    while iters < max_iters and not converged:
         new_lam, v = step(v)
         iters += 1
         converged = abs(new_lam - lam) / (abs(lam) + _STOP_FLOOR) < tol
         lam = new_lam
-        if converged:
-            break
-    return lam + shift, iters
+    return lam + shift, iters, converged
 
 
 def hutchinson_samples(
@@ -386,10 +385,10 @@ def probe_curvature(
         key = jax.random.fold_in(base_key, g.group_id)
         matvec, like, project = group_operator(g)
         v0 = project(optax.tree_utils.tree_random_like(key, like, sampler=jax.random.normal))
-        lam, iters = power_iteration(matvec, v0, tol=tol, max_iters=max_iters)
+        lam, iters, converged = power_iteration(matvec, v0, tol=tol, max_iters=max_iters)
         lam_max = lam
         if lam < 0:  # largest algebraic eigenvalue: iterate on H - lam I (our reading)
-            lam_max, _ = power_iteration(matvec, v0, tol=tol, max_iters=max_iters, shift=lam)
+            lam_max, _, _ = power_iteration(matvec, v0, tol=tol, max_iters=max_iters, shift=lam)
         if trace_mode == "per_group":
             samples = hutchinson_samples(
                 lambda z, matvec=matvec, project=project: matvec(project(z)),
@@ -405,7 +404,7 @@ def probe_curvature(
         flags = []
         if float(lam) < 0:
             flags.append("negative")
-        if int(iters) >= max_iters:
+        if not converged:
             flags.append("not_converged")
         m_index = layout.submodules.index(g.submodule) if groups == "submodules" else None
         rows.append(
