@@ -52,10 +52,16 @@ def report(name, lowered):
     compiled = lowered.compile()
     text = compiled.as_text()
     ops = collections.Counter()
+    top = collections.Counter()  # outside fusions: each of these is its own pass over memory
+    fused = False
     for line in text.splitlines():
+        if line and not line[0].isspace():  # a computation header
+            fused = line.startswith("%fused") or "fused_computation" in line.split("(")[0]
         m = _OP.match(line)
         if m:
             ops[m.group(1)] += 1
+            if not fused:
+                top[m.group(1)] += 1
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
@@ -65,6 +71,8 @@ def report(name, lowered):
         "hlo_lines": len(text.splitlines()),
         "hlo_instructions": sum(ops.values()),
         "ops": {k: ops.get(k, 0) for k in keys},
+        "unfused_instructions": sum(top.values()),
+        "unfused_ops": {k: top.get(k, 0) for k in keys},
         "gflop": round(cost.get("flops", 0.0) / 1e9, 3),
         "gb_accessed": round(cost.get("bytes accessed", 0.0) / 1e9, 3),
         "temp_gib": round(mem.temp_size_in_bytes / 2**30, 3),
