@@ -11,18 +11,17 @@ RMSNorm on queries and keys before RoPE, RoPE angles and softmax in float32, and
 ``norm(h) @ E^T`` when the embeddings are tied (one parameter, not a copy).
 
 Parameter paths mirror Hugging Face's names (``model.layers.3.self_attn.q_proj``); projection
-kernels are stored input-axes-first with heads split out (q_proj: [D, N, H], o_proj: [N, H, D]),
-and :func:`hf_to_param` / :func:`param_to_hf` are the one place that converts to and from
-Hugging Face's ``[out, in]`` layout.
+kernels are stored input-axes-first with heads split out (q_proj: [D, N, H], o_proj: [N, H, D]).
+Everything that knows Hugging Face's names, layouts and files lives in
+:mod:`hacbo_jax.models.qwen3_hf`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
+import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -31,14 +30,15 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "ATTENTION_IMPLS",
+    "QWEN3_LABEL_RULES",
+    "REMAT_POLICIES",
+    "AttentionMask",
     "Qwen3Config",
     "Qwen3ForCausalLM",
-    "qwen3_labels",
-    "QWEN3_LABEL_RULES",
-    "hf_name",
-    "hf_to_param",
-    "param_to_hf",
     "positions_from_mask",
+    "positions_from_segments",
+    "qwen3_labels",
 ]
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -125,96 +125,17 @@ class Qwen3Config:
     def from_hf(cls, config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
         """Builds a config from a Hugging Face ``config.json`` (a dict, the file, or its directory).
 
-        ``rope_theta`` is read from ``rope_parameters`` (transformers >= 5) or from the top level
-        (older files). Raises ValueError for a model_type other than ``qwen3``, sliding-window
-        attention, RoPE scaling other than ``default``, or an activation other than ``silu``.
+        See :func:`hacbo_jax.models.qwen3_hf.config_from_hf`.
         """
-        if not isinstance(config, Mapping):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
-        cfg = dict(config)
-        if cfg.get("model_type") != "qwen3":
-            raise ValueError(
-                f"not a Qwen3 config: model_type={cfg.get('model_type')!r} (expected 'qwen3')"
-            )
-        problems = []
-        if cfg.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu' is implemented)")
-        if cfg.get("use_sliding_window", False):
-            problems.append("use_sliding_window=True (sliding-window attention is not implemented)")
-        layer_types = cfg.get("layer_types") or []
-        if any(t != "full_attention" for t in layer_types):
-            problems.append(
-                f"layer_types={sorted(set(layer_types))} (only 'full_attention' is implemented)"
-            )
-        rope = cfg.get("rope_parameters") or {}
-        rope_scaling = cfg.get("rope_scaling") or {}
-        for source, params in (("rope_parameters", rope), ("rope_scaling", rope_scaling)):
-            rope_type = params.get("rope_type", params.get("type", "default"))
-            if rope_type != "default":
-                problems.append(
-                    f"{source}.rope_type={rope_type!r} (only 'default' RoPE is implemented)"
-                )
-        missing = [
-            k
-            for k in (
-                "vocab_size",
-                "hidden_size",
-                "intermediate_size",
-                "num_hidden_layers",
-                "num_attention_heads",
-            )
-            if k not in cfg
-        ]
-        if missing:
-            problems.append(f"missing required keys {missing}")
-        if problems:
-            raise ValueError("unsupported Qwen3 config: " + "; ".join(problems))
-        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        n_heads = cfg["num_attention_heads"]
-        kv_heads = cfg.get("num_key_value_heads")
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads if kv_heads is None else kv_heads,
-            head_dim=cfg.get("head_dim") or 128,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
-            initializer_range=float(cfg.get("initializer_range", 0.02)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-            pad_token_id=cfg.get("pad_token_id"),
-        )
+        from hacbo_jax.models.qwen3_hf import config_from_hf
+
+        return config_from_hf(config)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers.Qwen3ForCausalLM`` loads."""
-        d = dataclasses.asdict(self)
-        d.pop("rope_theta")
-        d.update(
-            architectures=["Qwen3ForCausalLM"],
-            model_type="qwen3",
-            hidden_act="silu",
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            use_sliding_window=False,
-            sliding_window=None,
-            max_window_layers=self.num_hidden_layers,
-            layer_types=["full_attention"] * self.num_hidden_layers,
-            attention_dropout=0.0,
-            use_cache=True,
-            dtype=dtype,
-        )
-        if isinstance(d["eos_token_id"], tuple):
-            d["eos_token_id"] = list(d["eos_token_id"])
-        return d
+        from hacbo_jax.models.qwen3_hf import config_to_hf_dict
+
+        return config_to_hf_dict(self, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,27 +216,155 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Per-segment positions of a packed row: ``t - (first column of t's segment)``.
+
+    ``segment_ids`` int[B, T] (0 = padding); a segment is a maximal run of one id, so RoPE
+    restarts at 0 at every segment start. Padding columns get positions too (never used).
+    """
+    t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [
+            jnp.ones(segment_ids.shape[:-1] + (1,), jnp.bool_),
+            segment_ids[..., 1:] != segment_ids[..., :-1],
+        ],
+        axis=-1,
+    )
+    start_col = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
+    return t - start_col
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, T, head_dim] with angles ``pos * theta^(-2i/head_dim)`` in float32."""
+    """cos/sin tables float32[B, T, head_dim / 2] of angles ``pos * theta^(-2i/head_dim)``.
+
+    Half width: transformers duplicates the angles to the full head width; :func:`apply_rope`
+    rotates the two halves with the same table instead, which is the same arithmetic.
+    """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs (i, i + H/2) of x[B, T, N, H]: ``x cos + rotate_half(x) sin``."""
+    """Rotates pairs (i, i + H/2) of x[B, T, N, H] by the angles of cos/sin[B, T, H/2].
+
+    ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` (transformers' ``x cos + rotate_half(x)
+    sin`` with its duplicated table), one concatenation and no full-width tables.
+    """
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:]
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["segment_ids", "explicit"],
+    meta_fields=["packed"],
+)
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """What a query may attend to, in one of two forms (exactly one is set).
+
+    * ``segment_ids`` int[B, T] (training, no cache): query t attends key s iff ``s <= t``,
+      ``segment_ids[s] != 0`` and ``segment_ids[t] == segment_ids[s]``. A padded batch is the
+      one-segment case (``segment_ids = attention_mask``); a packed row has ids 1, 2, ...
+      ``packed`` says which (static): the ``xla``/``cudnn`` implementations express a padded
+      batch as sequence lengths (right padding assumed) and a packed one as an explicit mask.
+    * ``explicit`` bool[B, 1, T, S] (KV-cache decoding): True where query t may read slot s.
+    """
+
+    segment_ids: jax.Array | None = None
+    explicit: jax.Array | None = None
+    packed: bool = False
+
+    def allowed(self, t: int, s: int) -> jax.Array:
+        """bool[B, T, S], computed from iotas (no [B, 1, T, T] input is materialised)."""
+        if self.explicit is not None:
+            return self.explicit[:, 0]
+        seg = self.segment_ids
+        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        return causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+
+
+def grouped_attention(q, k, v, mask: AttentionMask, *, scale: float) -> jax.Array:
+    """Grouped-query softmax attention without repeating K/V heads.
+
+    Einsum axes: b batch, t query position, s key position, k key/value head, g query head
+    within its group (query head n = k * G + g, as transformers' ``repeat_kv``), h head dim.
+    ``q[b,t,(k g),h] -> scores[b,k,g,t,s] = scale * sum_h q[b,t,k,g,h] key[b,s,k,h]``, masked
+    to the dtype's lowest value, softmax over s in float32, ``out[b,t,k,g,h] = sum_s p v``.
+    Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    allowed = mask.allowed(t, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def library_attention(q, k, v, mask: AttentionMask, *, scale: float, implementation: str):
+    """``jax.nn.dot_product_attention`` with causal and length/segment arguments.
+
+    A padded batch (``mask.packed`` False) is passed as ``is_causal=True`` with
+    ``query_seq_lengths = key_value_seq_lengths = segment_ids.sum(-1)``, which assumes RIGHT
+    padding (training batches); a packed batch as ``is_causal=True`` plus the segment mask
+    bool[B, 1, T, T]; a KV-cache mask as given. ``implementation`` is ``"xla"`` or ``"cudnn"``.
+    """
+    if mask.explicit is not None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask.explicit, scale=scale, implementation=implementation
+        )
+    seg = mask.segment_ids
+    if mask.packed:
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=same[:, None],
+            scale=scale,
+            is_causal=True,
+            implementation=implementation,
+        )
+    lengths = jnp.sum(seg != 0, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
 
 
 class Qwen3Attention(nnx.Module):
     """Grouped-query self-attention with per-head q/k RMSNorm and RoPE."""
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         d, n, k, h = (
             config.hidden_size,
             config.num_attention_heads,
@@ -336,8 +385,9 @@ class Qwen3Attention(nnx.Module):
         self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.scale = h**-0.5
+        self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
         q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)
         v = self.v_proj(x)
@@ -350,11 +400,13 @@ class Qwen3Attention(nnx.Module):
                 cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0)
             )
             cache = (k, v)
-        # jax.nn.dot_product_attention groups query heads as [K, N/K] (repeat, not tile) and
-        # takes the softmax in float32.
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=self.scale
-        )
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if self.attention_impl == "einsum":
+            out = grouped_attention(q, k, v, mask, scale=self.scale)
+        else:
+            out = library_attention(
+                q, k, v, mask, scale=self.scale, implementation=self.attention_impl
+            )
         return self.o_proj(out), cache
 
 
@@ -379,17 +431,31 @@ class Qwen3MLP(nnx.Module):
 
 
 class Qwen3DecoderLayer(nnx.Module):
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         self.input_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        self.self_attn = Qwen3Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Qwen3Attention(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            rngs=rngs,
+        )
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
         self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -400,10 +466,33 @@ def _remat_layer(layer: Qwen3DecoderLayer, x, cos, sin, mask):
     return layer(x, cos, sin, mask)[0]
 
 
-class Qwen3Model(nnx.Module):
-    """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree)."""
+def _checkpoint_policy(remat: str):
+    """jax.checkpoint policy of a remat mode ("full": save nothing, "dots": keep matmul outputs
+    without batch dimensions, i.e. the projections, and recompute the rest)."""
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.nothing_saveable
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+
+class Qwen3Model(nnx.Module):
+    """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree).
+
+    With ``scan_layers`` the decoder layers are ONE ``Qwen3DecoderLayer`` whose parameters carry
+    a leading layer axis L (``layers/mlp/up_proj/kernel``: [L, D, F]; slice i is layer i), run
+    with ``jax.lax.scan``; otherwise an ``nnx.List`` of L layers run by a Python loop.
+    """
+
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        remat: str,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         self.embed_tokens = Embedding(
             config.vocab_size,
             config.hidden_size,
@@ -412,34 +501,81 @@ class Qwen3Model(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [
-                Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
+
+        def make_layer(rngs):
+            return Qwen3DecoderLayer(
+                config,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention_impl=attention_impl,
+                rngs=rngs,
+            )
+
+        if scan_layers:
+            make_stacked = nnx.split_rngs(splits=config.num_hidden_layers)(
+                nnx.vmap(make_layer, in_axes=(0,), out_axes=0)
+            )
+            self.layers = make_stacked(rngs)
+        else:
+            self.layers = nnx.List([make_layer(rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
         self.remat = remat
+        self.scan_layers = scan_layers
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
 
     def __call__(
-        self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None
+        self,
+        input_ids,
+        positions,
+        mask: AttentionMask | jax.Array,
+        cache: KVCache | None = None,
+        cache_index=None,
     ) -> tuple[jax.Array, KVCache | None]:
+        if not isinstance(mask, AttentionMask):
+            mask = AttentionMask(explicit=mask)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        if self.scan_layers:
+            return self._scan(x, cos, sin, mask, cache, cache_index)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            if cache is None and self.remat:
-                x = nnx.remat(_remat_layer)(layer, x, cos, sin, mask)
+            if cache is None and self.remat != "none":
+                policy = _checkpoint_policy(self.remat)
+                x = nnx.remat(_remat_layer, policy=policy)(layer, x, cos, sin, mask)
             else:
                 x, layer_cache = layer(
                     x, cos, sin, mask, None if cache is None else cache[i], cache_index
                 )
                 new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def _scan(self, x, cos, sin, mask, cache, cache_index):
+        """``lax.scan`` over the stacked layer state; the cache (if any) is the stacked pair
+        (keys, values) [L, B, S, K, H], scanned alongside and returned restacked."""
+        graphdef, layer_state = nnx.split(self.layers)
+
+        if cache is None:
+
+            def body(x, state):
+                return nnx.merge(graphdef, state)(x, cos, sin, mask)[0], None
+
+            if self.remat != "none":
+                body = jax.checkpoint(
+                    body, policy=_checkpoint_policy(self.remat), prevent_cse=False
+                )
+            x, _ = jax.lax.scan(body, x, layer_state)
+            return self.norm(x), None
+
+        def body_cached(x, xs):
+            state, layer_cache = xs
+            x, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache, cache_index)
+            return x, layer_cache
+
+        x, new_cache = jax.lax.scan(body_cached, x, (layer_state, tuple(cache)))
+        return self.norm(x), new_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +590,21 @@ class Qwen3ForCausalLM(nnx.Module):
       config: the architecture.
       dtype: compute dtype (activations and matmuls); logits are returned in float32.
       param_dtype: storage dtype of the parameters (e.g. float32 master weights with bf16 compute).
-      remat: rematerialise each decoder layer in the backward pass (``nnx.remat``).
+      remat: rematerialisation of each decoder layer in the backward pass: ``"none"`` (keep all
+        activations), ``"full"`` (keep only the layer input, recompute the rest) or ``"dots"``
+        (keep the outputs of the weight matmuls, the ``dots_with_no_batch_dims_saveable``
+        policy: q/k/v/o and MLP projections; recompute norms, RoPE, attention and activations).
+        ``True``/``False`` are accepted for ``"full"``/``"none"``.
+      scan_layers: store the decoder layers' parameters stacked on a leading layer axis
+        (``model/layers/<module path>``, leaf [L, ...]) and run them with ``jax.lax.scan``: one
+        compiled layer instead of L, smaller HLO and XLA temporaries. Hugging Face load/save
+        are unchanged (stacked/unstacked there). With a KV cache, :meth:`init_cache` returns
+        the stacked pair (keys, values) [L, B, S, K, H] instead of one pair per layer.
+      attention_impl: ``"einsum"`` (default; grouped-query einsum with the mask computed from
+        iotas, no K/V head repeat: the CPU path), ``"xla"`` or ``"cudnn"``
+        (``jax.nn.dot_product_attention(implementation=...)`` with ``is_causal`` plus sequence
+        lengths for right-padded batches or a segment mask for packed ones; ``"cudnn"`` is the
+        GPU path and needs a CUDA backend).
       rngs: initialisation randomness (normal(0, initializer_range) weights, unit norms).
     """
 
@@ -464,14 +614,39 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
         rngs: nnx.Rngs | None = None,
     ):
+        remat = (
+            {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+        )
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be True, False or one of {REMAT_POLICIES}, got {remat!r}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
+            )
+        if attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(
+                f"attention_impl='cudnn' needs a CUDA GPU backend, but jax's default backend is "
+                f"{jax.default_backend()!r}; use 'einsum' (CPU) or 'xla'"
+            )
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
         self.dtype = dtype
+        self.remat = remat
+        self.scan_layers = bool(scan_layers)
+        self.attention_impl = attention_impl
         self.model = Qwen3Model(
-            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=self.scan_layers,
+            attention_impl=attention_impl,
+            rngs=rngs,
         )
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -487,29 +662,65 @@ class Qwen3ForCausalLM(nnx.Module):
                 rngs=rngs,
             )
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits float32[B, T, V] for input_ids int[B, T].
 
         ``attention_mask`` (1 = token, 0 = pad; left or right padding) masks pad keys and sets
         positions to the count of real tokens before each one. Outputs at pad positions are
-        meaningless.
+        meaningless. For packed rows pass ``segment_ids`` instead (see :meth:`hidden_states`).
         """
-        return self.lm_logits(self.hidden_states(input_ids, attention_mask))
+        return self.lm_logits(
+            self.hidden_states(
+                input_ids, attention_mask, segment_ids=segment_ids, positions=positions
+            )
+        )
 
     def hidden_states(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype (``lm_logits`` maps them).
 
         Lets a loss compute the [T, V] logits chunk by chunk instead of all at once.
+
+        Packed rows: ``segment_ids`` int[B, T] (1, 2, ... per example, 0 = padding) gives a
+        block-diagonal causal mask (a token attends to earlier tokens of its own segment only)
+        and, unless ``positions`` int[B, T] is given, RoPE positions restarting at 0 in every
+        segment (:func:`positions_from_segments`). ``attention_mask`` must then be None.
         """
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-        valid = attention_mask.astype(jnp.bool_)
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask = causal[None, None] & valid[:, None, None, :]
-        h, _ = self.model(input_ids, positions_from_mask(valid), mask)
+        if segment_ids is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either attention_mask (padded batch) or segment_ids (packed batch), "
+                    "not both"
+                )
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}"
+                )
+            segment_ids = segment_ids.astype(jnp.int32)
+            mask = AttentionMask(segment_ids=segment_ids, packed=True)
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            valid = attention_mask.astype(jnp.int32)
+            mask = AttentionMask(segment_ids=valid, packed=False)
+            if positions is None:
+                positions = positions_from_mask(valid)
+        h, _ = self.model(input_ids, positions, mask)
         return h
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
@@ -536,20 +747,26 @@ class Qwen3ForCausalLM(nnx.Module):
           input_ids: int[B, T]; positions: int[B, T] (RoPE positions).
           mask: bool[B, 1, T, S], True where query t may attend key slot s (S = T without a cache,
             the cache length with one).
-          cache: per-layer (keys, values), each [B, S, K, H]; the new keys/values are written at
-            slots ``cache_index .. cache_index + T``.
+          cache: from :meth:`init_cache`; the new keys/values are written at slots
+            ``cache_index .. cache_index + T``.
           last_only: compute logits for the last position only (prefill needs no more).
         Returns: (logits float32[B, T or 1, V], updated cache or None).
         """
-        h, cache = self.model(input_ids, positions, mask, cache, cache_index)
+        h, cache = self.model(
+            input_ids, positions, AttentionMask(explicit=mask), cache, cache_index
+        )
         if last_only:
             h = h[:, -1:]
         return self.lm_logits(h), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """Zeroed key/value cache, [B, max_length, K, H] per layer in the compute dtype."""
+        """Zeroed key/value cache in the compute dtype: one pair ([B, S, K, H] keys, values) per
+        layer, or with ``scan_layers`` the stacked pair ([L, B, S, K, H] keys, values)."""
         c = self.config
         shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        if self.scan_layers:
+            stacked = (c.num_hidden_layers, *shape)
+            return (jnp.zeros(stacked, self.dtype), jnp.zeros(stacked, self.dtype))
         return tuple(
             (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
             for _ in range(c.num_hidden_layers)
@@ -564,157 +781,35 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
     ) -> Qwen3ForCausalLM:
         """Loads a Hugging Face Qwen3 checkpoint (local directory, or a hub id when online).
 
-        The model is built abstractly (``nnx.eval_shape``) and each parameter is read tensor by
-        tensor with ``safetensors.safe_open``, so the weights are held in memory once. Missing
-        tensors, unexpected tensors and shape mismatches are reported together in one ValueError.
-        A tied checkpoint may also contain ``lm_head.weight``; it is ignored.
+        Arguments after the path are the constructor's. See
+        :func:`hacbo_jax.models.qwen3_hf.from_pretrained`.
         """
-        directory = _resolve_checkpoint_dir(path_or_hub_id)
-        config = Qwen3Config.from_hf(directory)
-        abstract = nnx.eval_shape(
-            lambda: cls(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0))
-        )
-        graphdef, state = nnx.split(abstract)
-        flat = nnx.to_flat_state(state)
-        files = _checkpoint_files(directory)
-        expected = {hf_name(path): (path, var) for path, var in flat}
-        present = set(files)
-        missing = sorted(set(expected) - present)
-        unexpected = sorted(
-            present - set(expected) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-        )
-        mismatched = []
-        from safetensors import safe_open
+        from hacbo_jax.models.qwen3_hf import from_pretrained
 
-        loaded = {}
-        by_file: dict[str, list[str]] = {}
-        for name in expected:
-            if name in files:
-                by_file.setdefault(files[name], []).append(name)
-        for filename, names in by_file.items():
-            with safe_open(os.path.join(directory, filename), framework="flax") as f:
-                for name in names:
-                    path, var = expected[name]
-                    hf_shape = tuple(f.get_slice(name).get_shape())
-                    want = param_to_hf_shape(path, tuple(var.shape))
-                    if hf_shape != want:
-                        mismatched.append(f"{name}: checkpoint {hf_shape}, model expects {want}")
-                        continue
-                    if missing or unexpected or mismatched:
-                        continue  # only validating from here on
-                    loaded[path] = hf_to_param(
-                        path, f.get_tensor(name), tuple(var.shape), param_dtype
-                    )
-        if missing or unexpected or mismatched:
-            lines = [f"cannot load Qwen3 checkpoint {directory!s}:"]
-            if missing:
-                lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-            if unexpected:
-                lines.append(f"  unexpected tensors ({len(unexpected)}): {', '.join(unexpected)}")
-            if mismatched:
-                lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
-            raise ValueError("\n".join(lines))
-        for path, var in flat:
-            var.set_value(loaded.pop(path))
-        return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        return from_pretrained(
+            path_or_hub_id,
+            model_cls=cls,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            attention_impl=attention_impl,
+        )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Writes ``config.json`` and ``model.safetensors`` in Hugging Face's layout and names.
 
-        Parameters are saved in their storage dtype; a tied model saves only the embedding.
+        See :func:`hacbo_jax.models.qwen3_hf.save_pretrained`.
         """
-        from safetensors.flax import save_file
+        from hacbo_jax.models.qwen3_hf import save_pretrained
 
-        os.makedirs(directory, exist_ok=True)
-        flat = nnx.to_flat_state(nnx.state(self, nnx.Param))
-        tensors = {hf_name(path): param_to_hf(path, var[...]) for path, var in flat}
-        dtypes = {str(t.dtype) for t in tensors.values()}
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.config.to_hf_dict(dtype=dtype), f, indent=2)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoint mapping (the one place that knows Hugging Face's names and layouts)
-# --------------------------------------------------------------------------------------------
-
-# Number of leading kernel axes that are input axes (the rest are output axes).
-_KERNEL_INPUT_AXES = {"o_proj": 2}
-
-
-def _path_str(path: tuple) -> list[str]:
-    return [str(p) for p in path]
-
-
-def hf_name(path: tuple) -> str:
-    """Hugging Face tensor name of a parameter path, e.g.
-    ``('model', 'layers', 0, 'self_attn', 'q_proj', 'kernel') -> 'model.layers.0.self_attn.q_proj.weight'``."""
-    parts = _path_str(path)
-    if parts[-1] == "kernel":
-        parts[-1] = "weight"
-    return ".".join(parts)
-
-
-def _kernel_split(path: tuple, shape: tuple[int, ...]) -> tuple[int, int]:
-    n_in = _KERNEL_INPUT_AXES.get(str(path[-2]), 1)
-    return math.prod(shape[:n_in]), math.prod(shape[n_in:])
-
-
-def param_to_hf_shape(path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of the Hugging Face tensor for a parameter of the given shape."""
-    if str(path[-1]) == "kernel":
-        n_in, n_out = _kernel_split(path, shape)
-        return (n_out, n_in)
-    if str(path[-1]) == "bias":
-        return (math.prod(shape),)
-    return shape
-
-
-def param_to_hf(path: tuple, value: jax.Array) -> jax.Array:
-    """Our parameter -> Hugging Face tensor (kernels [in..., out...] -> weight [out, in])."""
-    if str(path[-1]) == "kernel":
-        n_in, n_out = _kernel_split(path, value.shape)
-        return jnp.asarray(value).reshape(n_in, n_out).T
-    return jnp.asarray(value).reshape(param_to_hf_shape(path, value.shape))
-
-
-def hf_to_param(path: tuple, tensor: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Hugging Face tensor -> our parameter of ``shape`` and ``dtype`` (inverse of param_to_hf)."""
-    tensor = jnp.asarray(tensor)
-    if str(path[-1]) == "kernel":
-        tensor = tensor.T
-    return tensor.reshape(shape).astype(dtype)
-
-
-def _resolve_checkpoint_dir(path_or_hub_id) -> str:
-    path = os.fspath(path_or_hub_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise ValueError(f"{path!r} is neither a checkpoint directory nor a hub id 'org/name'")
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
-
-
-def _checkpoint_files(directory: str) -> dict[str, str]:
-    """Tensor name -> safetensors file name, for a single or sharded checkpoint."""
-    index = os.path.join(directory, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            return dict(json.load(f)["weight_map"])
-    single = os.path.join(directory, "model.safetensors")
-    if not os.path.exists(single):
-        raise ValueError(f"no model.safetensors or model.safetensors.index.json in {directory!r}")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="flax") as f:
-        return {name: "model.safetensors" for name in f.keys()}
+        save_pretrained(self, directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -751,7 +846,14 @@ def qwen3_labels(params) -> Any:
     )
 
 
-def iter_hf_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, jax.Array]]:
-    """(Hugging Face name, tensor in HF layout) for every parameter, one at a time."""
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield hf_name(path), param_to_hf(path, var[...])
+# Hugging Face mapping helpers used to live here; they are re-exported from qwen3_hf on access
+# (PEP 562) so ``from hacbo_jax.models.qwen3 import hf_name`` keeps working without an import cycle.
+_HF_NAMES = ("hf_name", "hf_to_param", "param_to_hf", "param_to_hf_shape", "iter_hf_tensors")
+
+
+def __getattr__(name: str):
+    if name in _HF_NAMES:
+        from hacbo_jax.models import qwen3_hf
+
+        return getattr(qwen3_hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
