@@ -273,6 +273,7 @@ def test_stops_on_every_end_token_of_the_generation_config(tiny):
         del model.generation_config
 
 
+@pytest.mark.slow  # ~30 s on the shared machine (compiles three programs)
 def test_greedy_with_repetition_penalty_matches_transformers_generate(tiny):
     model, hf = tiny
     ids, mask = _prompts(3, n_pad=(0, 0, 0))  # transformers also penalises pad ids: no pads here
@@ -307,6 +308,7 @@ def test_greedy_left_padded_matches_transformers_generate(tiny):
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.slow  # ~30 s on the shared machine (compiles three programs)
 def test_sampling_top_k_one_is_greedy_and_sampling_is_seeded(tiny):
     model, _ = tiny
     ids, mask = _prompts(5)
@@ -358,7 +360,8 @@ def test_calls_in_the_same_buckets_share_one_compiled_program(tiny):
     out = generate(model, ids12, mask12, max_new_tokens=7, **common)  # same buckets: 16 and 8
     ids14, mask14 = _prompts(8, length=14)
     generate(model, ids14, mask14, max_new_tokens=8, **common)
-    assert compiled_program_count() == before
+    generate(model, ids14, mask14, max_new_tokens=8, eos_token_id=[3, 4, 5], pad_token_id=1)
+    assert compiled_program_count() == before  # end tokens and pad id are not compiled in
     assert out.shape == (3, 7)
     ids17, mask17 = _prompts(9, length=17)  # bucket 32: one new program
     generate(model, ids17, mask17, max_new_tokens=5, **common)

@@ -1,7 +1,7 @@
 """Batched KV-cache decoding of left-padded prompts: greedy or sampled, with transformers' rules.
 
 One jitted program per (model structure, batch size, bucketed prompt length, bucketed budget,
-end tokens, sampling settings): a prefill over the prompt fills the key/value cache, then a
+sampling settings; end tokens and pad id are traced): a prefill over the prompt fills the key/value cache, then a
 ``lax.while_loop`` feeds one token per step and exits as soon as every row has produced an end
 token or the requested budget is spent. Left padding keeps the last prompt token of every row in
 the same column, so each step writes one cache slot for the whole batch; RoPE positions count
@@ -403,9 +403,11 @@ def generate(
         jnp.asarray(mask_np),
         jax.random.key(0) if rng is None else rng,
         jnp.int32(budget),
+        # End tokens padded with -1 (never produced) to a multiple of 8: traced, not static, so
+        # they change no program.
+        jnp.asarray(eos + (-1,) * (max(8, -(-len(eos) // 8) * 8) - len(eos)), jnp.int32),
+        jnp.int32(pad_token_id),
         buffer_len=bucket_length(budget),
-        eos=eos,
-        pad_token_id=int(pad_token_id),
         sampling=sampling,
         repetition_penalty=float(config.repetition_penalty),
     )
@@ -415,7 +417,7 @@ def generate(
 @partial(
     jax.jit,
     static_argnums=(0,),
-    static_argnames=("buffer_len", "eos", "pad_token_id", "sampling", "repetition_penalty"),
+    static_argnames=("buffer_len", "sampling", "repetition_penalty"),
 )
 def _generate(
     graphdef,
@@ -424,10 +426,10 @@ def _generate(
     prompt_mask,
     rng,
     budget,
+    eos_ids,
+    pad_token_id,
     *,
     buffer_len,
-    eos,
-    pad_token_id,
     sampling,
     repetition_penalty,
 ):
@@ -436,7 +438,6 @@ def _generate(
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     cache_len = prompt_len + buffer_len
-    eos_ids = jnp.asarray(eos, jnp.int32)
     do_sample, temperature, top_k, top_p, min_p = sampling
 
     def pick(logits, seen_ids, seen_mask, key):
