@@ -23,10 +23,9 @@ from hacbo_jax.models.generation import generate  # noqa: E402
 from hacbo_jax.models.qwen3 import (  # noqa: E402
     Qwen3Config,
     Qwen3ForCausalLM,
-    hf_name,
-    param_to_hf,
     qwen3_labels,
 )
+from hacbo_jax.models.qwen3_hf import hf_name, param_to_hf  # noqa: E402
 
 VOCAB = 89
 
