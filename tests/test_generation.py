@@ -168,6 +168,29 @@ def test_generation_config_reads_qwen3_file_and_round_trips_through_transformers
     assert GenerationConfig.from_dict({"eos_token_id": 7, "top_k": None}).top_k == 50
 
 
+def test_generation_config_json_is_written_and_read_with_the_model(tiny, tmp_path):
+    model, _ = tiny
+    loaded = model.generation_config
+    model.generation_config = GenerationConfig.qwen3().replace(eos_token_id=(3, 5), pad_token_id=0)
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        model.generation_config = loaded
+    hf = transformers.GenerationConfig.from_pretrained(tmp_path)
+    assert (hf.do_sample, hf.temperature, hf.top_k, hf.top_p) == (True, 0.6, 20, 0.95)
+    assert hf.eos_token_id == [3, 5]
+    reloaded = Qwen3ForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.generation_config == GenerationConfig.qwen3().replace(
+        eos_token_id=(3, 5), pad_token_id=0
+    )
+    # Without the attribute, save writes greedy defaults ending on the config's eos.
+    bare = Qwen3ForCausalLM(model.config)
+    bare.save_pretrained(tmp_path / "bare")
+    assert GenerationConfig.from_pretrained(tmp_path / "bare") == GenerationConfig(
+        eos_token_id=3, pad_token_id=0, bos_token_id=1
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -263,14 +286,16 @@ def test_stops_on_every_end_token_of_the_generation_config(tiny):
         )
     )
     np.testing.assert_array_equal(only_first, as_list)
-    # The model's own attribute is the default generation config.
+    # The model's own attribute (read from generation_config.json) is the default config.
+    loaded = model.generation_config
+    assert loaded.eos_token_id == (3,) and loaded.pad_token_id == 0  # transformers wrote it
     model.generation_config = config
     try:
         np.testing.assert_array_equal(
             np.asarray(generate(model, ids, mask, max_new_tokens=12)), out
         )
     finally:
-        del model.generation_config
+        model.generation_config = loaded
 
 
 @pytest.mark.slow  # ~30 s on the shared machine (compiles three programs)

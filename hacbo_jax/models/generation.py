@@ -384,7 +384,7 @@ def generate(
     ids_np = np.asarray(input_ids).astype(np.int64)
     mask_np = np.asarray(attention_mask).astype(bool)
     _check_prompts(ids_np, mask_np, vocab_size)
-    batch, prompt_len = ids_np.shape
+    prompt_len = ids_np.shape[1]
     extra = bucket_length(prompt_len) - prompt_len  # more left pads: same result, shared program
     ids_np = np.pad(ids_np, ((0, 0), (extra, 0)), constant_values=pad_token_id)
     mask_np = np.pad(mask_np, ((0, 0), (extra, 0)), constant_values=False)
