@@ -319,3 +319,20 @@ def test_config_round_trips_and_direct_construction_is_checked():
     bad = Qwen3Config(**BASE, num_key_value_heads=2, model_type="qwen2", attention_bias=True)
     with pytest.raises(ValueError, match="qk_norm"):
         bad.to_hf_dict()
+
+
+@pytest.mark.parametrize("name", ["qwen2_untied", "llama3_untied"])
+def test_scanned_layers_match_the_unrolled_model(checkpoints, models, tmp_path, name):
+    scanned = Qwen3ForCausalLM.from_pretrained(checkpoints[name][0], scan_layers=True)
+    ids, mask = _batch(4, padding="left")
+    np.testing.assert_allclose(
+        np.asarray(scanned(jnp.asarray(ids), jnp.asarray(mask)))[mask.astype(bool)],
+        np.asarray(models[name](jnp.asarray(ids), jnp.asarray(mask)))[mask.astype(bool)],
+        atol=1e-5,
+    )
+    scanned.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ref = _flat_params(models[name])
+    for key, value in hf.state_dict().items():
+        if key in ref:
+            np.testing.assert_array_equal(value.numpy(), ref[key], err_msg=key)

@@ -19,6 +19,7 @@ Everything that knows Hugging Face's names, layouts and files lives in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -30,11 +31,15 @@ import numpy as np
 from flax import nnx
 
 __all__ = [
+    "ATTENTION_IMPLS",
+    "QWEN3_LABEL_RULES",
+    "REMAT_POLICIES",
+    "AttentionMask",
     "Qwen3Config",
     "Qwen3ForCausalLM",
-    "qwen3_labels",
-    "QWEN3_LABEL_RULES",
     "positions_from_mask",
+    "positions_from_segments",
+    "qwen3_labels",
 ]
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -250,6 +255,24 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Per-segment positions of a packed row: ``t - (first column of t's segment)``.
+
+    ``segment_ids`` int[B, T] (0 = padding); a segment is a maximal run of one id, so RoPE
+    restarts at 0 at every segment start. Padding columns get positions too (never used).
+    """
+    t = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [
+            jnp.ones(segment_ids.shape[:-1] + (1,), jnp.bool_),
+            segment_ids[..., 1:] != segment_ids[..., :-1],
+        ],
+        axis=-1,
+    )
+    start_col = jax.lax.cummax(jnp.where(starts, t, 0), axis=segment_ids.ndim - 1)
+    return t - start_col
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None):
     """RoPE inverse frequencies float32[head_dim / 2]: ``theta^(-2i/head_dim)``, rescaled for
     Llama 3 when ``scaling`` is its ``rope_parameters`` (transformers'
@@ -276,29 +299,139 @@ def rope_tables(
     theta: float,
     scaling: tuple[tuple[str, Any], ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [B, T, head_dim] with angles ``pos * inv_freq`` in float32
-    (:func:`rope_inv_freq`; ``scaling`` as in :attr:`Qwen3Config.rope_scaling`)."""
+    """cos/sin tables float32[B, T, head_dim / 2] of angles ``pos * inv_freq``
+    (:func:`rope_inv_freq`; ``scaling`` as in :attr:`Qwen3Config.rope_scaling`).
+
+    Half width: transformers duplicates the angles to the full head width; :func:`apply_rope`
+    rotates the two halves with the same table instead, which is the same arithmetic.
+    """
     inv_freq = jnp.asarray(
         rope_inv_freq(head_dim, theta, None if scaling is None else dict(scaling))
     )
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates pairs (i, i + H/2) of x[B, T, N, H]: ``x cos + rotate_half(x) sin``."""
+    """Rotates pairs (i, i + H/2) of x[B, T, N, H] by the angles of cos/sin[B, T, H/2].
+
+    ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` (transformers' ``x cos + rotate_half(x)
+    sin`` with its duplicated table), one concatenation and no full-width tables.
+    """
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:]
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["segment_ids", "explicit"],
+    meta_fields=["packed"],
+)
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """What a query may attend to, in one of two forms (exactly one is set).
+
+    * ``segment_ids`` int[B, T] (training, no cache): query t attends key s iff ``s <= t``,
+      ``segment_ids[s] != 0`` and ``segment_ids[t] == segment_ids[s]``. A padded batch is the
+      one-segment case (``segment_ids = attention_mask``); a packed row has ids 1, 2, ...
+      ``packed`` says which (static): the ``xla``/``cudnn`` implementations express a padded
+      batch as sequence lengths (right padding assumed) and a packed one as an explicit mask.
+    * ``explicit`` bool[B, 1, T, S] (KV-cache decoding): True where query t may read slot s.
+    """
+
+    segment_ids: jax.Array | None = None
+    explicit: jax.Array | None = None
+    packed: bool = False
+
+    def allowed(self, t: int, s: int) -> jax.Array:
+        """bool[B, T, S], computed from iotas (no [B, 1, T, T] input is materialised)."""
+        if self.explicit is not None:
+            return self.explicit[:, 0]
+        seg = self.segment_ids
+        causal = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None]
+        return causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+
+
+def grouped_attention(q, k, v, mask: AttentionMask, *, scale: float) -> jax.Array:
+    """Grouped-query softmax attention without repeating K/V heads.
+
+    Einsum axes: b batch, t query position, s key position, k key/value head, g query head
+    within its group (query head n = k * G + g, as transformers' ``repeat_kv``), h head dim.
+    ``q[b,t,(k g),h] -> scores[b,k,g,t,s] = scale * sum_h q[b,t,k,g,h] key[b,s,k,h]``, masked
+    to the dtype's lowest value, softmax over s in float32, ``out[b,t,k,g,h] = sum_s p v``.
+    Returns [B, T, N, H] in q's dtype.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    allowed = mask.allowed(t, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def library_attention(q, k, v, mask: AttentionMask, *, scale: float, implementation: str):
+    """``jax.nn.dot_product_attention`` with causal and length/segment arguments.
+
+    A padded batch (``mask.packed`` False) is passed as ``is_causal=True`` with
+    ``query_seq_lengths = key_value_seq_lengths = segment_ids.sum(-1)``, which assumes RIGHT
+    padding (training batches); a packed batch as ``is_causal=True`` plus the segment mask
+    bool[B, 1, T, T]; a KV-cache mask as given. ``implementation`` is ``"xla"`` or ``"cudnn"``.
+    """
+    if mask.explicit is not None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask.explicit, scale=scale, implementation=implementation
+        )
+    seg = mask.segment_ids
+    if mask.packed:
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            mask=same[:, None],
+            scale=scale,
+            is_causal=True,
+            implementation=implementation,
+        )
+    lengths = jnp.sum(seg != 0, axis=-1, dtype=jnp.int32)
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
 
 
 class Qwen3Attention(nnx.Module):
     """Grouped-query self-attention with per-head q/k RMSNorm and RoPE."""
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         d, n, k, h = (
             config.hidden_size,
             config.num_attention_heads,
@@ -323,8 +456,9 @@ class Qwen3Attention(nnx.Module):
         else:  # Qwen2, Llama
             self.q_norm = self.k_norm = None
         self.scale = h**-0.5
+        self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
         q, k = self.q_proj(x), self.k_proj(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -339,11 +473,13 @@ class Qwen3Attention(nnx.Module):
                 cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0)
             )
             cache = (k, v)
-        # jax.nn.dot_product_attention groups query heads as [K, N/K] (repeat, not tile) and
-        # takes the softmax in float32.
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=self.scale
-        )
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        if self.attention_impl == "einsum":
+            out = grouped_attention(q, k, v, mask, scale=self.scale)
+        else:
+            out = library_attention(
+                q, k, v, mask, scale=self.scale, implementation=self.attention_impl
+            )
         return self.o_proj(out), cache
 
 
@@ -368,17 +504,31 @@ class Qwen3MLP(nnx.Module):
 
 
 class Qwen3DecoderLayer(nnx.Module):
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         self.input_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        self.self_attn = Qwen3Attention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Qwen3Attention(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_impl=attention_impl,
+            rngs=rngs,
+        )
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
         self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
@@ -389,10 +539,33 @@ def _remat_layer(layer: Qwen3DecoderLayer, x, cos, sin, mask):
     return layer(x, cos, sin, mask)[0]
 
 
-class Qwen3Model(nnx.Module):
-    """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree)."""
+def _checkpoint_policy(remat: str):
+    """jax.checkpoint policy of a remat mode ("full": save nothing, "dots": keep matmul outputs
+    without batch dimensions, i.e. the projections, and recompute the rest)."""
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.nothing_saveable
 
-    def __init__(self, config: Qwen3Config, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+
+class Qwen3Model(nnx.Module):
+    """Embeddings, decoder stack and final norm (HF's ``model.*`` sub-tree).
+
+    With ``scan_layers`` the decoder layers are ONE ``Qwen3DecoderLayer`` whose parameters carry
+    a leading layer axis L (``layers/mlp/up_proj/kernel``: [L, D, F]; slice i is layer i), run
+    with ``jax.lax.scan``; otherwise an ``nnx.List`` of L layers run by a Python loop.
+    """
+
+    def __init__(
+        self,
+        config: Qwen3Config,
+        *,
+        dtype,
+        param_dtype,
+        remat: str,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
+        rngs: nnx.Rngs,
+    ):
         self.embed_tokens = Embedding(
             config.vocab_size,
             config.hidden_size,
@@ -401,35 +574,82 @@ class Qwen3Model(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [
-                Qwen3DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                for _ in range(config.num_hidden_layers)
-            ]
-        )
+
+        def make_layer(rngs):
+            return Qwen3DecoderLayer(
+                config,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                attention_impl=attention_impl,
+                rngs=rngs,
+            )
+
+        if scan_layers:
+            make_stacked = nnx.split_rngs(splits=config.num_hidden_layers)(
+                nnx.vmap(make_layer, in_axes=(0,), out_axes=0)
+            )
+            self.layers = make_stacked(rngs)
+        else:
+            self.layers = nnx.List([make_layer(rngs) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
         self.remat = remat
+        self.scan_layers = scan_layers
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
         self.rope_scaling = config.rope_scaling
 
     def __call__(
-        self, input_ids, positions, mask, cache: KVCache | None = None, cache_index=None
+        self,
+        input_ids,
+        positions,
+        mask: AttentionMask | jax.Array,
+        cache: KVCache | None = None,
+        cache_index=None,
     ) -> tuple[jax.Array, KVCache | None]:
+        if not isinstance(mask, AttentionMask):
+            mask = AttentionMask(explicit=mask)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
+        if self.scan_layers:
+            return self._scan(x, cos, sin, mask, cache, cache_index)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            if cache is None and self.remat:
-                x = nnx.remat(_remat_layer)(layer, x, cos, sin, mask)
+            if cache is None and self.remat != "none":
+                policy = _checkpoint_policy(self.remat)
+                x = nnx.remat(_remat_layer, policy=policy)(layer, x, cos, sin, mask)
             else:
                 x, layer_cache = layer(
                     x, cos, sin, mask, None if cache is None else cache[i], cache_index
                 )
                 new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else tuple(new_cache))
+
+    def _scan(self, x, cos, sin, mask, cache, cache_index):
+        """``lax.scan`` over the stacked layer state; the cache (if any) is the stacked pair
+        (keys, values) [L, B, S, K, H], scanned alongside and returned restacked."""
+        graphdef, layer_state = nnx.split(self.layers)
+
+        if cache is None:
+
+            def body(x, state):
+                return nnx.merge(graphdef, state)(x, cos, sin, mask)[0], None
+
+            if self.remat != "none":
+                body = jax.checkpoint(
+                    body, policy=_checkpoint_policy(self.remat), prevent_cse=False
+                )
+            x, _ = jax.lax.scan(body, x, layer_state)
+            return self.norm(x), None
+
+        def body_cached(x, xs):
+            state, layer_cache = xs
+            x, layer_cache = nnx.merge(graphdef, state)(x, cos, sin, mask, layer_cache, cache_index)
+            return x, layer_cache
+
+        x, new_cache = jax.lax.scan(body_cached, x, (layer_state, tuple(cache)))
+        return self.norm(x), new_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,7 +664,21 @@ class Qwen3ForCausalLM(nnx.Module):
       config: the architecture.
       dtype: compute dtype (activations and matmuls); logits are returned in float32.
       param_dtype: storage dtype of the parameters (e.g. float32 master weights with bf16 compute).
-      remat: rematerialise each decoder layer in the backward pass (``nnx.remat``).
+      remat: rematerialisation of each decoder layer in the backward pass: ``"none"`` (keep all
+        activations), ``"full"`` (keep only the layer input, recompute the rest) or ``"dots"``
+        (keep the outputs of the weight matmuls, the ``dots_with_no_batch_dims_saveable``
+        policy: q/k/v/o and MLP projections; recompute norms, RoPE, attention and activations).
+        ``True``/``False`` are accepted for ``"full"``/``"none"``.
+      scan_layers: store the decoder layers' parameters stacked on a leading layer axis
+        (``model/layers/<module path>``, leaf [L, ...]) and run them with ``jax.lax.scan``: one
+        compiled layer instead of L, smaller HLO and XLA temporaries. Hugging Face load/save
+        are unchanged (stacked/unstacked there). With a KV cache, :meth:`init_cache` returns
+        the stacked pair (keys, values) [L, B, S, K, H] instead of one pair per layer.
+      attention_impl: ``"einsum"`` (default; grouped-query einsum with the mask computed from
+        iotas, no K/V head repeat: the CPU path), ``"xla"`` or ``"cudnn"``
+        (``jax.nn.dot_product_attention(implementation=...)`` with ``is_causal`` plus sequence
+        lengths for right-padded batches or a segment mask for packed ones; ``"cudnn"`` is the
+        GPU path and needs a CUDA backend).
       rngs: initialisation randomness (normal(0, initializer_range) weights, unit norms).
     """
 
@@ -454,14 +688,39 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
         rngs: nnx.Rngs | None = None,
     ):
+        remat = (
+            {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, bool) else remat
+        )
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be True, False or one of {REMAT_POLICIES}, got {remat!r}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}"
+            )
+        if attention_impl == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(
+                f"attention_impl='cudnn' needs a CUDA GPU backend, but jax's default backend is "
+                f"{jax.default_backend()!r}; use 'einsum' (CPU) or 'xla'"
+            )
         rngs = nnx.Rngs(0) if rngs is None else rngs
         self.config = config
         self.dtype = dtype
+        self.remat = remat
+        self.scan_layers = bool(scan_layers)
+        self.attention_impl = attention_impl
         self.model = Qwen3Model(
-            config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=self.scan_layers,
+            attention_impl=attention_impl,
+            rngs=rngs,
         )
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -477,29 +736,65 @@ class Qwen3ForCausalLM(nnx.Module):
                 rngs=rngs,
             )
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits float32[B, T, V] for input_ids int[B, T].
 
         ``attention_mask`` (1 = token, 0 = pad; left or right padding) masks pad keys and sets
         positions to the count of real tokens before each one. Outputs at pad positions are
-        meaningless.
+        meaningless. For packed rows pass ``segment_ids`` instead (see :meth:`hidden_states`).
         """
-        return self.lm_logits(self.hidden_states(input_ids, attention_mask))
+        return self.lm_logits(
+            self.hidden_states(
+                input_ids, attention_mask, segment_ids=segment_ids, positions=positions
+            )
+        )
 
     def hidden_states(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype (``lm_logits`` maps them).
 
         Lets a loss compute the [T, V] logits chunk by chunk instead of all at once.
+
+        Packed rows: ``segment_ids`` int[B, T] (1, 2, ... per example, 0 = padding) gives a
+        block-diagonal causal mask (a token attends to earlier tokens of its own segment only)
+        and, unless ``positions`` int[B, T] is given, RoPE positions restarting at 0 in every
+        segment (:func:`positions_from_segments`). ``attention_mask`` must then be None.
         """
-        if attention_mask is None:
-            attention_mask = jnp.ones(input_ids.shape, jnp.bool_)
-        valid = attention_mask.astype(jnp.bool_)
-        t = input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask = causal[None, None] & valid[:, None, None, :]
-        h, _ = self.model(input_ids, positions_from_mask(valid), mask)
+        if segment_ids is not None:
+            if attention_mask is not None:
+                raise ValueError(
+                    "pass either attention_mask (padded batch) or segment_ids (packed batch), "
+                    "not both"
+                )
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}"
+                )
+            segment_ids = segment_ids.astype(jnp.int32)
+            mask = AttentionMask(segment_ids=segment_ids, packed=True)
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
+        else:
+            if attention_mask is None:
+                attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+            valid = attention_mask.astype(jnp.int32)
+            mask = AttentionMask(segment_ids=valid, packed=False)
+            if positions is None:
+                positions = positions_from_mask(valid)
+        h, _ = self.model(input_ids, positions, mask)
         return h
 
     def lm_logits(self, h: jax.Array) -> jax.Array:
@@ -526,20 +821,26 @@ class Qwen3ForCausalLM(nnx.Module):
           input_ids: int[B, T]; positions: int[B, T] (RoPE positions).
           mask: bool[B, 1, T, S], True where query t may attend key slot s (S = T without a cache,
             the cache length with one).
-          cache: per-layer (keys, values), each [B, S, K, H]; the new keys/values are written at
-            slots ``cache_index .. cache_index + T``.
+          cache: from :meth:`init_cache`; the new keys/values are written at slots
+            ``cache_index .. cache_index + T``.
           last_only: compute logits for the last position only (prefill needs no more).
         Returns: (logits float32[B, T or 1, V], updated cache or None).
         """
-        h, cache = self.model(input_ids, positions, mask, cache, cache_index)
+        h, cache = self.model(
+            input_ids, positions, AttentionMask(explicit=mask), cache, cache_index
+        )
         if last_only:
             h = h[:, -1:]
         return self.lm_logits(h), cache
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """Zeroed key/value cache, [B, max_length, K, H] per layer in the compute dtype."""
+        """Zeroed key/value cache in the compute dtype: one pair ([B, S, K, H] keys, values) per
+        layer, or with ``scan_layers`` the stacked pair ([L, B, S, K, H] keys, values)."""
         c = self.config
         shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        if self.scan_layers:
+            stacked = (c.num_hidden_layers, *shape)
+            return (jnp.zeros(stacked, self.dtype), jnp.zeros(stacked, self.dtype))
         return tuple(
             (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
             for _ in range(c.num_hidden_layers)
@@ -554,16 +855,25 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        attention_impl: str = "einsum",
     ) -> Qwen3ForCausalLM:
         """Loads a Hugging Face Qwen3 checkpoint (local directory, or a hub id when online).
 
-        See :func:`hacbo_jax.models.qwen3_hf.from_pretrained`.
+        Arguments after the path are the constructor's. See
+        :func:`hacbo_jax.models.qwen3_hf.from_pretrained`.
         """
         from hacbo_jax.models.qwen3_hf import from_pretrained
 
         return from_pretrained(
-            path_or_hub_id, model_cls=cls, dtype=dtype, param_dtype=param_dtype, remat=remat
+            path_or_hub_id,
+            model_cls=cls,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            remat=remat,
+            scan_layers=scan_layers,
+            attention_impl=attention_impl,
         )
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

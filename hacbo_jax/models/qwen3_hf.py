@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hacbo_jax.models.generation import GENERATION_CONFIG_NAME, GenerationConfig
@@ -32,6 +33,7 @@ __all__ = [
     "param_to_hf",
     "param_to_hf_shape",
     "save_pretrained",
+    "state_to_hf",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +269,33 @@ def _checkpoint_files(directory: str) -> dict[str, str]:
         return {name: "model.safetensors" for name in f.keys()}
 
 
+def _stacked(path: tuple) -> bool:
+    """True for a scanned-layers leaf ``model/layers/<module path>`` (leading layer axis)."""
+    return len(path) > 2 and str(path[1]) == "layers" and not str(path[2]).isdigit()
+
+
+def _layer_path(path: tuple, i: int) -> tuple:
+    """Per-layer path of slice i of a stacked leaf: ``model/layers/i/<module path>``."""
+    return (*path[:2], i, *path[2:])
+
+
+def state_to_hf(state) -> Iterator[tuple[str, jax.Array]]:
+    """(Hugging Face name, tensor in HF layout) for every leaf of a parameter ``nnx.State`` (or
+    a gradient of one), one at a time; a stacked (scanned-layers) leaf gives one tensor per
+    layer slice."""
+    for path, var in nnx.to_flat_state(state):
+        value = var[...]
+        if _stacked(path):
+            for i in range(value.shape[0]):
+                layer_path = _layer_path(path, i)
+                yield hf_name(layer_path), param_to_hf(layer_path, value[i])
+        else:
+            yield hf_name(path), param_to_hf(path, value)
+
+
 def iter_hf_tensors(model: Qwen3ForCausalLM) -> Iterator[tuple[str, jax.Array]]:
     """(Hugging Face name, tensor in HF layout) for every parameter, one at a time."""
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        yield hf_name(path), param_to_hf(path, var[...])
+    yield from state_to_hf(nnx.state(model, nnx.Param))
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +323,18 @@ def from_pretrained(
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     files = _checkpoint_files(directory)
-    expected = {hf_name(path): (path, var) for path, var in flat}
+    # HF name -> (our path, layer slice or None, per-tensor shape, dtype); a stacked leaf
+    # (scan_layers) is read one layer slice at a time into one host buffer.
+    expected = {}
+    buffers = {}
+    for path, var in flat:
+        shape = tuple(var.shape)
+        if _stacked(path):
+            buffers[path] = np.empty(shape, np.dtype(var.dtype))
+            for i in range(shape[0]):
+                expected[hf_name(_layer_path(path, i))] = (path, i, shape[1:], var.dtype)
+        else:
+            expected[hf_name(path)] = (path, None, shape, var.dtype)
     present = set(files)
     missing = sorted(set(expected) - present)
     unexpected = sorted(
@@ -315,15 +351,19 @@ def from_pretrained(
     for filename, names in by_file.items():
         with safe_open(os.path.join(directory, filename), framework="flax") as f:
             for name in names:
-                path, var = expected[name]
+                path, index, shape, dtype = expected[name]
                 hf_shape = tuple(f.get_slice(name).get_shape())
-                want = param_to_hf_shape(path, tuple(var.shape))
+                want = param_to_hf_shape(path, shape)
                 if hf_shape != want:
                     mismatched.append(f"{name}: checkpoint {hf_shape}, model expects {want}")
                     continue
                 if missing or unexpected or mismatched:
                     continue  # only validating from here on
-                loaded[path] = hf_to_param(path, f.get_tensor(name), tuple(var.shape), var.dtype)
+                value = hf_to_param(path, f.get_tensor(name), shape, dtype)
+                if index is None:
+                    loaded[path] = value
+                else:
+                    buffers[path][index] = np.asarray(value)
     if missing or unexpected or mismatched:
         lines = [f"cannot load Qwen3 checkpoint {directory!s}:"]
         if missing:
@@ -333,6 +373,7 @@ def from_pretrained(
         if mismatched:
             lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
         raise ValueError("\n".join(lines))
+    loaded.update({path: jnp.asarray(buffer) for path, buffer in buffers.items()})
     for path, var in flat:
         var.set_value(loaded.pop(path))
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -347,16 +388,16 @@ def save_pretrained(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> No
     """Writes ``config.json``, ``generation_config.json`` and ``model.safetensors`` in Hugging
     Face's layout and names.
 
-    Parameters are saved in their storage dtype; a tied model saves only the embedding. The
-    generation config is the model's ``generation_config`` attribute (set when it was loaded
-    from a checkpoint that had one), else greedy defaults ending on the config's eos_token_id
-    (what transformers writes for a model without one).
+    Parameters are saved in their storage dtype; a tied model saves only the embedding; stacked
+    (scanned) layers are saved as Hugging Face's per-layer tensors. The generation config is the
+    model's ``generation_config`` attribute (set when it was loaded from a checkpoint that had
+    one), else greedy defaults ending on the config's eos_token_id (what transformers writes for
+    a model without one).
     """
     from safetensors.flax import save_file
 
     os.makedirs(directory, exist_ok=True)
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    tensors = {hf_name(path): param_to_hf(path, var[...]) for path, var in flat}
+    tensors = dict(iter_hf_tensors(model))
     dtypes = {str(t.dtype) for t in tensors.values()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
