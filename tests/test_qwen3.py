@@ -382,7 +382,7 @@ BASE = dict(
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model_type="llama"), "model_type='llama'"),
+        (dict(model_type="mistral"), "model_type='mistral'"),  # qwen2 / llama are options now
         (dict(use_sliding_window=True), "use_sliding_window"),
         (dict(layer_types=["full_attention", "sliding_attention"]), "sliding_attention"),
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), "'yarn'"),
@@ -403,8 +403,8 @@ def test_config_reports_several_problems_at_once():
 
 
 def test_non_qwen3_checkpoint_directory_is_rejected(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "qwen2"}))
-    with pytest.raises(ValueError, match="not a Qwen3 config: model_type='qwen2'"):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "qwen3_moe"}))
+    with pytest.raises(ValueError, match="unsupported model_type='qwen3_moe'"):
         Qwen3ForCausalLM.from_pretrained(tmp_path)
 
 

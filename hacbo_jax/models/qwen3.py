@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,15 @@ KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 # --------------------------------------------------------------------------------------------
 
 
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     """Hyper-parameters of a dense Qwen3 model, with Hugging Face's field names.
@@ -68,6 +78,16 @@ class Qwen3Config:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # Architecture options beyond Qwen3 (Qwen2/Qwen2.5 and Llama 3 are the same port with these):
+    # the family written to config.json, per-head q/k RMSNorm (Qwen3 only), a bias on o_proj
+    # (None: same as attention_bias; Qwen2 has q/k/v biases but none on o_proj) and RoPE scaling
+    # (None, or Llama 3's {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}, kept as sorted (key, value) pairs
+    # so the config stays hashable).
+    model_type: str = "qwen3"
+    qk_norm: bool = True
+    attention_out_bias: bool | None = None
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
     max_position_embeddings: int = 32768
     initializer_range: float = 0.02
     bos_token_id: int | None = None
@@ -77,6 +97,25 @@ class Qwen3Config:
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):  # keep the config hashable (it is static in jit)
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.attention_out_bias is None:
+            object.__setattr__(self, "attention_out_bias", self.attention_bias)
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"Qwen3Config.model_type={self.model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            if scaling.get("rope_type") != "llama3":
+                raise ValueError(
+                    f"Qwen3Config.rope_scaling rope_type={scaling.get('rope_type')!r} is not "
+                    "supported (only 'llama3'; None means plain RoPE)"
+                )
+            missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
+            if missing:
+                raise ValueError(f"Qwen3Config.rope_scaling (llama3) is missing {missing}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -234,13 +273,41 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return t - start_col
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables float32[B, T, head_dim / 2] of angles ``pos * theta^(-2i/head_dim)``.
+def rope_inv_freq(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None):
+    """RoPE inverse frequencies float32[head_dim / 2]: ``theta^(-2i/head_dim)``, rescaled for
+    Llama 3 when ``scaling`` is its ``rope_parameters`` (transformers'
+    ``_compute_llama3_parameters``): wavelengths ``2 pi / f`` above ``L / low_freq_factor``
+    (L = original_max_position_embeddings) are divided by ``factor``, those below
+    ``L / high_freq_factor`` kept, and the band between interpolated with
+    ``s = (L / wavelength - low) / (high - low)``: ``(1 - s) f / factor + s f``."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor, low, high = (float(scaling[k]) for k in LLAMA3_ROPE_KEYS[:3])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(
+    positions: jax.Array,
+    head_dim: int,
+    theta: float,
+    scaling: tuple[tuple[str, Any], ...] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables float32[B, T, head_dim / 2] of angles ``pos * inv_freq``
+    (:func:`rope_inv_freq`; ``scaling`` as in :attr:`Qwen3Config.rope_scaling`).
 
     Half width: transformers duplicates the angles to the full head width; :func:`apply_rope`
     rotates the two halves with the same table instead, which is the same arithmetic.
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    inv_freq = jnp.asarray(
+        rope_inv_freq(head_dim, theta, None if scaling is None else dict(scaling))
+    )
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -381,15 +448,21 @@ class Qwen3Attention(nnx.Module):
         self.q_proj = Linear("BTD,DNH->BTNH", (d,), (n, h), **common)
         self.k_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
         self.v_proj = Linear("BTD,DKH->BTKH", (d,), (k, h), **common)
+        common["use_bias"] = config.attention_out_bias
         self.o_proj = Linear("BTNH,NHD->BTD", (n, h), (d,), **common)
-        self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        else:  # Qwen2, Llama
+            self.q_norm = self.k_norm = None
         self.scale = h**-0.5
         self.attention_impl = attention_impl
 
     def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
-        q = apply_rope(self.q_norm(self.q_proj(x)), cos, sin)
-        k = apply_rope(self.k_norm(self.k_proj(x)), cos, sin)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x)
         if cache is not None:
             # Left-padded batches write all rows at the same slot, so one dynamic slice suffices.
@@ -525,6 +598,7 @@ class Qwen3Model(nnx.Module):
         self.scan_layers = scan_layers
         self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
+        self.rope_scaling = config.rope_scaling
 
     def __call__(
         self,
@@ -537,7 +611,7 @@ class Qwen3Model(nnx.Module):
         if not isinstance(mask, AttentionMask):
             mask = AttentionMask(explicit=mask)
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
         if self.scan_layers:
             return self._scan(x, cos, sin, mask, cache, cache_index)
         new_cache = []

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.models.generation import GENERATION_CONFIG_NAME, GenerationConfig
+from hacbo_jax.models.qwen3 import LLAMA3_ROPE_KEYS, Qwen3Config, Qwen3ForCausalLM
 
 __all__ = [
     "config_from_hf",
@@ -40,12 +41,28 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+# model_type -> (architecture class in transformers, fixed architecture options).
+_FAMILIES = {
+    "qwen3": ("Qwen3ForCausalLM", dict(qk_norm=True)),
+    # Qwen2 / Qwen2.5: q/k/v always carry a bias, o_proj never does, no q/k norm.
+    "qwen2": (
+        "Qwen2ForCausalLM",
+        dict(qk_norm=False, attention_bias=True, attention_out_bias=False),
+    ),
+    "llama": ("LlamaForCausalLM", dict(qk_norm=False)),
+}
+
+
 def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config:
     """Builds a config from a Hugging Face ``config.json`` (a dict, the file, or its directory).
 
-    ``rope_theta`` is read from ``rope_parameters`` (transformers >= 5) or from the top level
-    (older files). Raises ValueError for a model_type other than ``qwen3``, sliding-window
-    attention, RoPE scaling other than ``default``, or an activation other than ``silu``.
+    Accepts the dense families this port implements as options: ``model_type`` ``qwen3``,
+    ``qwen2`` (Qwen2 / Qwen2.5: q/k/v biases, no q/k norm) and ``llama`` (Llama 3: no q/k norm,
+    ``attention_bias`` on q/k/v/o, plain or ``llama3`` RoPE scaling). ``rope_theta`` and the
+    scaling are read from ``rope_parameters`` (transformers >= 5) or from the top level /
+    ``rope_scaling`` (older files). Raises ValueError naming every unsupported feature: another
+    model_type (MoE families included), mixture-of-experts keys, sliding-window attention, RoPE
+    scaling other than ``default``/``llama3``, an MLP bias, or an activation other than ``silu``.
     """
     if not isinstance(config, Mapping):
         path = os.fspath(config)
@@ -54,13 +71,20 @@ def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config
         with open(path) as f:
             config = json.load(f)
     cfg = dict(config)
-    if cfg.get("model_type") != "qwen3":
+    model_type = cfg.get("model_type")
+    if model_type not in _FAMILIES:
         raise ValueError(
-            f"not a Qwen3 config: model_type={cfg.get('model_type')!r} (expected 'qwen3')"
+            f"unsupported model_type={model_type!r} (supported: {', '.join(_FAMILIES)}; "
+            "dense models only)"
         )
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={cfg['hidden_act']!r} (only 'silu' is implemented)")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if cfg.get(key):
+            problems.append(f"{key}={cfg[key]} (mixture-of-experts is not implemented)")
+    if cfg.get("mlp_bias", False):
+        problems.append("mlp_bias=True (MLP biases are not implemented)")
     if cfg.get("use_sliding_window", False):
         problems.append("use_sliding_window=True (sliding-window attention is not implemented)")
     layer_types = cfg.get("layer_types") or []
@@ -68,14 +92,15 @@ def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config
         problems.append(
             f"layer_types={sorted(set(layer_types))} (only 'full_attention' is implemented)"
         )
-    rope = cfg.get("rope_parameters") or {}
-    rope_scaling = cfg.get("rope_scaling") or {}
-    for source, params in (("rope_parameters", rope), ("rope_scaling", rope_scaling)):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            problems.append(
-                f"{source}.rope_type={rope_type!r} (only 'default' RoPE is implemented)"
-            )
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.update(cfg.get("rope_scaling") or {})  # older files keep the scaling here
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    allowed = ("default", "llama3") if model_type == "llama" else ("default",)
+    if rope_type not in allowed:
+        problems.append(
+            f"rope_type={rope_type!r} (implemented for model_type={model_type!r}: "
+            f"{', '.join(allowed)})"
+        )
     missing = [
         k
         for k in (
@@ -90,10 +115,22 @@ def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config
     if missing:
         problems.append(f"missing required keys {missing}")
     if problems:
-        raise ValueError("unsupported Qwen3 config: " + "; ".join(problems))
+        raise ValueError(f"unsupported {model_type} config: " + "; ".join(problems))
     rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     n_heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads")
+    # transformers' default head_dim: 128 for Qwen3, hidden_size / heads for Qwen2 and Llama.
+    default_head_dim = 128 if model_type == "qwen3" else cfg["hidden_size"] // n_heads
+    options = dict(
+        model_type=model_type,
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        rope_scaling=(
+            {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS if k in rope}}
+            if rope_type == "llama3"
+            else None
+        ),
+    )
+    options.update(_FAMILIES[model_type][1])
     return Qwen3Config(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -101,36 +138,54 @@ def config_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> Qwen3Config
         num_hidden_layers=cfg["num_hidden_layers"],
         num_attention_heads=n_heads,
         num_key_value_heads=n_heads if kv_heads is None else kv_heads,
-        head_dim=cfg.get("head_dim") or 128,
+        head_dim=cfg.get("head_dim") or default_head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope_theta),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
+        **options,
     )
 
 
 def config_to_hf_dict(config: Qwen3Config, dtype: str = "float32") -> dict[str, Any]:
-    """A ``config.json`` dict that ``transformers.Qwen3ForCausalLM`` loads."""
+    """A ``config.json`` dict that transformers' class of ``config.model_type`` loads
+    (``Qwen3ForCausalLM``, ``Qwen2ForCausalLM`` or ``LlamaForCausalLM``)."""
+    architecture, fixed = _FAMILIES[config.model_type]
+    given = {k: getattr(config, k) for k in fixed}
+    if given != fixed:
+        raise ValueError(
+            f"model_type={config.model_type!r} fixes {fixed}, but the config has {given}: "
+            "transformers could not load it as that family"
+        )
+    if config.model_type == "llama" and config.attention_out_bias != config.attention_bias:
+        raise ValueError("llama's attention_bias covers q/k/v and o_proj: they must agree")
     d = dataclasses.asdict(config)
-    d.pop("rope_theta")
+    for key in ("rope_theta", "qk_norm", "attention_out_bias", "rope_scaling"):
+        d.pop(key)
+    rope_parameters = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope_parameters.update(dict(config.rope_scaling), rope_theta=config.rope_theta)
     d.update(
-        architectures=["Qwen3ForCausalLM"],
-        model_type="qwen3",
+        architectures=[architecture],
         hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        use_sliding_window=False,
-        sliding_window=None,
-        max_window_layers=config.num_hidden_layers,
-        layer_types=["full_attention"] * config.num_hidden_layers,
+        rope_parameters=rope_parameters,
         attention_dropout=0.0,
         use_cache=True,
         dtype=dtype,
     )
+    if config.model_type in ("qwen3", "qwen2"):
+        d.update(
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=config.num_hidden_layers,
+            layer_types=["full_attention"] * config.num_hidden_layers,
+        )
+    else:
+        d.update(mlp_bias=False)
     if isinstance(d["eos_token_id"], tuple):
         d["eos_token_id"] = list(d["eos_token_id"])
     return d
@@ -321,14 +376,23 @@ def from_pretrained(
     loaded.update({path: jnp.asarray(buffer) for path, buffer in buffers.items()})
     for path, var in flat:
         var.set_value(loaded.pop(path))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    if os.path.exists(os.path.join(directory, GENERATION_CONFIG_NAME)):
+        # Decoding defaults and every end token (Qwen3: <|im_end|> and <|endoftext|>);
+        # generation.generate reads this attribute.
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
 
 
 def save_pretrained(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> None:
-    """Writes ``config.json`` and ``model.safetensors`` in Hugging Face's layout and names.
+    """Writes ``config.json``, ``generation_config.json`` and ``model.safetensors`` in Hugging
+    Face's layout and names.
 
     Parameters are saved in their storage dtype; a tied model saves only the embedding; stacked
-    (scanned) layers are saved as Hugging Face's per-layer tensors.
+    (scanned) layers are saved as Hugging Face's per-layer tensors. The generation config is the
+    model's ``generation_config`` attribute (set when it was loaded from a checkpoint that had
+    one), else greedy defaults ending on the config's eos_token_id (what transformers writes for
+    a model without one).
     """
     from safetensors.flax import save_file
 
@@ -339,3 +403,7 @@ def save_pretrained(model: Qwen3ForCausalLM, directory: str | os.PathLike) -> No
     dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_to_hf_dict(model.config, dtype=dtype), f, indent=2)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is None:
+        generation_config = GenerationConfig.from_model_config(model.config)
+    generation_config.save_pretrained(directory)
