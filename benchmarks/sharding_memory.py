@@ -20,8 +20,9 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from hacbo_jax import sharding as sharding_lib
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-from train.step import (
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training.step import (
     TrainState,
     build_controller,
     build_optimizer,

@@ -30,10 +30,11 @@ from flax import nnx  # noqa: E402
 
 from hacbo_jax import sharding as sharding_lib  # noqa: E402
 from hacbo_jax.controllers.labels import leaf_path  # noqa: E402
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels  # noqa: E402
-from train import distributed  # noqa: E402
-from train.checkpoint import Checkpointer  # noqa: E402
-from train.step import (  # noqa: E402
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training import distributed  # noqa: E402
+from hacbo_jax.training.checkpoint import Checkpointer  # noqa: E402
+from hacbo_jax.training.step import (  # noqa: E402
     Batch,
     TrainState,
     build_controller,
@@ -246,12 +247,12 @@ def finetune_runs(out_dir: Path) -> None:
     Writes ``OUT_DIR/finetune/{1x1,resumed}/`` run directories.
     """
     from tests.tiny_checkpoint import make_tiny_checkpoint
-    from train import finetune
-    from train.config import load_config
+    from hacbo_jax.training import finetune
+    from hacbo_jax.training.config import load_config
 
     root = out_dir / "finetune"
     model_dir = make_tiny_checkpoint(root / "model")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    config = Path(__file__).resolve().parents[1] / "hacbo_jax" / "configs" / "tiny_cpu.yaml"
 
     def cfg(run: str, mesh: tuple[int, int]):
         return load_config(

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from train.checkpoint import CheckpointError, Checkpointer, to_jsonable
+from hacbo_jax.training.checkpoint import CheckpointError, Checkpointer, to_jsonable
 
 
 def _params(width=4):

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from tests.tiny_checkpoint import make_tiny_checkpoint
-from train import compare
-from train.config import config_to_dict, save_config
-from train.finetune import _controller_hyper
-from train.finetune import run as finetune_run
-from train.logs import read_jsonl
-from train.stats import mean_ci, paired_ttest
-from train.step import build_controller
+from hacbo_jax.training import compare
+from hacbo_jax.training.config import config_to_dict, save_config
+from hacbo_jax.training.finetune import _controller_hyper
+from hacbo_jax.training.finetune import run as finetune_run
+from hacbo_jax.training.logs import read_jsonl
+from hacbo_jax.training.stats import mean_ci, paired_ttest
+from hacbo_jax.training.step import build_controller
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "compare_cpu.yaml"
+CONFIG = ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"
 
 
 @pytest.fixture(scope="module")

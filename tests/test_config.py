@@ -6,15 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import config as C
-from train.config import ConfigError, config_from_dict, load_config, save_config
+from hacbo_jax.training import config as C
+from hacbo_jax.training.config import ConfigError, config_from_dict, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "hacbo_jax" / "configs").glob("*.yaml"))
 
 
 def _preset() -> str:
     try:
-        from train.synthetic import PRESETS
+        from hacbo_jax.training.synthetic import PRESETS
 
         return next(iter(PRESETS))
     except (ImportError, AttributeError):
@@ -56,7 +57,7 @@ def _error(raw, overrides=()) -> str:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_round_trip(path, tmp_path, model_dir):
     overrides = []
-    if not (C.PROJECT_ROOT / "assets" / "tiny-qwen3-gsm" / "config.json").is_file():
+    if not (C.PACKAGE_ROOT / "assets" / "tiny-qwen3-gsm" / "config.json").is_file():
         overrides = [f"model.path={model_dir}"] if "tiny" in path.name else []
     cfg = load_config(path, overrides)
     save_config(cfg, tmp_path / "config.yaml")
@@ -74,7 +75,7 @@ def test_shipped_config_set():
 
 
 def test_paper_configs_carry_the_papers_values():
-    h = load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml")
+    h = load_config(C.CONFIGS_DIR / "paper_hacbo.yaml")
     assert (
         h.controller.kind,
         h.controller.hacbo.interval,
@@ -94,10 +95,10 @@ def test_paper_configs_carry_the_papers_values():
     # 3 epochs x (7473 // 64) = 348 steps (partial batches dropped); warm-up ends inside the run.
     assert h.total_steps(h.expected_train_examples()) == 348
     assert h.optim.warmup_steps < 348
-    fixed = load_config(C.PROJECT_ROOT / "configs/paper_hacbo_fixed.yaml")
+    fixed = load_config(C.CONFIGS_DIR / "paper_hacbo_fixed.yaml")
     assert fixed.controller.hacbo.gamma == 0.1
     assert dataclasses.replace(fixed.controller.hacbo, gamma=0.0) == h.controller.hacbo
-    b = load_config(C.PROJECT_ROOT / "configs/paper_blac.yaml")
+    b = load_config(C.CONFIGS_DIR / "paper_blac.yaml")
     assert (
         b.controller.kind,
         b.controller.blac.interval,
@@ -106,7 +107,7 @@ def test_paper_configs_carry_the_papers_values():
         b.controller.blac.update_norm_budget,
         b.optim.lr,
     ) == ("blac", 20, 0.7436, 300, 1.0, 1.96e-4)
-    assert load_config(C.PROJECT_ROOT / "configs/adamw.yaml").controller.kind == "none"
+    assert load_config(C.CONFIGS_DIR / "adamw.yaml").controller.kind == "none"
 
 
 def test_papers_500_step_warmup_is_rejected():
@@ -114,14 +115,14 @@ def test_papers_500_step_warmup_is_rejected():
         pytest.raises(
             ConfigError,
             load_config,
-            C.PROJECT_ROOT / "configs/paper_hacbo.yaml",
+            C.CONFIGS_DIR / "paper_hacbo.yaml",
             ["optim.warmup_steps=500"],
         ).value
     )
     assert "optim.warmup_steps = 500" in msg and "348" in msg
-    load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml", ["optim.warmup_steps=347"])
+    load_config(C.CONFIGS_DIR / "paper_hacbo.yaml", ["optim.warmup_steps=347"])
     with pytest.raises(ConfigError, match="348"):
-        load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml", ["optim.warmup_steps=348"])
+        load_config(C.CONFIGS_DIR / "paper_hacbo.yaml", ["optim.warmup_steps=348"])
 
 
 # -- defaults, overrides, resolution -------------------------------------------------------------
@@ -398,15 +399,15 @@ def test_save_config_writes_resolved_yaml(base, tmp_path):
 def test_readme_training_config_example_runs(monkeypatch, capsys):
     import re
 
-    text = (C.PROJECT_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / "README.md").read_text()
     section = re.search(r"<!-- section:training -->(.*?)<!-- /section:training -->", text, re.S)
     blocks = [
         b
         for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-        if b.startswith("# train.config example")
+        if b.startswith("# hacbo_jax.training.config example")
     ]
-    assert blocks, "README training section lost its train.config example"
-    monkeypatch.chdir(C.PROJECT_ROOT)
+    assert blocks, "README training section lost its hacbo_jax.training.config example"
+    monkeypatch.chdir(REPO_ROOT)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out

@@ -1,13 +1,14 @@
 """GSM8K loading, preprocessing, SFT tokenisation/masking, prompt batches and resumable sampling."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from train import data
-from train.data import Example
-from train.tokenizer import train_tokenizer
+from hacbo_jax.training import data
+from hacbo_jax.training.data import Example
+from hacbo_jax.training.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -211,11 +212,11 @@ def test_sft_take_returns_batch_dict(tokenizer):
 def test_readme_data_example_runs():
     import re
 
-    readme = (data.REPO_ROOT / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = re.search(r"<!-- section:data -->(.*?)<!-- /section:data -->", readme, re.S)
     assert section is not None, "README.md lacks the data section markers"
     blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-    if not (data.REPO_ROOT / "assets" / "tiny-qwen3-gsm" / "tokenizer.json").is_file():
+    if not (data.ASSETS_DIR / "tiny-qwen3-gsm" / "tokenizer.json").is_file():
         pytest.skip("the example loads the embedded tokenizer, not built yet")
     assert blocks, "the data section has no python code block"
     namespace = {"__name__": "__readme__"}

@@ -25,8 +25,8 @@ from hacbo_jax.models.qwen3 import (  # noqa: E402
     Qwen3ForCausalLM,
     hf_name,
     param_to_hf,
-    qwen3_labels,
 )
+from hacbo_jax.training.recipes import qwen3_labels  # noqa: E402
 
 VOCAB = 89
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import report as R
-from train.logs import RunLogger, read_jsonl
+from hacbo_jax.training import report as R
+from hacbo_jax.training.logs import RunLogger, read_jsonl
 
 B, M = 3, 4
 

@@ -21,10 +21,16 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.controllers.labels import leaf_path
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-from train import distributed, finetune
-from train.config import Config, ConfigError, MeshConfig, OptimConfig
-from train.step import TrainState, build_controller, build_optimizer, learning_rate_schedule
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.training.recipes import QWEN3_RULES, qwen3_labels
+from hacbo_jax.training import distributed, finetune
+from hacbo_jax.training.config import Config, ConfigError, MeshConfig, OptimConfig
+from hacbo_jax.training.step import (
+    TrainState,
+    build_controller,
+    build_optimizer,
+    learning_rate_schedule,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -137,7 +143,7 @@ def _qwen3_0_6b_state():
 
 def test_qwen3_rules_shard_params_moments_alike_and_replicate_controller():
     state = _qwen3_0_6b_state()
-    specs = sharding_lib.partition_specs(state, {"data": 2, "fsdp": 4}, sharding_lib.QWEN3_RULES)
+    specs = sharding_lib.partition_specs(state, {"data": 2, "fsdp": 4}, QWEN3_RULES)
     layer = specs.params["model"]["layers"][5]
     assert specs.params["model"]["embed_tokens"]["weight"] == P("fsdp", None)
     assert layer["self_attn"]["q_proj"]["kernel"] == P("fsdp", None, None)
@@ -159,7 +165,7 @@ def test_rule_that_does_not_divide_falls_back_to_fsdp_rule():
         "other": jax.ShapeDtypeStruct((4, 3), jnp.float32),
     }
     specs = sharding_lib.partition_specs(
-        tree, {"data": 1, "fsdp": 4}, sharding_lib.QWEN3_RULES, min_elements=100
+        tree, {"data": 1, "fsdp": 4}, QWEN3_RULES, min_elements=100
     )
     # 1001 rows do not split 4 ways: the shape rule shards the 4096 axis instead.
     assert specs["embed_tokens"]["weight"] == P(None, "fsdp")

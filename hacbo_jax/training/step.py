@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax import blac, hacbo
 from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.training.recipes import QWEN3_RULES
 
 # apply_if_finite lets a non-finite update through after this many consecutive rejections; the
 # training loop stops the run long before (divergence.max_consecutive_nonfinite), so make it
@@ -285,7 +286,7 @@ def step_shardings(
     mesh: jax.sharding.Mesh,
     state: TrainState,
     *,
-    rules: Sequence[sharding_lib.PartitionRule] = sharding_lib.QWEN3_RULES,
+    rules: Sequence[sharding_lib.PartitionRule] = QWEN3_RULES,
     dev_batch_size: int,
     min_elements: int = 2**16,
 ) -> StepShardings:

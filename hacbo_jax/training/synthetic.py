@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from train.data import Example
+from hacbo_jax.training.data import Example
 
 OPERATIONS = ("+", "-", "*")
 FAMILIES = ("inventory", "comparison", "shopping")

@@ -31,7 +31,10 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Relative paths in a config are looked up in the current directory, then here: the installed
+# package, so that the defaults ("assets/tiny-qwen3-gsm", "assets/gsm8k/...") are package data.
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS_DIR = PACKAGE_ROOT / "configs"
 
 
 class ConfigError(ValueError):
@@ -111,8 +114,8 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     task: Literal["gsm8k", "synthetic"] = "gsm8k"
-    train_file: str = "data/gsm8k/train.jsonl"
-    eval_file: str = "data/gsm8k/test.jsonl"
+    train_file: str = "assets/gsm8k/train.jsonl"
+    eval_file: str = "assets/gsm8k/test.jsonl"
     hub_name: Optional[str] = None  # a datasets hub name used instead of the files
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = _opt(512, _range(8))
@@ -444,7 +447,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str], problems: list[str]) ->
 def _resolve_existing(path: str) -> Path | None:
     """The path as given (from the current directory), else under the project root, if it exists."""
     p = Path(path).expanduser()
-    for candidate in (p, PROJECT_ROOT / p) if not p.is_absolute() else (p,):
+    for candidate in (p, PACKAGE_ROOT / p) if not p.is_absolute() else (p,):
         if candidate.exists():
             return candidate.resolve()
     return None
@@ -458,7 +461,7 @@ def _looks_like_local_path(path: str) -> bool:
     if not _HUB_ID.match(path):
         return True
     first = path.split("/", 1)[0]
-    return Path(first).is_dir() or (PROJECT_ROOT / first).is_dir()
+    return Path(first).is_dir() or (PACKAGE_ROOT / first).is_dir()
 
 
 def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
@@ -475,7 +478,7 @@ def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
         elif _looks_like_local_path(model_path):
             problems.append(
                 f"model.path = {model_path!r}: no such local directory (looked in the "
-                f"current directory and {PROJECT_ROOT}); must be an existing Hugging "
+                f"current directory and {PACKAGE_ROOT}); must be an existing Hugging "
                 "Face model directory or a hub id like 'Qwen/Qwen3-0.6B'"
             )
     data = cfg.data
@@ -487,7 +490,7 @@ def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
             if found is None or not found.is_file():
                 problems.append(
                     f"data.{key} = {given!r}: file not found (looked in the current "
-                    f"directory and {PROJECT_ROOT}); must be a JSONL file of "
+                    f"directory and {PACKAGE_ROOT}); must be a JSONL file of "
                     "{question, answer} rows, or set data.hub_name"
                 )
                 bad.add(f"data.{key}")
@@ -503,7 +506,7 @@ def _resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
 def _check_synthetic_preset(preset: str) -> str | None:
     """Validate against train.synthetic.PRESETS when that module provides it."""
     try:
-        from train import synthetic  # owned by the data engineer
+        from hacbo_jax.training import synthetic  # owned by the data engineer
     except ImportError:
         return None
     presets = getattr(synthetic, "PRESETS", None)
@@ -624,13 +627,40 @@ def config_from_dict(
     )
 
 
+def resolve_config_path(name: str | os.PathLike) -> Path:
+    """The YAML file ``name`` names: a path as given, else a config shipped in the package.
+
+    ``tiny_cpu``, ``tiny_cpu.yaml`` and ``configs/tiny_cpu.yaml`` all name
+    ``hacbo_jax/configs/tiny_cpu.yaml`` when no such file exists from the current directory.
+    Returns the path as given when nothing matches (reading it then reports the problem).
+    """
+    given = Path(name).expanduser()
+    if given.is_file():
+        return given
+    stem = given.name if given.parent in (Path("."), Path("configs")) else None
+    if stem is not None:
+        for candidate in (CONFIGS_DIR / stem, CONFIGS_DIR / f"{stem}.yaml"):
+            if candidate.is_file():
+                return candidate
+    return given
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped in ``hacbo_jax/configs`` (usable as ``--config NAME``)."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+
+
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Load ``path`` (YAML), apply dotted ``key=value`` overrides and validate."""
-    path = Path(path)
+    """Load ``path`` (YAML; a shipped config's name works too), apply dotted ``key=value``
+    overrides and validate."""
+    path = resolve_config_path(path)
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"config file {str(path)!r}: cannot be read ({e.strerror})") from None
+        raise ConfigError(
+            f"config file {str(path)!r}: cannot be read ({e.strerror}); must be a YAML file or "
+            f"the name of a shipped config: {', '.join(shipped_configs())}"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
