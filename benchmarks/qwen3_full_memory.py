@@ -39,7 +39,7 @@ def run_jax(args) -> dict:
 
     from hacbo_jax import hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from hacbo_jax.training.recipes import qwen3_labels
+    from hacbo_jax.training.recipes import qwen3_labels
     from hacbo_jax.training.step import Batch, answer_nll, chunked_answer_nll
 
     config = Qwen3Config.qwen3_0_6b()

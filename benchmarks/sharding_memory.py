@@ -22,9 +22,9 @@ from jax.sharding import AbstractMesh
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training.controller_registry import build_controller
 from hacbo_jax.training.step import (
     TrainState,
-    build_controller,
     build_optimizer,
     learning_rate_schedule,
     step_shardings,

@@ -34,12 +34,15 @@ from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 from hacbo_jax.training.recipes import qwen3_labels
 from hacbo_jax.training import distributed  # noqa: E402
 from hacbo_jax.training.checkpoint import Checkpointer  # noqa: E402
+from hacbo_jax.training.controller_registry import (  # noqa: E402
+    HACBOConfig,
+    build_controller,
+    find_controller_state,
+)
 from hacbo_jax.training.step import (  # noqa: E402
     Batch,
     TrainState,
-    build_controller,
     build_optimizer,
-    find_controller_state,
     learning_rate_schedule,
     make_train_step,
     step_shardings,
@@ -92,7 +95,9 @@ def setup():
     params = nnx.to_pure_dict(params)
     schedule = learning_rate_schedule(1e-2, 2, 20)
     controller = build_controller(
-        "hacbo", qwen3_labels(params), interval=3, patience=2, update_norm_budget=1.0
+        "hacbo",
+        qwen3_labels(params),
+        HACBOConfig(interval=3, patience=2, update_norm_budget=1.0),
     )
     tx = build_optimizer(
         schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, controller=controller

@@ -13,11 +13,9 @@ import pytest
 from tests.tiny_checkpoint import make_tiny_checkpoint
 from hacbo_jax.training import compare
 from hacbo_jax.training.config import config_to_dict, save_config
-from hacbo_jax.training.finetune import _controller_hyper
 from hacbo_jax.training.finetune import run as finetune_run
 from hacbo_jax.training.logs import read_jsonl
 from hacbo_jax.training.stats import mean_ci, paired_ttest
-from hacbo_jax.training.step import build_controller
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"
@@ -250,7 +248,7 @@ def test_probation_switch_reaches_the_controller(model_dir, tmp_path, method, en
         ],
     )
     params = {"a": jnp.ones(4), "b": jnp.ones(4)}
-    tx = build_controller("hacbo", {"a": "0/mlp", "b": "1/mlp"}, **_controller_hyper(cfg))
+    tx = cfg.controller.build({"a": "0/mlp", "b": "1/mlp"})
     state = tx.init(params)
     grads = {"a": jnp.ones(4), "b": -jnp.ones(4)}
     dev = {"a": -jnp.ones(4), "b": jnp.ones(4)}

@@ -188,14 +188,12 @@ def test_sampler_resume_is_exact():
     resumed = data.EpochSampler(50, 4, seed=1)
     for _ in range(17):
         resumed.next_indices()
-    state = json.loads(json.dumps(resumed.state_dict()))
-    fresh = data.EpochSampler(50, 4, seed=1)
-    fresh.load_state_dict(state)
+    # A checkpoint stores the position as a JSON list (see finetune's checkpoint hook).
+    position = data.DataPosition(*json.loads(json.dumps(list(resumed.position))))
+    fresh = data.EpochSampler(50, 4, seed=1, position=position)
     for expected in stream[17:]:
         np.testing.assert_array_equal(fresh.next_indices(), expected)
     assert fresh.epoch_fraction == pytest.approx(30 / 12)
-    with pytest.raises(ValueError, match="seed"):
-        data.EpochSampler(50, 4, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="invalid position"):
         data.EpochSampler(50, 4, position=data.DataPosition(0, 3))
     with pytest.raises(ValueError, match="batch_size"):

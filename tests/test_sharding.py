@@ -25,9 +25,9 @@ from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.training.recipes import QWEN3_RULES, qwen3_labels
 from hacbo_jax.training import distributed, finetune
 from hacbo_jax.training.config import Config, ConfigError, MeshConfig, OptimConfig
+from hacbo_jax.training.controller_registry import build_controller
 from hacbo_jax.training.step import (
     TrainState,
-    build_controller,
     build_optimizer,
     learning_rate_schedule,
 )

@@ -27,60 +27,27 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
+
+from hacbo_jax.training.config_fields import (
+    ConfigError,
+    in_range,
+    mesh_size_check,
+    option,
+)
+from hacbo_jax.training.controller_registry import (
+    CONTROLLERS,
+    BLACConfig as BLACConfig,  # re-exported: the sections of ControllerConfig
+    HACBOConfig as HACBOConfig,
+    build_controller,
+)
 
 # Relative paths in a config are looked up in the current directory, then here: the installed
 # package, so that the defaults ("assets/tiny-qwen3-gsm", "assets/gsm8k/...") are package data.
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS_DIR = PACKAGE_ROOT / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration problem (or several), described for the person who wrote the config."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Field constraints. A check returns None when the value is fine, else a text saying what is
-# allowed; it only sees values whose type was already accepted.
-# ---------------------------------------------------------------------------------------------
-
-Check = Callable[[Any], Optional[str]]
-
-
-def _range(
-    lo: float | None = None,
-    hi: float | None = None,
-    *,
-    lo_open: bool = False,
-    hi_open: bool = False,
-) -> Check:
-    def check(v):
-        if v is None:
-            return None
-        ok = True
-        if lo is not None:
-            ok &= v > lo if lo_open else v >= lo
-        if hi is not None:
-            ok &= v < hi if hi_open else v <= hi
-        if ok:
-            return None
-        if lo is not None and hi is not None:
-            return f"a value in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        if lo is not None:
-            return f"a value {'>' if lo_open else '>='} {lo}"
-        return f"a value {'<' if hi_open else '<='} {hi}"
-
-    return check
-
-
-def _mesh_size(v):
-    return None if v == -1 or v >= 1 else "a positive int, or -1 for all devices"
-
-
-def _opt(default: Any, check: Check | None = None) -> Any:
-    return field(default=default, metadata={"check": check})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +65,7 @@ class ModelConfig:
     remat: bool = False  # gradient checkpointing
     # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
     # never exist at once); null = all positions together.
-    logits_chunk: Optional[int] = _opt(None, _range(1))
+    logits_chunk: Optional[int] = option(None, in_range(1))
 
 
 @dataclass(frozen=True)
@@ -106,9 +73,9 @@ class SyntheticConfig:
     """Knobs of the synthetic GSM8K-format task (presets are defined in train/synthetic.py)."""
 
     preset: str = "easy"
-    n_train: int = _opt(4096, _range(1))
-    n_eval: int = _opt(256, _range(1))
-    seed: int = _opt(0, _range(0))
+    n_train: int = option(4096, in_range(1))
+    n_eval: int = option(256, in_range(1))
+    seed: int = option(0, in_range(0))
 
 
 @dataclass(frozen=True)
@@ -118,27 +85,29 @@ class DataConfig:
     eval_file: str = "assets/gsm8k/test.jsonl"
     hub_name: Optional[str] = None  # a datasets hub name used instead of the files
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    max_len: int = _opt(512, _range(8))
+    max_len: int = option(512, in_range(8))
     # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
     # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
     # separate 'pool' stream (n_train is not reduced).
-    heldout_size: int = _opt(1473, _range(0))
+    heldout_size: int = option(1473, in_range(0))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to zero over the run."""
 
-    lr: float = _opt(1e-4, _range(0, lo_open=True))
-    b1: float = _opt(0.9, _range(0, 1, hi_open=True))
-    b2: float = _opt(0.95, _range(0, 1, hi_open=True))
-    weight_decay: float = _opt(0.1, _range(0))
-    clip_norm: Optional[float] = _opt(1.0, _range(0, lo_open=True))  # null = no clipping
-    warmup_steps: int = _opt(0, _range(0))
-    epochs: int = _opt(1, _range(1))
-    batch_size: int = _opt(64, _range(1))  # global, examples per optimiser step
-    micro_batch_size: Optional[int] = _opt(None, _range(1))  # null = batch_size (no accumulation)
-    max_steps: Optional[int] = _opt(None, _range(1))  # cap for quick runs
+    lr: float = option(1e-4, in_range(0, lo_open=True))
+    b1: float = option(0.9, in_range(0, 1, hi_open=True))
+    b2: float = option(0.95, in_range(0, 1, hi_open=True))
+    weight_decay: float = option(0.1, in_range(0))
+    clip_norm: Optional[float] = option(1.0, in_range(0, lo_open=True))  # null = no clipping
+    warmup_steps: int = option(0, in_range(0))
+    epochs: int = option(1, in_range(1))
+    batch_size: int = option(64, in_range(1))  # global, examples per optimiser step
+    micro_batch_size: Optional[int] = option(
+        None, in_range(1)
+    )  # null = batch_size (no accumulation)
+    max_steps: Optional[int] = option(None, in_range(1))  # cap for quick runs
 
     @property
     def accumulation_steps(self) -> int:
@@ -146,83 +115,84 @@ class OptimConfig:
         return self.batch_size // (self.micro_batch_size or self.batch_size)
 
 
-@dataclass(frozen=True)
-class HACBOConfig:
-    """Arguments of ``hacbo_jax.controllers.hacbo`` (spec defaults)."""
+def _controller_config_type() -> type:
+    """``ControllerConfig``: ``kind`` plus one section per registered controller
+    (:data:`hacbo_jax.training.controller_registry.CONTROLLERS`)."""
+    kinds = tuple(CONTROLLERS)
+    sections = [
+        (kind, entry.config_type, field(default_factory=entry.config_type))
+        for kind, entry in CONTROLLERS.items()
+        if entry.config_type is not None
+    ]
 
-    rho: float = _opt(0.8, _range(0, 1, lo_open=True, hi_open=True))
-    interval: int = _opt(30, _range(1))  # K
-    theta_neg: float = _opt(0.04, _range(0, 1))
-    patience: int = _opt(6, _range(1))  # F
-    gamma: float = _opt(0.1, _range(0, 1))
-    eps: float = _opt(1e-8, _range(0, lo_open=True))
-    curvature_norm: Literal["rms", "l2"] = "rms"
-    debias: bool = False
-    update_norm_budget: Optional[float] = _opt(None, _range(0, lo_open=True))  # lambda
-    curvature_weighting: bool = True
-    probation: bool = True
-
-
-@dataclass(frozen=True)
-class BLACConfig:
-    """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values)."""
-
-    rho: float = _opt(0.7436, _range(0, 1, lo_open=True, hi_open=True))
-    interval: int = _opt(20, _range(1))  # K
-    freeze_after: int = _opt(300, _range(0))  # U
-    update_norm_budget: Optional[float] = _opt(None, _range(0, lo_open=True))
-
-
-@dataclass(frozen=True)
-class ControllerConfig:
-    kind: Literal["none", "blac", "hacbo"] = "hacbo"
-    hacbo: HACBOConfig = field(default_factory=HACBOConfig)
-    blac: BLACConfig = field(default_factory=BLACConfig)
-
-    @property
     def interval(self) -> int | None:
         """Measurement interval K of the active controller (None for plain AdamW)."""
-        return None if self.kind == "none" else getattr(self, self.kind).interval
+        hyper = self.hyper
+        return None if hyper is None else hyper.interval
+
+    def hyper(self) -> Any:
+        """The active controller's section (None for ``kind: none``)."""
+        return getattr(self, self.kind, None)
+
+    def build(self, labels: Any) -> Any:
+        """The active controller's optax transformation over ``labels`` (None for ``none``)."""
+        return build_controller(self.kind, labels, self.hyper)
+
+    return dataclasses.make_dataclass(
+        "ControllerConfig",
+        [("kind", Literal[kinds], field(default="hacbo")), *sections],
+        namespace={
+            "interval": property(interval),
+            "hyper": property(hyper),
+            "build": build,
+            "__module__": __name__,
+            "__doc__": "Which controller runs (``kind``) and every controller's section.",
+        },
+        frozen=True,
+    )
+
+
+ControllerConfig = _controller_config_type()
 
 
 @dataclass(frozen=True)
 class MicroDevConfig:
-    size: int = _opt(1024, _range(1))  # N_dev
+    size: int = option(1024, in_range(1))  # N_dev
     pool: Literal["heldout", "test"] = "heldout"
-    refresh_every: int = _opt(500, _range(0))  # R; 0 = never refresh
-    refresh_fraction: float = _opt(0.25, _range(0, 1))  # r
-    batch_size: int = _opt(64, _range(1))  # examples per dev gradient
-    max_candidates: Optional[int] = _opt(
-        256, _range(1)
+    refresh_every: int = option(500, in_range(0))  # R; 0 = never refresh
+    refresh_fraction: float = option(0.25, in_range(0, 1))  # r
+    batch_size: int = option(64, in_range(1))  # examples per dev gradient
+    max_candidates: Optional[int] = option(
+        256, in_range(1)
     )  # pool items scored per refresh; null = all
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    limit: Optional[int] = _opt(None, _range(1))  # null = full split
-    max_new_tokens: int = _opt(256, _range(1))
-    batch_size: int = _opt(64, _range(1))
+    limit: Optional[int] = option(None, in_range(1))  # null = full split
+    max_new_tokens: int = option(256, in_range(1))
+    batch_size: int = option(64, in_range(1))
     every_epoch: bool = True
     at_start: bool = False  # also evaluate the base model (step 0)
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    every: int = _opt(10, _range(1))
+    every: int = option(10, in_range(1))
     tensorboard: bool = False
     wandb: bool = False  # always offline
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = _opt(100, _range(0))  # steps; 0 = only at the end
-    keep: int = _opt(2, _range(1))
+    every: int = option(100, in_range(0))  # steps; 0 = only at the end
+    keep: int = option(2, in_range(1))
     export_hf: bool = True  # RUN_DIR/hf_model at the end
 
 
 @dataclass(frozen=True)
 class DivergenceConfig:
-    max_consecutive_nonfinite: int = _opt(5, _range(1))
+    max_consecutive_nonfinite: int = option(5, in_range(1))
 
 
 @dataclass(frozen=True)
@@ -232,19 +202,19 @@ class MeshConfig:
     Checked against the devices present by train.finetune.make_run_mesh (hacbo_jax.sharding).
     """
 
-    data: int = _opt(1, _mesh_size)
-    fsdp: int = _opt(1, _range(1))
+    data: int = option(1, mesh_size_check)
+    fsdp: int = option(1, in_range(1))
 
 
 @dataclass(frozen=True)
 class Config:
     output_dir: Optional[str] = None  # null = runs/<config file stem>
-    seed: int = _opt(0, _range(0))
+    seed: int = option(0, in_range(0))
     method: Optional[str] = None  # name in comparisons; null = controller.kind
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # type: ignore[valid-type]
     microdev: MicroDevConfig = field(default_factory=MicroDevConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -289,9 +259,6 @@ class Config:
         else:
             return None
         return rows - (self.data.heldout_size if self.microdev.pool == "heldout" else 0)
-
-
-SECTION_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 
 
 # ---------------------------------------------------------------------------------------------

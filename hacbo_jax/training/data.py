@@ -380,14 +380,3 @@ class EpochSampler:
         batch = self._order[index : index + self.batch_size]
         self._position = DataPosition(epoch, index + self.batch_size)
         return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Plain-int state for checkpoints."""
-        return {"epoch": self._position.epoch, "index": self._position.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(
-                f"checkpoint sampler seed {state['seed']} != configured seed {self.seed}"
-            )
-        self.position = DataPosition(int(state["epoch"]), int(state["index"]))

@@ -24,13 +24,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hacbo_jax import blac_multipliers, hacbo_multipliers
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
 from hacbo_jax.training.recipes import qwen3_labels
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training import distributed
 from hacbo_jax.training.checkpoint import Checkpointer
+from hacbo_jax.training.controller_registry import controller_stats
 from hacbo_jax.training.config import Config, ConfigError, parse_cli, save_config
 from hacbo_jax.training.energy import EnergyMeter
 from hacbo_jax.training.evaluate import evaluate_exact_match, prompt_length_for
@@ -39,9 +39,7 @@ from hacbo_jax.training.microdev import MicroDevBuffer
 from hacbo_jax.training.step import (
     Batch,
     TrainState,
-    build_controller,
     build_optimizer,
-    find_controller_state,
     learning_rate_schedule,
     make_train_step,
     step_shardings,
@@ -49,10 +47,6 @@ from hacbo_jax.training.step import (
 from hacbo_jax.training.synthetic import SyntheticTask
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class RunDiverged(RuntimeError):
-    """Too many consecutive non-finite steps; the last good state was checkpointed."""
 
 
 @dataclasses.dataclass
@@ -99,41 +93,6 @@ def _device_dev_buffer(pool_arrays: data_lib.SFTArrays, buffer: MicroDevBuffer) 
     return Batch(*(jnp.asarray(rows[k]) for k in Batch._fields))
 
 
-def controller_stats(cfg: Config, opt_state: Any) -> dict | None:
-    """The controller state as plain lists for the JSONL log (None without a controller)."""
-    state = find_controller_state(opt_state)
-    if state is None:
-        return None
-    state = jax.device_get(state)
-    kind = cfg.controller.kind
-    stats: dict[str, Any] = {
-        "kind": kind,
-        "agreement": np.asarray(state.agreement).tolist(),
-        "cosine": np.asarray(state.cosine).tolist(),
-        "layer_weights": np.asarray(state.layer_weights).tolist(),
-    }
-    if kind == "hacbo":
-        h = cfg.controller.hacbo
-        mult = hacbo_multipliers(
-            state,
-            eps=h.eps,
-            rho=h.rho,
-            debias=h.debias,
-            curvature_weighting=h.curvature_weighting,
-            interval=h.interval,
-        )
-        stats["multipliers"] = np.asarray(mult).tolist()
-        stats["probation"] = np.asarray(state.probation).tolist()
-        stats["curvature"] = np.asarray(state.curvature).tolist()
-        stats["l_active"] = int(np.sum(~np.asarray(state.probation)))
-    else:
-        stats["multipliers"] = np.asarray(blac_multipliers(state)).tolist()
-        stats["frozen"] = np.asarray(state.frozen).tolist()
-        stats["signed_agreement"] = np.asarray(state.signed_agreement).tolist()
-        stats["l_active"] = int(np.sum(~np.asarray(state.frozen)))
-    return stats
-
-
 def make_run_mesh(cfg: Config) -> jax.sharding.Mesh:
     """The ``(data, fsdp)`` mesh of ``cfg.mesh``, checked against the devices and the batch.
 
@@ -154,11 +113,6 @@ def make_run_mesh(cfg: Config) -> jax.sharding.Mesh:
             f"mesh.fsdp={mesh.shape['fsdp']}), which split each micro-batch between them"
         )
     return mesh
-
-
-def _controller_hyper(cfg: Config) -> dict:
-    kind = cfg.controller.kind
-    return {} if kind == "none" else dataclasses.asdict(getattr(cfg.controller, kind))
 
 
 def run(
@@ -206,7 +160,7 @@ def run(
     del model
     labels = qwen3_labels(params)
     schedule = learning_rate_schedule(cfg.optim.lr, cfg.optim.warmup_steps, total_steps)
-    controller = build_controller(cfg.controller.kind, labels, **_controller_hyper(cfg))
+    controller = cfg.controller.build(labels)
     tx = build_optimizer(
         schedule=schedule,
         b1=cfg.optim.b1,
@@ -376,7 +330,9 @@ def run(
                 "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
                 "skipped_steps": int(fetched[-1].total_nonfinite),
                 "energy_kwh": None if kwh is None else counters["energy_kwh"] + kwh,
-                "controller": controller_stats(cfg, state.opt_state),
+                "controller": controller_stats(
+                    cfg.controller.kind, cfg.controller.hyper, state.opt_state
+                ),
             }
             tokens_seen = 0
             skipped_total = record["skipped_steps"]

@@ -19,7 +19,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hacbo_jax import blac, hacbo
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.training.recipes import QWEN3_RULES
 
@@ -112,17 +111,6 @@ def build_optimizer(
     if controller is not None:
         parts.append(controller)
     return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NONFINITE)
-
-
-def build_controller(kind: str, labels: Any, **hyper: Any):
-    """``none`` -> None, ``hacbo`` -> :func:`hacbo_jax.hacbo`, ``blac`` -> :func:`hacbo_jax.blac`."""
-    if kind == "none":
-        return None
-    if kind == "hacbo":
-        return hacbo(labels, **hyper)
-    if kind == "blac":
-        return blac(labels, **hyper)
-    raise ValueError(f"controller kind {kind!r} is not one of 'none', 'hacbo', 'blac'")
 
 
 def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -308,12 +296,3 @@ def step_shardings(
         dev_batch=batch if dev_batch_size % mesh.size == 0 else None,
         metrics=replicated,
     )
-
-
-def find_controller_state(opt_state: Any) -> Any | None:
-    """The HACBOState or BLACState inside a (chained, wrapped) optimiser state, or None."""
-    for name in ("HACBOState", "BLACState"):
-        found = optax.tree_utils.tree_get(opt_state, name)
-        if found is not None:
-            return found
-    return None
