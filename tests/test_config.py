@@ -184,9 +184,9 @@ def test_step_arithmetic_and_check_warmup(base):
     assert cfg.total_steps(640) == 20
     assert config_from_dict(base, ["optim.epochs=3"]).total_steps(640) == 60
     assert config_from_dict(base, ["optim.max_steps=7"]).total_steps(640) == 7
-    cfg.check_warmup(6)
+    C.check_warmup(cfg, 6)
     with pytest.raises(ConfigError, match=r"optim.warmup_steps = 5: must be < the run's 5"):
-        cfg.check_warmup(5)
+        C.check_warmup(cfg, 5)
     # gsm8k: held-out rows are removed from training, unless the pool is the test split
     g = ["data.task=gsm8k", "data.heldout_size=1473"]
     assert config_from_dict(base, g).expected_train_examples() == 6000
@@ -412,3 +412,53 @@ def test_readme_training_config_example_runs(monkeypatch, capsys):
         exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert out.startswith("348\n") and "optim.warmup_steps = 500" in out and "optim.lr = -1" in out
+
+
+def test_default_synthetic_preset_is_a_preset():
+    """Was "easy", which is not a preset: the default must be the task's own default."""
+    from hacbo_jax.training.synthetic import DEFAULT_PRESET, PRESETS
+
+    assert C.SyntheticConfig().preset == DEFAULT_PRESET and DEFAULT_PRESET in PRESETS
+    cfg = config_from_dict(
+        {"data": {"task": "synthetic"}, "optim": {"batch_size": 8}}, check_paths=False
+    )
+    assert cfg.data.synthetic.preset in PRESETS
+
+
+# -- command line: shipped names, --help, --print-config ----------------------------------------
+
+
+def test_shipped_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu.yaml"):
+        assert C.resolve_config_path(name) == C.CONFIGS_DIR / "tiny_cpu.yaml"
+    cfg = load_config("tiny_cpu")
+    assert Path(cfg.model.path).is_relative_to(C.PACKAGE_ROOT / "assets")
+    with pytest.raises(ConfigError, match="name of a shipped config: adamw, compare_cpu"):
+        load_config("no_such_config")
+
+
+def test_every_key_has_a_description_and_help_lists_it(capsys):
+    from hacbo_jax.training.config.keys import KEY_HELP, iter_keys
+
+    keys = [key for key, _, _ in iter_keys()]
+    assert set(keys) == set(KEY_HELP)
+    with pytest.raises(SystemExit) as e:
+        C.parse_cli(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key in keys:
+        assert f"  {key} = " in out
+    assert "controller.hacbo.gamma = 0.1" in out and KEY_HELP["controller.hacbo.gamma"] in out
+
+
+def test_print_config_shows_resolved_config_and_step_counts(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_cli(["--config", "tiny_cpu", "optim.max_steps=20", "--print-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)  # the derived counts are YAML comments
+    assert printed["optim"]["max_steps"] == 20 and printed["controller"]["kind"] == "hacbo"
+    # tiny_cpu: 3200 synthetic problems, batch 32 -> 100 steps per epoch, capped at 20; K = 10
+    assert "#   steps_per_epoch: 100" in out and "#   total_steps: 20" in out
+    assert "#   controller_measurements: 2" in out

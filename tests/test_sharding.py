@@ -23,8 +23,8 @@ from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.controllers.labels import leaf_path
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.training.recipes import QWEN3_RULES, qwen3_labels
-from hacbo_jax.training import distributed, finetune
-from hacbo_jax.training.config import Config, ConfigError, MeshConfig, OptimConfig
+from hacbo_jax.training import distributed
+from hacbo_jax.training.config import Config, ConfigError, MeshConfig, OptimConfig, check_mesh
 from hacbo_jax.training.controller_registry import build_controller
 from hacbo_jax.training.step import (
     TrainState,
@@ -82,7 +82,7 @@ def test_default_mesh_is_one_device_with_named_axes():
 def test_run_mesh_errors_are_config_errors(monkeypatch):
     cfg = Config(mesh=MeshConfig(data=2, fsdp=1))
     with pytest.raises(ConfigError, match=r"mesh.data=2 x mesh.fsdp=1 = 2 devices, but only 1"):
-        finetune.make_run_mesh(cfg)
+        check_mesh(cfg)
     # A micro-batch that does not split over the mesh (8 devices faked by an abstract mesh).
     monkeypatch.setattr(
         sharding_lib, "make_mesh", lambda data, fsdp: AbstractMesh((4, 2), ("data", "fsdp"))
@@ -92,13 +92,13 @@ def test_run_mesh_errors_are_config_errors(monkeypatch):
         optim=OptimConfig(batch_size=12, micro_batch_size=6, warmup_steps=0),
     )
     with pytest.raises(ConfigError) as info:
-        finetune.make_run_mesh(cfg)
+        check_mesh(cfg)
     assert "optim.micro_batch_size = 6" in str(info.value) and "8 devices" in str(info.value)
     cfg = Config(
         mesh=MeshConfig(data=4, fsdp=2),
         optim=OptimConfig(batch_size=32, micro_batch_size=16, warmup_steps=0),
     )
-    assert finetune.make_run_mesh(cfg).size == 8
+    assert check_mesh(cfg).size == 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,10 +229,10 @@ def base_model_exact_match(cfg: Config) -> dict[str, Any]:
 
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
     from hacbo_jax.training.evaluate import evaluate_exact_match, prompt_length_for
-    from hacbo_jax.training.finetune import _DTYPES, load_task_data
+    from hacbo_jax.training.run_parts import DTYPES, load_task_data
 
     model = Qwen3ForCausalLM.from_pretrained(
-        cfg.model.path, dtype=_DTYPES[cfg.model.dtype], param_dtype=_DTYPES[cfg.model.param_dtype]
+        cfg.model.path, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype]
     )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     task = load_task_data(cfg)

@@ -180,6 +180,10 @@ PRESETS: dict[str, SyntheticConfig] = {
 }
 
 
+# The task of SyntheticTask() and of the config's data.synthetic.preset when none is given.
+DEFAULT_PRESET = "arith-small"
+
+
 def _step_line(
     subject: str, left: int, op: str, right: int, unit: str, verb: str = "has"
 ) -> tuple[str, int]:
@@ -341,7 +345,7 @@ class SyntheticTask:
     """
 
     def __init__(
-        self, name: str = "arith-small", *, seed: int = 0, config: SyntheticConfig | None = None
+        self, name: str = DEFAULT_PRESET, *, seed: int = 0, config: SyntheticConfig | None = None
     ):
         if config is None:
             if name not in PRESETS:
