@@ -35,6 +35,7 @@ from hacbo_jax.assets import ASSETS_DIR
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.training import data
 from hacbo_jax.training.evaluate import evaluate_exact_match
+from hacbo_jax.training.step import Batch, TrainState, make_train_step
 from hacbo_jax.training.synthetic import SyntheticTask
 from hacbo_jax.training.tokenizer import save_tokenizer, train_tokenizer
 
@@ -126,20 +127,14 @@ def build_corpus(
     )
 
 
-def make_train_step(graphdef, rest, tx):
-    def loss_fn(params, ids, mask):
-        logits = nnx.merge(graphdef, params, rest)(ids, mask)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:])
-        weight = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-        return jnp.sum(ce * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-    @jax.jit
-    def train_step(params, opt_state, ids, mask):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids, mask)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    return train_step
+def lm_batch(ids: np.ndarray, mask: np.ndarray) -> Batch:
+    """Next-token prediction over every real token, as one micro-batch of the training step's
+    :class:`~hacbo_jax.training.step.Batch` (position t predicts ids[t + 1] where both are real)."""
+    targets = np.zeros_like(ids)
+    targets[:, :-1] = ids[:, 1:]
+    loss_mask = np.zeros(ids.shape, np.float32)
+    loss_mask[:, :-1] = mask[:, 1:] * mask[:, :-1]
+    return Batch(*(jnp.asarray(x)[None] for x in (ids, mask, targets, loss_mask)))
 
 
 def greedy_exact_match(
@@ -225,17 +220,25 @@ def main(argv=None) -> dict:
     config = model_config(vocab_size, tokenizer, args)
     model = Qwen3ForCausalLM(config, rngs=nnx.Rngs(args.seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
     num_params = int(sum(x.size for x in jax.tree.leaves(params)))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, args.warmup, args.steps, end_value=args.lr * 0.1
     )
     decay_mask = jax.tree.map(lambda x: x.ndim >= 2, params)  # no decay on norm scales
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+    # The fine-tuning step (hacbo_jax.training.step) with this optimiser and no controller.
+    tx = optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask),
+        ),
+        2**30,
     )
-    opt_state = tx.init(params)
-    train_step = make_train_step(graphdef, rest, tx)
+    rng = jax.random.key_data(jax.random.key(args.seed))
+    state = TrainState(jnp.int32(0), params, tx.init(params), rng)
+    train_step = make_train_step(
+        graphdef, rest, tx, schedule, dev_batch_size=1, uses_dev_grads=False, donate=False
+    )
     print(f"[pretrain] model: {num_params:,} parameters", flush=True)
 
     eval_examples = task.examples("eval", args.eval_n)
@@ -243,8 +246,9 @@ def main(argv=None) -> dict:
     train_start = time.time()
     for step in range(args.steps):
         rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
-        params, opt_state, loss = train_step(params, opt_state, ids[rows], mask[rows])
-        losses.append(loss)
+        batch = lm_batch(ids[rows], mask[rows])
+        state, metrics = train_step(state, batch, batch)  # no dev buffer: no controller
+        losses.append(metrics.loss)
         if (step + 1) % 25 == 0 or step + 1 == args.steps:
             mean_recent = float(np.mean(jax.device_get(losses[-25:])))
             record = {
@@ -253,14 +257,14 @@ def main(argv=None) -> dict:
                 "elapsed_s": round(time.time() - train_start, 1),
             }
             if args.eval_every and (step + 1) % args.eval_every == 0:
-                nnx.update(model, params)
+                model = nnx.merge(graphdef, nnx.State(state.params), rest)
                 record["exact_match_50"], _ = greedy_exact_match(
                     model, tokenizer, eval_examples[:50]
                 )
             curve.append(record)
             print(f"[pretrain] {record}", flush=True)
     train_time = time.time() - train_start
-    nnx.update(model, params)
+    model = nnx.merge(graphdef, nnx.State(state.params), rest)
 
     out = Path(args.out)
     if out.exists():

@@ -32,10 +32,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
+import matplotlib
 import numpy as np
 import yaml
-
-import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -222,7 +221,7 @@ def _unique_labels(runs: Sequence[Run]) -> None:
             run.label = f"{run.label} #{seen[run.label]}"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
@@ -254,7 +253,7 @@ def plot_loss(runs: Sequence[Run], path: str | Path) -> Path:
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_exact_match(runs: Sequence[Run], path: str | Path) -> Path:
@@ -275,7 +274,7 @@ def plot_exact_match(runs: Sequence[Run], path: str | Path) -> Path:
     )
     ax.set_ylabel("final exact match (%)")
     ax.set_ylim(0, max(values + [1.0]) * 1.15)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_multipliers(run: Run, path: str | Path) -> Path | None:
@@ -297,7 +296,7 @@ def plot_multipliers(run: Run, path: str | Path) -> Path | None:
     ax.set_xlabel("step")
     ax.set_ylabel("block")
     ax.set_title(f"{run.label}: per-block update multiplier, {what}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_status(run: Run, path: str | Path) -> Path | None:
@@ -318,10 +317,10 @@ def plot_status(run: Run, path: str | Path) -> Path | None:
         f"(black; {int(values[:, -1].sum())} of {values.shape[0]} at the end)",
         fontsize=10,
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -385,9 +384,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_loss(runs, out / "loss.png"), plot_exact_match(runs, out / "exact_match.png")]
     for run in runs:
-        slug = _slug(run.label)
-        figures.append(plot_multipliers(run, out / f"multipliers_{slug}.png"))
-        figures.append(plot_status(run, out / f"status_{slug}.png"))
+        name = slug(run.label)
+        figures.append(plot_multipliers(run, out / f"multipliers_{name}.png"))
+        figures.append(plot_status(run, out / f"status_{name}.png"))
     text = ["# Fine-tuning report", "", summary_table(runs)]
     text += [f"![{p.stem}]({p.name})" for p in figures if p is not None]
     report = out / "report.md"

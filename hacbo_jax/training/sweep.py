@@ -31,8 +31,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from hacbo_jax.training.compare import COMPARED_METHODS, method_overrides, parse_methods
 from hacbo_jax.training.config import Config, ConfigError, load_config
+from hacbo_jax.training.methods import COMPARED_METHODS, method_overrides, parse_methods
 
 __all__ = ["sweep_method", "sweep", "write_lrs", "main"]
 
