@@ -35,18 +35,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import yaml
 
-from hacbo_jax.training.compare_report import BASE_EVAL_FILE, write_comparison_report
+from hacbo_jax.training.compare_base import (
+    comparable_config,
+    enable_compilation_cache,
+    ensure_base_eval,
+)
+from hacbo_jax.training.compare_report import write_comparison_report
 from hacbo_jax.training.config import Config, ConfigError, config_to_dict, load_config
 from hacbo_jax.training.methods import (
     ABLATIONS,
@@ -108,13 +112,6 @@ def plan_runs(
     return runs
 
 
-def _comparable(config: Mapping[str, Any]) -> dict:
-    """Config as it reads back from YAML, without output_dir (the directory is the run's name)."""
-    plain = yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=True))
-    plain.pop("output_dir", None)
-    return plain
-
-
 def run_state(spec: RunSpec) -> str:
     """``done`` (summary + same config), ``resume`` (checkpoint, same config, no summary),
     ``stale`` (a directory from a different config) or ``new``."""
@@ -125,7 +122,7 @@ def run_state(spec: RunSpec) -> str:
         saved = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError:
         return "stale"
-    if not isinstance(saved, dict) or _comparable(saved) != _comparable(
+    if not isinstance(saved, dict) or comparable_config(saved) != comparable_config(
         config_to_dict(spec.config)
     ):
         return "stale"
@@ -137,60 +134,6 @@ def run_state(spec: RunSpec) -> str:
     return "stale"  # started but never checkpointed: nothing worth keeping
 
 
-def enable_compilation_cache(cache_dir: str | Path) -> None:
-    """JAX persistent compilation cache in ``cache_dir``, for every compiled program."""
-    import jax
-
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir).resolve()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
-def base_model_exact_match(cfg: Config) -> dict[str, Any]:
-    """Exact match of the base model before any fine-tuning, on the runs' evaluation problems
-    with the runs' decoding settings (the reference point of the comparison)."""
-    from transformers import AutoTokenizer
-
-    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
-    from hacbo_jax.training.evaluate import evaluate_exact_match, prompt_length_for
-    from hacbo_jax.training.run_parts import DTYPES, load_task_data
-
-    model = Qwen3ForCausalLM.from_pretrained(
-        cfg.model.path, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype]
-    )
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    task = load_task_data(cfg)
-    prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
-    result = evaluate_exact_match(
-        model,
-        tokenizer,
-        task.eval,
-        batch_size=cfg.eval.batch_size,
-        prompt_len=prompt_len,
-        max_new_tokens=cfg.eval.max_new_tokens,
-    )
-    weights = Path(cfg.model.path) / "model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-    return {
-        "exact_match": float(result.exact_match),
-        "n": int(result.num_examples),
-        "model_sha256": digest,
-        "key": _base_eval_key(cfg),
-    }
-
-
-def _base_eval_key(cfg: Config) -> dict:
-    return _comparable(
-        {
-            "model": dataclasses.asdict(cfg.model),
-            "data": dataclasses.asdict(cfg.data),
-            "eval": dataclasses.asdict(cfg.eval),
-            "microdev_pool": cfg.microdev.pool,
-        }
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Running the grid.
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +143,42 @@ def _default_run_fn(cfg: Config, *, resume: bool, show_progress: bool) -> dict:
     from hacbo_jax.training.finetune import run
 
     return run(cfg, resume=resume, show_progress=show_progress)
+
+
+def _record_timing(
+    out_dir: Path, specs: Sequence[RunSpec], command, elapsed: float, executed: int, skipped: int
+) -> dict[str, str]:
+    """Appends this invocation to ``OUT/timing.json``; the report's wall-time lines."""
+    timing_path = out_dir / "timing.json"
+    history = json.loads(timing_path.read_text()) if timing_path.is_file() else []
+    history.append(
+        {
+            "command": command,
+            "runs": len(specs),
+            "executed": executed,
+            "skipped": skipped,
+            "elapsed_s": round(elapsed, 1),
+            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        }
+    )
+    timing_path.parent.mkdir(parents=True, exist_ok=True)
+    timing_path.write_text(json.dumps(history, indent=1) + "\n")
+    run_walls = [
+        json.loads((s.run_dir / "summary.json").read_text()).get("wall_time_s") or 0.0
+        for s in specs
+        if (s.run_dir / "summary.json").is_file()
+    ]
+    timing = {
+        "this invocation": f"{elapsed:.0f} s ({executed} runs executed, {skipped} skipped as "
+        "finished), on this machine",
+        "sum of the runs' own wall times (compilation and evaluation included)": f"{sum(run_walls):.0f} s over {len(run_walls)} runs",
+    }
+    if len(history) > 1:
+        timing["all invocations so far"] = (
+            f"{sum(h['elapsed_s'] for h in history):.0f} s in "
+            f"{len(history)} invocations (see {timing_path.name})"
+        )
+    return timing
 
 
 def run_comparison(
@@ -230,15 +209,8 @@ def run_comparison(
     specs = plan_runs(base_config, methods, seeds, out_dir, overrides, lrs)
     started = time.perf_counter()
     executed = skipped = 0
-    base_path = out_dir / BASE_EVAL_FILE
     if base_eval and specs:
-        saved = json.loads(base_path.read_text()) if base_path.is_file() else {}
-        if saved.get("key") != _base_eval_key(specs[0].config):
-            log("base model (no fine-tuning): evaluating")
-            result = base_model_exact_match(specs[0].config)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            base_path.write_text(json.dumps(result, indent=1) + "\n")
-            log(f"base model: exact match {100 * result['exact_match']:.1f}%")
+        ensure_base_eval(specs[0].config, out_dir, log)
     for i, spec in enumerate(specs, 1):
         state = run_state(spec)
         tag = f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}"
@@ -259,35 +231,7 @@ def run_comparison(
             f"({time.perf_counter() - t0:.0f} s)"
         )
     elapsed = time.perf_counter() - started
-    timing_path = out_dir / "timing.json"
-    history = json.loads(timing_path.read_text()) if timing_path.is_file() else []
-    history.append(
-        {
-            "command": command,
-            "runs": len(specs),
-            "executed": executed,
-            "skipped": skipped,
-            "elapsed_s": round(elapsed, 1),
-            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        }
-    )
-    timing_path.parent.mkdir(parents=True, exist_ok=True)
-    timing_path.write_text(json.dumps(history, indent=1) + "\n")
-    run_walls = [
-        json.loads((s.run_dir / "summary.json").read_text()).get("wall_time_s") or 0.0
-        for s in specs
-        if (s.run_dir / "summary.json").is_file()
-    ]
-    timing = {
-        "this invocation": f"{elapsed:.0f} s ({executed} runs executed, {skipped} skipped as "
-        "finished), on this machine",
-        "sum of the runs' own wall times (compilation and evaluation included)": f"{sum(run_walls):.0f} s over {len(run_walls)} runs",
-    }
-    if len(history) > 1:
-        timing["all invocations so far"] = (
-            f"{sum(h['elapsed_s'] for h in history):.0f} s in "
-            f"{len(history)} invocations (see {timing_path.name})"
-        )
+    timing = _record_timing(out_dir, specs, command, elapsed, executed, skipped)
     report = write_comparison_report(
         out_dir, methods, seeds, report_dir, command=command, timing=timing
     )

@@ -193,6 +193,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_steps(args, train_step, state, ids, mask, graphdef, rest, tokenizer, eval_examples):
+    """``args.steps`` steps over the packed corpus; (state, loss curve, training seconds)."""
+    losses, curve = [], []
+    train_start = time.time()
+    for step in range(args.steps):
+        rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
+        batch = lm_batch(ids[rows], mask[rows])
+        state, metrics = train_step(state, batch, batch)  # no dev buffer: no controller
+        losses.append(metrics.loss)
+        if (step + 1) % 25 == 0 or step + 1 == args.steps:
+            mean_recent = float(np.mean(jax.device_get(losses[-25:])))
+            record = {
+                "step": step + 1,
+                "loss": round(mean_recent, 4),
+                "elapsed_s": round(time.time() - train_start, 1),
+            }
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                model = nnx.merge(graphdef, nnx.State(state.params), rest)
+                record["exact_match_50"], _ = greedy_exact_match(
+                    model, tokenizer, eval_examples[:50]
+                )
+            curve.append(record)
+            print(f"[pretrain] {record}", flush=True)
+    train_time = time.time() - train_start
+    return state, curve, train_time
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
@@ -242,28 +269,9 @@ def main(argv=None) -> dict:
     print(f"[pretrain] model: {num_params:,} parameters", flush=True)
 
     eval_examples = task.examples("eval", args.eval_n)
-    losses, curve = [], []
-    train_start = time.time()
-    for step in range(args.steps):
-        rows = slice(step * args.batch_size, (step + 1) * args.batch_size)
-        batch = lm_batch(ids[rows], mask[rows])
-        state, metrics = train_step(state, batch, batch)  # no dev buffer: no controller
-        losses.append(metrics.loss)
-        if (step + 1) % 25 == 0 or step + 1 == args.steps:
-            mean_recent = float(np.mean(jax.device_get(losses[-25:])))
-            record = {
-                "step": step + 1,
-                "loss": round(mean_recent, 4),
-                "elapsed_s": round(time.time() - train_start, 1),
-            }
-            if args.eval_every and (step + 1) % args.eval_every == 0:
-                model = nnx.merge(graphdef, nnx.State(state.params), rest)
-                record["exact_match_50"], _ = greedy_exact_match(
-                    model, tokenizer, eval_examples[:50]
-                )
-            curve.append(record)
-            print(f"[pretrain] {record}", flush=True)
-    train_time = time.time() - train_start
+    state, curve, train_time = run_steps(
+        args, train_step, state, ids, mask, graphdef, rest, tokenizer, eval_examples
+    )
     model = nnx.merge(graphdef, nnx.State(state.params), rest)
 
     out = Path(args.out)
@@ -284,7 +292,26 @@ def main(argv=None) -> dict:
     for example, output in list(zip(eval_examples, outputs))[:3]:
         print(f"[pretrain] Q: {example.question}\n[pretrain] model:{output!r}", flush=True)
 
-    metadata = {
+    metadata = build_metadata(
+        args, config, num_params, corpus, curve, train_time, start, eval_examples, exact_match
+    )
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    (out / "README.md").write_text(render_readme(metadata))
+    size = directory_bytes(out)
+    print(
+        f"[pretrain] wrote {out} ({size / 1e6:.2f} MB) in {time.time() - start:.0f}s total",
+        flush=True,
+    )
+    if size > MAX_ASSET_BYTES:
+        raise RuntimeError(f"asset is {size} bytes, over the {MAX_ASSET_BYTES}-byte budget")
+    return metadata
+
+
+def build_metadata(
+    args, config, num_params, corpus, curve, train_time, start, eval_examples, exact_match
+) -> dict:
+    """What ``metadata.json`` records about the build (command, architecture, data, curve)."""
+    return {
         "command": "python -m train.pretrain_base "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "parameters": num_params,
@@ -318,16 +345,6 @@ def main(argv=None) -> dict:
         },
         "jax_version": jax.__version__,
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    (out / "README.md").write_text(render_readme(metadata))
-    size = directory_bytes(out)
-    print(
-        f"[pretrain] wrote {out} ({size / 1e6:.2f} MB) in {time.time() - start:.0f}s total",
-        flush=True,
-    )
-    if size > MAX_ASSET_BYTES:
-        raise RuntimeError(f"asset is {size} bytes, over the {MAX_ASSET_BYTES}-byte budget")
-    return metadata
 
 
 def render_readme(meta: dict) -> str:

@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
     except (ConfigError, ValueError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    from hacbo_jax.training.compare import enable_compilation_cache
+    from hacbo_jax.training.compare_base import enable_compilation_cache
 
     enable_compilation_cache(Path(args.out) / "jax_cache")
     sweep(

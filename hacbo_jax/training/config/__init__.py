@@ -17,6 +17,16 @@ current directory, then in the installed ``hacbo_jax`` package, and stored resol
 """
 
 from hacbo_jax.training.config.cli import parse_cli
+from hacbo_jax.training.config.load import (
+    CONFIGS_DIR,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    resolve_config_path,
+    save_config,
+    shipped_configs,
+)
 from hacbo_jax.training.config.schema import (
     BLACConfig,
     CheckpointConfig,
@@ -34,18 +44,10 @@ from hacbo_jax.training.config.schema import (
     SyntheticConfig,
 )
 from hacbo_jax.training.config.validate import (
-    CONFIGS_DIR,
     PACKAGE_ROOT,
-    apply_overrides,
     check_mesh,
     check_pool_size,
     check_warmup,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    resolve_config_path,
-    save_config,
-    shipped_configs,
 )
 from hacbo_jax.training.config_fields import ConfigError
 

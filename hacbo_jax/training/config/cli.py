@@ -9,8 +9,8 @@ from typing import Sequence
 import yaml
 
 from hacbo_jax.training.config.keys import describe_keys
+from hacbo_jax.training.config.load import config_to_dict, load_config, shipped_configs
 from hacbo_jax.training.config.schema import Config
-from hacbo_jax.training.config.validate import config_to_dict, load_config, shipped_configs
 from hacbo_jax.training.config_fields import ConfigError
 
 
