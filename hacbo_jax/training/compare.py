@@ -36,15 +36,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import yaml
 
+from hacbo_jax.training.cli_common import add_overrides_argument, command_line, usage_error
 from hacbo_jax.training.compare_base import (
     comparable_config,
     enable_compilation_cache,
@@ -285,14 +284,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.comp
         "--report-only", action="store_true", help="only rebuild the report from the finished runs"
     )
     parser.add_argument("--progress", action="store_true", help="show each run's progress bar")
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides applied to the base config for every run",
-    )
+    add_overrides_argument(parser, "dotted overrides applied to the base config for every run")
     args = parser.parse_args(argv)
-    command = f"{prog} " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = command_line(prog, argv)
     try:
         seeds = _parse_seeds(args)
         methods = parse_methods(args.methods)
@@ -311,8 +305,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.comp
         # validate every run's config before the first one starts
         plan_runs(args.config, methods, seeds, args.out, args.overrides, lrs)
     except (ConfigError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(parser.prog, e)
     enable_compilation_cache(args.jax_cache or Path(args.out) / "jax_cache")
     run_comparison(
         args.config,

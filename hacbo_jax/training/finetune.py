@@ -11,11 +11,11 @@ position and the micro-dev buffer, so ``--resume`` continues the run exactly.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from hacbo_jax.training import distributed
+from hacbo_jax.training.cli_common import usage_error
 from hacbo_jax.training.config import Config, ConfigError, parse_cli, save_config
 from hacbo_jax.training.loop import TrainingLoop
 from hacbo_jax.training.run_parts import build_run
@@ -43,8 +43,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.fine
     try:
         summary = run(cfg, resume=args.resume)
     except ConfigError as e:  # found once the data is known (e.g. the micro-dev pool's size)
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(prog, e)
     before = summary["initial_exact_match"]
     before = "" if before is None else f"{100 * before:.1f}% (base model) -> "
     print(

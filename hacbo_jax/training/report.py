@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hacbo_jax.training.cli_common import usage_error  # noqa: E402
 from hacbo_jax.training.logs import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
 
 __all__ = [
@@ -406,7 +406,6 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.repo
     try:
         report = write_report(args.run_dirs, args.out)
     except RunDirError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(parser.prog, e)
     print(f"wrote {report} and figures in {report.parent}")
     return 0

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
+from hacbo_jax.training.cli_common import add_overrides_argument, command_line, usage_error
 from hacbo_jax.training.config import Config, ConfigError, load_config
 from hacbo_jax.training.methods import COMPARED_METHODS, method_overrides, parse_methods
 
@@ -137,7 +136,7 @@ def sweep(
     base_config: str | Path,
     methods: Sequence[str] = COMPARED_METHODS,
     *,
-    write: str | Path = "configs/lrs/compare_cpu.yaml",
+    write: str | Path = "hacbo_jax/configs/lrs/compare_cpu.yaml",
     command: str | None = None,
     log: Callable[[str], None] = print,
     **kwargs: Any,
@@ -178,15 +177,12 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
     parser.add_argument(
         "--out", default="runs/sweep", help="trial runs go to OUT/<method>/trial<k>"
     )
-    parser.add_argument("--write", default="configs/lrs/compare_cpu.yaml", help="output lrs file")
     parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides for every trial run (e.g. optim.max_steps=30)",
+        "--write", default="hacbo_jax/configs/lrs/compare_cpu.yaml", help="output lrs file"
     )
+    add_overrides_argument(parser, "dotted overrides for every trial run (e.g. optim.max_steps=30)")
     args = parser.parse_args(argv)
-    command = f"{prog} " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    command = command_line(prog, argv)
     try:
         methods = parse_methods(args.methods)
         _check_bounds(args.lo, args.hi)
@@ -197,8 +193,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
                 args.config, [*args.overrides, *method_overrides(method), f"optim.lr={args.lo!r}"]
             )
     except (ConfigError, ValueError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(parser.prog, e)
     from hacbo_jax.training.compare_base import enable_compilation_cache
 
     enable_compilation_cache(Path(args.out) / "jax_cache")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import yaml
 
+from hacbo_jax.training.cli_common import add_overrides_argument, usage_error
 from hacbo_jax.training.config.keys import describe_keys
 from hacbo_jax.training.config.load import config_to_dict, load_config, shipped_configs
 from hacbo_jax.training.config.schema import Config
@@ -69,11 +70,8 @@ def parse_cli(
         required=True,
         help="YAML file, or the name of a shipped config: " + ", ".join(shipped_configs()),
     )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key=value",
-        help="dotted overrides, values parsed as YAML (e.g. optim.lr=1e-4); keys below",
+    add_overrides_argument(
+        parser, "dotted overrides, values parsed as YAML (e.g. optim.lr=1e-4); keys below"
     )
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
@@ -87,8 +85,7 @@ def parse_cli(
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(usage_error(parser.prog, e)) from None
     if args.print_config:
         print_config(cfg)
         raise SystemExit(0)
