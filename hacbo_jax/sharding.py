@@ -33,7 +33,6 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from hacbo_jax.controllers.labels import leaf_path
 
 __all__ = [
     "DATA_AXIS",
@@ -175,7 +174,8 @@ def partition_specs(
     """A tree of PartitionSpec for ``tree`` (arrays or ``jax.ShapeDtypeStruct`` s).
 
     Each leaf takes the spec of the first rule whose regex is found (``re.search``) in its path
-    (:func:`hacbo_jax.controllers.labels.leaf_path`) and whose sharded axes divide the leaf's dimensions; otherwise
+    (the "/"-joined ``jax.tree_util.keystr``, as the controllers' label rules see it) and whose
+    sharded axes divide the leaf's dimensions; otherwise
     ``fallback(shape)``, by default :func:`fsdp_spec` with the mesh's fsdp size and
     ``min_elements``. Scalars are always replicated. Leaves without a shape (None, Python
     numbers) get ``PartitionSpec()``.
@@ -197,7 +197,7 @@ def partition_specs(
         shape = tuple(getattr(leaf, "shape", ()))
         if not shape:
             return PartitionSpec()
-        name = leaf_path(path)
+        name = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
         for pattern, spec in compiled:
             if pattern.search(name) and _fits(spec, shape, sizes):
                 return spec
