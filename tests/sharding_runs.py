@@ -6,7 +6,7 @@ Needs 8 host devices, which XLA only creates if the flag is set before jax is im
 separate process (pytest's own has one CPU device). Writes ``OUT_DIR/arrays.npz`` (params and
 controller state after the run on each mesh, the restored checkpoint, ...),
 ``OUT_DIR/facts.json`` (shardings, per-host rows, error messages) and ``OUT_DIR/finetune/``
-(train.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
+(hacbo_jax.training.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def setup():
 
 
 def place(mesh_shape, graphdef, params, rest, schedule, tx):
-    """(initial state, jitted step, shardings) on a mesh, as train.finetune builds them."""
+    """(initial state, jitted step, shardings) on a mesh, as hacbo_jax.training.finetune builds them."""
     rng = jax.random.key_data(jax.random.key(0))
     if mesh_shape == (1, 1):
         state = TrainState(jnp.int32(0), params, tx.init(params), rng)
@@ -147,7 +147,7 @@ def place(mesh_shape, graphdef, params, rest, schedule, tx):
 
 
 def feed(batch: Batch, shardings) -> Batch:
-    """The global batch the way train.finetune builds it (per-process rows + assembly)."""
+    """The global batch the way hacbo_jax.training.finetune builds it (per-process rows + assembly)."""
     if shardings is None:
         return batch
     rows = distributed.local_rows(shardings.batch, batch.input_ids.shape, axis=1)
@@ -247,7 +247,7 @@ def main(out_dir: Path) -> None:
 
 
 def finetune_runs(out_dir: Path) -> None:
-    """train.finetune end to end: 6 steps on 1x1, and 3 on 4x2 resumed on 2x4 for 3 more.
+    """hacbo_jax.training.finetune end to end: 6 steps on 1x1, and 3 on 4x2 resumed on 2x4 for 3 more.
 
     Writes ``OUT_DIR/finetune/{1x1,resumed}/`` run directories.
     """

@@ -1,4 +1,4 @@
-"""train.compare: method -> overrides mapping, resumability, the report, and (tiny model, a few
+"""hacbo_jax.training.compare: method -> overrides mapping, resumability, the report, and (tiny model, a few
 steps) that the ablation switches change what they claim to change."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ FAKE_EM = {
 
 
 class FakeRun:
-    """Stands in for train.finetune.run: writes what a finished run leaves, counts calls."""
+    """Stands in for hacbo_jax.training.finetune.run: writes what a finished run leaves, counts calls."""
 
     def __init__(self):
         self.calls: list[tuple[str, int, bool]] = []

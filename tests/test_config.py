@@ -1,4 +1,4 @@
-"""train.config: YAML + overrides -> validated frozen dataclasses, one message per bad config."""
+"""hacbo_jax.training.config: YAML + overrides -> validated frozen dataclasses, one message per bad config."""
 
 import dataclasses
 from pathlib import Path

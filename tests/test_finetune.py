@@ -1,4 +1,4 @@
-"""End-to-end tests of train.finetune on a tiny random Qwen3 (a few steps each)."""
+"""End-to-end tests of hacbo_jax.training.finetune on a tiny random Qwen3 (a few steps each)."""
 
 from __future__ import annotations
 

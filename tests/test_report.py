@@ -1,4 +1,4 @@
-"""train.logs (JSON lines, resume truncation, optional mirrors) and train.report (figures, table)."""
+"""train.logs (JSON lines, resume truncation, optional mirrors) and hacbo_jax.training.report (figures, table)."""
 
 import json
 import math

@@ -315,7 +315,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def test_finetune_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
-    """train.finetune: 3 steps on 4x2, checkpoint, resume on 2x4 to step 6 == 6 steps on 1x1."""
+    """hacbo_jax.training.finetune: 3 steps on 4x2, checkpoint, resume on 2x4 to step 6 == 6 steps on 1x1."""
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM as Model
 
     root = mesh_runs[2] / "finetune"

@@ -1,4 +1,4 @@
-"""train.step: the loss (plain and chunked) and optimiser assembly."""
+"""hacbo_jax.training.step: the loss (plain and chunked) and optimiser assembly."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""train.sweep with a stand-in run function: log-uniform search, seeded, best rate written and
-applied by train.compare."""
+"""hacbo_jax.training.sweep with a stand-in run function: log-uniform search, seeded, best rate written and
+applied by hacbo_jax.training.compare."""
 
 from __future__ import annotations
 

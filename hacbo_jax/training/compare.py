@@ -4,7 +4,7 @@
         --methods adamw,blac,hacbo,hacbo_gamma0 [--lrs configs/lrs/compare_cpu.yaml] \\
         [--out runs/compare] [--report-dir DIR] [key=value ...]
 
-Runs every (method, seed) of the grid one after another in this process (``train.finetune.run``;
+Runs every (method, seed) of the grid one after another in this process (``hacbo_jax.training.finetune.run``;
 on a small CPU parallel processes would only contend), each in ``OUT/runs/<method>/seed<k>/``,
 then writes ``report.md`` and its figures into ``--report-dir`` (default ``OUT``).
 
@@ -20,7 +20,7 @@ paper's ablations of HACBO: ``hacbo_no_curvature`` (v uniform 1/M), ``hacbo_no_r
 (micro-dev buffer never refreshed), ``hacbo_no_probation`` (no block ever enters probation),
 ``hacbo_debias`` (bias-corrected EMAs). ``--methods all`` runs all eight.
 
-Learning rates: ``--lrs FILE`` (written by ``train.sweep``) maps method -> base learning rate;
+Learning rates: ``--lrs FILE`` (written by ``hacbo_jax.training.sweep``) maps method -> base learning rate;
 a method missing from it uses the rate of the method it ablates (:data:`LR_FALLBACK`, e.g. every
 ``hacbo_*`` ablation uses ``hacbo``'s rate so the ablation changes one thing only), else the base
 config's ``optim.lr``.
@@ -201,7 +201,7 @@ def run_comparison(
     ``OUT/base_model_eval.json``) as the report's reference line.
 
     ``run_fn(cfg, resume=bool, show_progress=bool) -> summary`` defaults to
-    ``train.finetune.run``.
+    ``hacbo_jax.training.finetune.run``.
     """
     run_fn = run_fn or _default_run_fn
     out_dir = Path(out_dir)

@@ -66,7 +66,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def load_lrs(path: str | Path) -> dict[str, float]:
-    """The ``lr`` mapping (method -> base learning rate) of a ``train.sweep`` output file."""
+    """The ``lr`` mapping (method -> base learning rate) of a ``hacbo_jax.training.sweep`` output file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -76,7 +76,7 @@ def load_lrs(path: str | Path) -> dict[str, float]:
     if not isinstance(lrs, dict) or not lrs:
         raise ValueError(
             f"--lrs {str(path)!r}: must be a YAML mapping with a non-empty 'lr' "
-            "section of method: learning rate (as train.sweep writes it)"
+            "section of method: learning rate (as hacbo_jax.training.sweep writes it)"
         )
     out = {}
     for method, value in lrs.items():

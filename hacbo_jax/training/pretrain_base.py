@@ -146,7 +146,7 @@ def greedy_exact_match(
     prompt_len: int = 64,
     max_new_tokens: int = 72,
 ) -> tuple[float, list[str]]:
-    """Greedy exact match of ``examples`` (train.evaluate with this script's fixed shapes)."""
+    """Greedy exact match of ``examples`` (hacbo_jax.training.evaluate with this script's fixed shapes)."""
     result = evaluate_exact_match(
         model,
         tokenizer,

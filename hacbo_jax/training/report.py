@@ -2,7 +2,7 @@
 
     python -m train.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
-Reads the run directory layout written by ``train.finetune`` (``metrics.jsonl``, ``eval.jsonl``,
+Reads the run directory layout written by ``hacbo_jax.training.finetune`` (``metrics.jsonl``, ``eval.jsonl``,
 ``summary.json``, ``config.yaml``) and writes into ``--out`` (default: the single run directory,
 or ``report/`` for several):
 
@@ -183,12 +183,12 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(
-            f"{path}: not a directory (expected a run directory written by train.finetune)"
+            f"{path}: not a directory (expected a run directory written by hacbo_jax.training.finetune)"
         )
     metrics_path = path / METRICS_FILE
     if not metrics_path.is_file():
         raise RunDirError(
-            f"{path}: no {METRICS_FILE}; a run directory written by train.finetune "
+            f"{path}: no {METRICS_FILE}; a run directory written by hacbo_jax.training.finetune "
             f"holds {METRICS_FILE}, {EVAL_FILE}, {SUMMARY_FILE} and config.yaml"
         )
     metrics = read_jsonl(metrics_path)

@@ -29,7 +29,7 @@ _NEVER_APPLY_NONFINITE = 2**30
 
 
 class Batch(NamedTuple):
-    """Right-padded token batch (train.data.SFTArrays layout).
+    """Right-padded token batch (hacbo_jax.training.data.SFTArrays layout).
 
     Position t predicts ``targets[..., t]`` (= ``input_ids[..., t + 1]``); it counts in the loss
     where ``loss_mask[..., t] = 1``, i.e. where that target is an answer token.

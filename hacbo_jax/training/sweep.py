@@ -1,4 +1,4 @@
-"""Learning-rate search per method with Optuna, written as a file ``train.compare --lrs`` reads.
+"""Learning-rate search per method with Optuna, written as a file ``hacbo_jax.training.compare --lrs`` reads.
 
     python -m train.sweep --config configs/compare_cpu.yaml \\
         [--methods adamw,blac,hacbo,hacbo_gamma0] [--trials 4] [--lo 1e-5] [--hi 3e-3] \\
@@ -151,7 +151,7 @@ def sweep(
         )
     header = "\n".join(
         [
-            "Base learning rate per method, written by train.sweep (read by train.compare --lrs).",
+            "Base learning rate per method, written by hacbo_jax.training.sweep (read by hacbo_jax.training.compare --lrs).",
             f"Command: {command}" if command else f"Base config: {base_config}",
             "Objective: final exact match of one short run per trial (maximised); Optuna TPE, "
             "lr log-uniform.",
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
     parser.add_argument(
         "--methods",
         default=",".join(COMPARED_METHODS),
-        help="comma-separated method names (see train.compare), or 'all'",
+        help="comma-separated method names (see hacbo_jax.training.compare), or 'all'",
     )
     parser.add_argument("--trials", type=int, default=4, help="trials per method (default 4)")
     parser.add_argument("--lo", type=float, default=1e-5, help="lowest learning rate")

@@ -1,6 +1,6 @@
 """Seeded generator of GSM8K-format synthetic word problems with difficulty knobs.
 
-Each problem is an :class:`train.data.Example`: a templated question and a worked answer in
+Each problem is an :class:`hacbo_jax.training.data.Example`: a templated question and a worked answer in
 GSM8K style, one line per arithmetic step with a ``<<expr=result>>`` annotation, ending in
 ``#### n``. For example (family "inventory", two steps)::
 

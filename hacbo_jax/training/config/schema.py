@@ -250,7 +250,7 @@ class Config:
     def steps_per_epoch(self, n_train: int) -> int:
         """Optimiser steps per epoch over ``n_train`` examples: ``n_train // batch_size``.
 
-        The incomplete last batch is dropped (fixed shapes), as ``train.data``'s sampler does.
+        The incomplete last batch is dropped (fixed shapes), as ``hacbo_jax.training.data``'s sampler does.
         """
         return n_train // self.optim.batch_size
 
