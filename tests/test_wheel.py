@@ -53,8 +53,20 @@ def test_wheel_installs_and_runs_the_embedded_default_from_any_directory(tmp_pat
     ).stdout.strip()
     # Appended after the venv's own site-packages, so the installed wheel wins over a checkout.
     (Path(purelib) / "host_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: the host environment may hold an (editable) hacbo-jax of its own.
     subprocess.run(
-        [python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "-q",
+            str(wheel),
+        ],
+        check=True,
     )
 
     work = tmp_path / "elsewhere"
