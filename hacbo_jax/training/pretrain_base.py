@@ -220,16 +220,20 @@ def run_steps(args, train_step, state, ids, mask, graphdef, rest, tokenizer, eva
     return state, curve, train_time
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.time()
+def task_and_tokenizer(args):
+    """The synthetic task, the GSM8K train-proper split and the tokenizer trained on both."""
     task = SyntheticTask(args.task, seed=args.seed)
     gsm8k = data.load_gsm8k("train")
     train_idx, _ = data.holdout_split(len(gsm8k))
     gsm8k_train = [gsm8k[i] for i in train_idx]
-
     tokenizer_texts = document_texts(gsm8k_train) + document_texts(task.examples("train", 5000))
-    tokenizer = train_tokenizer(tokenizer_texts, vocab_size=args.vocab_size)
+    return task, gsm8k_train, train_tokenizer(tokenizer_texts, vocab_size=args.vocab_size)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.time()
+    task, gsm8k_train, tokenizer = task_and_tokenizer(args)
     vocab_size = len(tokenizer)
     print(f"[pretrain] tokenizer: {vocab_size} tokens ({time.time() - start:.1f}s)", flush=True)
 
