@@ -38,8 +38,9 @@ def run_jax(args) -> dict:
     from flax import nnx
 
     from hacbo_jax import hacbo
-    from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-    from train.step import Batch, answer_nll, chunked_answer_nll
+    from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+    from hacbo_jax.training.recipes import qwen3_labels
+    from hacbo_jax.training.step import Batch, answer_nll, chunked_answer_nll
 
     config = Qwen3Config.qwen3_0_6b()
     # Initialised inside one jitted program, so no eager per-op temporaries.

@@ -1,9 +1,9 @@
 """Per-device memory of Qwen3-0.6B params + optimiser state under 1, 2, 4 and 8 FSDP shards.
 
 No training and no devices: the model and ``apply_if_finite(chain(clip, adamw, hacbo))`` (the
-training job's optimiser, ``train.step.build_optimizer``) are initialised abstractly
+training job's optimiser, ``hacbo_jax.training.step.build_optimizer``) are initialised abstractly
 (``nnx.eval_shape`` / ``jax.eval_shape``), the training job's partition rules
-(``train.step.step_shardings``: ``hacbo_jax.sharding.QWEN3_RULES`` + FSDP fallback) are applied
+(``hacbo_jax.training.step.step_shardings``: ``hacbo_jax.training.recipes.QWEN3_RULES`` + FSDP fallback) are applied
 on an abstract ``(data=1, fsdp=N)`` mesh, and each leaf counts with its shard shape. The data
 axis does not change these figures (params and optimiser state are replicated over it).
 
@@ -20,10 +20,11 @@ from flax import nnx
 from jax.sharding import AbstractMesh
 
 from hacbo_jax import sharding as sharding_lib
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-from train.step import (
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training.controller_registry import build_controller
+from hacbo_jax.training.step import (
     TrainState,
-    build_controller,
     build_optimizer,
     learning_rate_schedule,
     step_shardings,

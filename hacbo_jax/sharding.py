@@ -9,7 +9,7 @@ only decides *which* array axis goes on *which* mesh axis:
   see different examples; ZeRO-3 style), so every device holds ``micro_batch / (data * fsdp)``
   rows;
 - a parameter is split along one of its axes over ``"fsdp"`` and replicated over ``"data"``;
-  which axis is chosen by regex rules on the leaf's path (:data:`QWEN3_RULES`), falling back to
+  which axis is chosen by regex rules on the leaf's path (e.g. :data:`hacbo_jax.training.recipes.QWEN3_RULES`), falling back to
   :func:`fsdp_spec` -- the largest axis divisible by the fsdp size, or replicated when the
   tensor is small;
 - optimiser states mirror the params tree (optax's ``mu``/``nu`` keep the param's path as their
@@ -33,13 +33,11 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from hacbo_jax.controllers.labels import leaf_path
 
 __all__ = [
     "DATA_AXIS",
     "FSDP_AXIS",
     "BATCH_AXES",
-    "QWEN3_RULES",
     "PartitionRule",
     "make_mesh",
     "resolve_mesh_shape",
@@ -60,21 +58,6 @@ BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 # (regex searched in the leaf's "/"-joined path, spec for that leaf); first match wins.
 PartitionRule = tuple[str, PartitionSpec]
-
-# Qwen3 (hacbo_jax.models.qwen3 layout): shard the model dimension D of the attention
-# projections, the MLP width F of the MLP kernels and the vocabulary of the embeddings; norm
-# weights are vectors and stay replicated. Each kernel is all-gathered before its einsum, so the
-# choice is about memory layout only; these axes are the large, evenly divisible ones.
-QWEN3_RULES: tuple[PartitionRule, ...] = (
-    (r"norm/weight$", PartitionSpec()),
-    (r"embed_tokens/weight$", PartitionSpec(FSDP_AXIS, None)),  # [V, D]
-    (r"lm_head/kernel$", PartitionSpec(None, FSDP_AXIS)),  # [D, V]
-    (r"self_attn/[qkv]_proj/kernel$", PartitionSpec(FSDP_AXIS, None, None)),  # [D, N|K, H]
-    (r"self_attn/o_proj/kernel$", PartitionSpec(None, None, FSDP_AXIS)),  # [N, H, D]
-    (r"mlp/(gate|up)_proj/kernel$", PartitionSpec(None, FSDP_AXIS)),  # [D, F]
-    (r"mlp/down_proj/kernel$", PartitionSpec(FSDP_AXIS, None)),  # [F, D]
-    (r"_proj/bias$", PartitionSpec()),
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +174,8 @@ def partition_specs(
     """A tree of PartitionSpec for ``tree`` (arrays or ``jax.ShapeDtypeStruct`` s).
 
     Each leaf takes the spec of the first rule whose regex is found (``re.search``) in its path
-    (:func:`hacbo_jax.controllers.labels.leaf_path`) and whose sharded axes divide the leaf's dimensions; otherwise
+    (the "/"-joined ``jax.tree_util.keystr``, as the controllers' label rules see it) and whose
+    sharded axes divide the leaf's dimensions; otherwise
     ``fallback(shape)``, by default :func:`fsdp_spec` with the mesh's fsdp size and
     ``min_elements``. Scalars are always replicated. Leaves without a shape (None, Python
     numbers) get ``PartitionSpec()``.
@@ -201,7 +185,7 @@ def partition_specs(
         path suffix, so one rule set covers params and their moments.
       mesh_axes: the mesh (concrete or abstract, or a ``{axis name: size}`` dict) the specs
         are meant for.
-      rules: ``(regex, PartitionSpec)`` pairs, e.g. :data:`QWEN3_RULES`.
+      rules: ``(regex, PartitionSpec)`` pairs, e.g. :data:`hacbo_jax.training.recipes.QWEN3_RULES`.
     """
     sizes = dict(mesh_axes.shape) if hasattr(mesh_axes, "shape") else dict(mesh_axes)
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
@@ -213,7 +197,7 @@ def partition_specs(
         shape = tuple(getattr(leaf, "shape", ()))
         if not shape:
             return PartitionSpec()
-        name = leaf_path(path)
+        name = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
         for pattern, spec in compiled:
             if pattern.search(name) and _fits(spec, shape, sizes):
                 return spec

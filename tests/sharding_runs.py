@@ -6,7 +6,7 @@ Needs 8 host devices, which XLA only creates if the flag is set before jax is im
 separate process (pytest's own has one CPU device). Writes ``OUT_DIR/arrays.npz`` (params and
 controller state after the run on each mesh, the restored checkpoint, ...),
 ``OUT_DIR/facts.json`` (shardings, per-host rows, error messages) and ``OUT_DIR/finetune/``
-(train.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
+(hacbo_jax.training.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
 """
 
 from __future__ import annotations
@@ -30,15 +30,19 @@ from flax import nnx  # noqa: E402
 
 from hacbo_jax import sharding as sharding_lib  # noqa: E402
 from hacbo_jax.controllers.labels import leaf_path  # noqa: E402
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels  # noqa: E402
-from train import distributed  # noqa: E402
-from train.checkpoint import Checkpointer  # noqa: E402
-from train.step import (  # noqa: E402
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training import distributed  # noqa: E402
+from hacbo_jax.training.checkpoint import Checkpointer  # noqa: E402
+from hacbo_jax.training.controller_registry import (  # noqa: E402
+    HACBOConfig,
+    build_controller,
+    find_controller_state,
+)
+from hacbo_jax.training.step import (  # noqa: E402
     Batch,
     TrainState,
-    build_controller,
     build_optimizer,
-    find_controller_state,
     learning_rate_schedule,
     make_train_step,
     step_shardings,
@@ -91,7 +95,9 @@ def setup():
     params = nnx.to_pure_dict(params)
     schedule = learning_rate_schedule(1e-2, 2, 20)
     controller = build_controller(
-        "hacbo", qwen3_labels(params), interval=3, patience=2, update_norm_budget=1.0
+        "hacbo",
+        qwen3_labels(params),
+        HACBOConfig(interval=3, patience=2, update_norm_budget=1.0),
     )
     tx = build_optimizer(
         schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, controller=controller
@@ -100,7 +106,7 @@ def setup():
 
 
 def place(mesh_shape, graphdef, params, rest, schedule, tx):
-    """(initial state, jitted step, shardings) on a mesh, as train.finetune builds them."""
+    """(initial state, jitted step, shardings) on a mesh, as hacbo_jax.training.finetune builds them."""
     rng = jax.random.key_data(jax.random.key(0))
     if mesh_shape == (1, 1):
         state = TrainState(jnp.int32(0), params, tx.init(params), rng)
@@ -141,7 +147,7 @@ def place(mesh_shape, graphdef, params, rest, schedule, tx):
 
 
 def feed(batch: Batch, shardings) -> Batch:
-    """The global batch the way train.finetune builds it (per-process rows + assembly)."""
+    """The global batch the way hacbo_jax.training.finetune builds it (per-process rows + assembly)."""
     if shardings is None:
         return batch
     rows = distributed.local_rows(shardings.batch, batch.input_ids.shape, axis=1)
@@ -241,17 +247,17 @@ def main(out_dir: Path) -> None:
 
 
 def finetune_runs(out_dir: Path) -> None:
-    """train.finetune end to end: 6 steps on 1x1, and 3 on 4x2 resumed on 2x4 for 3 more.
+    """hacbo_jax.training.finetune end to end: 6 steps on 1x1, and 3 on 4x2 resumed on 2x4 for 3 more.
 
     Writes ``OUT_DIR/finetune/{1x1,resumed}/`` run directories.
     """
     from tests.tiny_checkpoint import make_tiny_checkpoint
-    from train import finetune
-    from train.config import load_config
+    from hacbo_jax.training import finetune
+    from hacbo_jax.training.config import load_config
 
     root = out_dir / "finetune"
     model_dir = make_tiny_checkpoint(root / "model")
-    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+    config = Path(__file__).resolve().parents[1] / "hacbo_jax" / "configs" / "tiny_cpu.yaml"
 
     def cfg(run: str, mesh: tuple[int, int]):
         return load_config(

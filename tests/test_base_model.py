@@ -7,16 +7,16 @@ import os
 import numpy as np
 import pytest
 
-from train import data
+from hacbo_jax.training import data
 
-ASSET = data.REPO_ROOT / "assets" / "tiny-qwen3-gsm"
+ASSET = data.ASSETS_DIR / "tiny-qwen3-gsm"
 requires_asset = pytest.mark.skipif(
     not (ASSET / "model.safetensors").is_file(), reason="asset not built yet"
 )
 
 
 def test_pack_documents_keeps_documents_whole_and_rows_start_at_a_document():
-    from train.pretrain_base import pack_documents
+    from hacbo_jax.training.pretrain_base import pack_documents
 
     docs = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [15, 16]]
     ids, mask, used = pack_documents(docs, seq_len=6, num_rows=3, pad_id=0, eos_id=1)

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from train.checkpoint import CheckpointError, Checkpointer, to_jsonable
+from hacbo_jax.training.checkpoint import CheckpointError, Checkpointer
+from hacbo_jax.training.logs import jsonable
 
 
 def _params(width=4):
@@ -197,8 +198,8 @@ def test_unfinished_temporary_directories_are_ignored(tmp_path):
         assert ck.latest_step() == 1 and ck.all_steps() == [1]
 
 
-def test_to_jsonable():
-    assert to_jsonable({"a": (np.int32(1), jnp.float32(0.5)), 2: np.zeros((2,), bool)}) == {
+def test_jsonable():
+    assert jsonable({"a": (np.int32(1), jnp.float32(0.5)), 2: np.zeros((2,), bool)}) == {
         "a": [1, 0.5],
         "2": [False, False],
     }

@@ -1,4 +1,4 @@
-"""train.compare: method -> overrides mapping, resumability, the report, and (tiny model, a few
+"""hacbo_jax.training.compare: method -> overrides mapping, resumability, the report, and (tiny model, a few
 steps) that the ablation switches change what they claim to change."""
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ import numpy as np
 import pytest
 
 from tests.tiny_checkpoint import make_tiny_checkpoint
-from train import compare
-from train.config import config_to_dict, save_config
-from train.finetune import _controller_hyper
-from train.finetune import run as finetune_run
-from train.logs import read_jsonl
-from train.stats import mean_ci, paired_ttest
-from train.step import build_controller
+from hacbo_jax.training import compare
+from hacbo_jax.training.config import config_to_dict, save_config
+from hacbo_jax.training.finetune import run as finetune_run
+from hacbo_jax.training.logs import read_jsonl
+from hacbo_jax.training.stats import mean_ci, paired_ttest
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "compare_cpu.yaml"
+CONFIG = ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +112,7 @@ FAKE_EM = {
 
 
 class FakeRun:
-    """Stands in for train.finetune.run: writes what a finished run leaves, counts calls."""
+    """Stands in for hacbo_jax.training.finetune.run: writes what a finished run leaves, counts calls."""
 
     def __init__(self):
         self.calls: list[tuple[str, int, bool]] = []
@@ -250,7 +248,7 @@ def test_probation_switch_reaches_the_controller(model_dir, tmp_path, method, en
         ],
     )
     params = {"a": jnp.ones(4), "b": jnp.ones(4)}
-    tx = build_controller("hacbo", {"a": "0/mlp", "b": "1/mlp"}, **_controller_hyper(cfg))
+    tx = cfg.controller.build({"a": "0/mlp", "b": "1/mlp"})
     state = tx.init(params)
     grads = {"a": jnp.ones(4), "b": -jnp.ones(4)}
     dev = {"a": -jnp.ones(4), "b": jnp.ones(4)}

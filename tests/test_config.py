@@ -1,4 +1,4 @@
-"""train.config: YAML + overrides -> validated frozen dataclasses, one message per bad config."""
+"""hacbo_jax.training.config: YAML + overrides -> validated frozen dataclasses, one message per bad config."""
 
 import dataclasses
 from pathlib import Path
@@ -6,15 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train import config as C
-from train.config import ConfigError, config_from_dict, load_config, save_config
+from hacbo_jax.training import config as C
+from hacbo_jax.training.config import ConfigError, config_from_dict, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "hacbo_jax" / "configs").glob("*.yaml"))
 
 
 def _preset() -> str:
     try:
-        from train.synthetic import PRESETS
+        from hacbo_jax.training.synthetic import PRESETS
 
         return next(iter(PRESETS))
     except (ImportError, AttributeError):
@@ -56,7 +57,7 @@ def _error(raw, overrides=()) -> str:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load_and_round_trip(path, tmp_path, model_dir):
     overrides = []
-    if not (C.PROJECT_ROOT / "assets" / "tiny-qwen3-gsm" / "config.json").is_file():
+    if not (C.PACKAGE_ROOT / "assets" / "tiny-qwen3-gsm" / "config.json").is_file():
         overrides = [f"model.path={model_dir}"] if "tiny" in path.name else []
     cfg = load_config(path, overrides)
     save_config(cfg, tmp_path / "config.yaml")
@@ -74,7 +75,7 @@ def test_shipped_config_set():
 
 
 def test_paper_configs_carry_the_papers_values():
-    h = load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml")
+    h = load_config(C.CONFIGS_DIR / "paper_hacbo.yaml")
     assert (
         h.controller.kind,
         h.controller.hacbo.interval,
@@ -94,10 +95,10 @@ def test_paper_configs_carry_the_papers_values():
     # 3 epochs x (7473 // 64) = 348 steps (partial batches dropped); warm-up ends inside the run.
     assert h.total_steps(h.expected_train_examples()) == 348
     assert h.optim.warmup_steps < 348
-    fixed = load_config(C.PROJECT_ROOT / "configs/paper_hacbo_fixed.yaml")
+    fixed = load_config(C.CONFIGS_DIR / "paper_hacbo_fixed.yaml")
     assert fixed.controller.hacbo.gamma == 0.1
     assert dataclasses.replace(fixed.controller.hacbo, gamma=0.0) == h.controller.hacbo
-    b = load_config(C.PROJECT_ROOT / "configs/paper_blac.yaml")
+    b = load_config(C.CONFIGS_DIR / "paper_blac.yaml")
     assert (
         b.controller.kind,
         b.controller.blac.interval,
@@ -106,7 +107,7 @@ def test_paper_configs_carry_the_papers_values():
         b.controller.blac.update_norm_budget,
         b.optim.lr,
     ) == ("blac", 20, 0.7436, 300, 1.0, 1.96e-4)
-    assert load_config(C.PROJECT_ROOT / "configs/adamw.yaml").controller.kind == "none"
+    assert load_config(C.CONFIGS_DIR / "adamw.yaml").controller.kind == "none"
 
 
 def test_papers_500_step_warmup_is_rejected():
@@ -114,14 +115,14 @@ def test_papers_500_step_warmup_is_rejected():
         pytest.raises(
             ConfigError,
             load_config,
-            C.PROJECT_ROOT / "configs/paper_hacbo.yaml",
+            C.CONFIGS_DIR / "paper_hacbo.yaml",
             ["optim.warmup_steps=500"],
         ).value
     )
     assert "optim.warmup_steps = 500" in msg and "348" in msg
-    load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml", ["optim.warmup_steps=347"])
+    load_config(C.CONFIGS_DIR / "paper_hacbo.yaml", ["optim.warmup_steps=347"])
     with pytest.raises(ConfigError, match="348"):
-        load_config(C.PROJECT_ROOT / "configs/paper_hacbo.yaml", ["optim.warmup_steps=348"])
+        load_config(C.CONFIGS_DIR / "paper_hacbo.yaml", ["optim.warmup_steps=348"])
 
 
 # -- defaults, overrides, resolution -------------------------------------------------------------
@@ -183,9 +184,9 @@ def test_step_arithmetic_and_check_warmup(base):
     assert cfg.total_steps(640) == 20
     assert config_from_dict(base, ["optim.epochs=3"]).total_steps(640) == 60
     assert config_from_dict(base, ["optim.max_steps=7"]).total_steps(640) == 7
-    cfg.check_warmup(6)
+    C.check_warmup(cfg, 6)
     with pytest.raises(ConfigError, match=r"optim.warmup_steps = 5: must be < the run's 5"):
-        cfg.check_warmup(5)
+        C.check_warmup(cfg, 5)
     # gsm8k: held-out rows are removed from training, unless the pool is the test split
     g = ["data.task=gsm8k", "data.heldout_size=1473"]
     assert config_from_dict(base, g).expected_train_examples() == 6000
@@ -398,16 +399,66 @@ def test_save_config_writes_resolved_yaml(base, tmp_path):
 def test_readme_training_config_example_runs(monkeypatch, capsys):
     import re
 
-    text = (C.PROJECT_ROOT / "README.md").read_text()
+    text = (REPO_ROOT / "README.md").read_text()
     section = re.search(r"<!-- section:training -->(.*?)<!-- /section:training -->", text, re.S)
     blocks = [
         b
         for b in re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-        if b.startswith("# train.config example")
+        if b.startswith("# hacbo_jax.training.config example")
     ]
-    assert blocks, "README training section lost its train.config example"
-    monkeypatch.chdir(C.PROJECT_ROOT)
+    assert blocks, "README training section lost its hacbo_jax.training.config example"
+    monkeypatch.chdir(REPO_ROOT)
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert out.startswith("348\n") and "optim.warmup_steps = 500" in out and "optim.lr = -1" in out
+
+
+def test_default_synthetic_preset_is_a_preset():
+    """Was "easy", which is not a preset: the default must be the task's own default."""
+    from hacbo_jax.training.synthetic import DEFAULT_PRESET, PRESETS
+
+    assert C.SyntheticConfig().preset == DEFAULT_PRESET and DEFAULT_PRESET in PRESETS
+    cfg = config_from_dict(
+        {"data": {"task": "synthetic"}, "optim": {"batch_size": 8}}, check_paths=False
+    )
+    assert cfg.data.synthetic.preset in PRESETS
+
+
+# -- command line: shipped names, --help, --print-config ----------------------------------------
+
+
+def test_shipped_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu.yaml"):
+        assert C.resolve_config_path(name) == C.CONFIGS_DIR / "tiny_cpu.yaml"
+    cfg = load_config("tiny_cpu")
+    assert Path(cfg.model.path).is_relative_to(C.PACKAGE_ROOT / "assets")
+    with pytest.raises(ConfigError, match="name of a shipped config: adamw, compare_cpu"):
+        load_config("no_such_config")
+
+
+def test_every_key_has_a_description_and_help_lists_it(capsys):
+    from hacbo_jax.training.config.keys import KEY_HELP, iter_keys
+
+    keys = [key for key, _, _ in iter_keys()]
+    assert set(keys) == set(KEY_HELP)
+    with pytest.raises(SystemExit) as e:
+        C.parse_cli(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for key in keys:
+        assert f"  {key} = " in out
+    assert "controller.hacbo.gamma = 0.1" in out and KEY_HELP["controller.hacbo.gamma"] in out
+
+
+def test_print_config_shows_resolved_config_and_step_counts(capsys):
+    with pytest.raises(SystemExit) as e:
+        C.parse_cli(["--config", "tiny_cpu", "optim.max_steps=20", "--print-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    printed = yaml.safe_load(out)  # the derived counts are YAML comments
+    assert printed["optim"]["max_steps"] == 20 and printed["controller"]["kind"] == "hacbo"
+    # tiny_cpu: 3200 synthetic problems, batch 32 -> 100 steps per epoch, capped at 20; K = 10
+    assert "#   steps_per_epoch: 100" in out and "#   total_steps: 20" in out
+    assert "#   controller_measurements: 2" in out

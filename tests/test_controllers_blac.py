@@ -105,7 +105,7 @@ def test_blac_rejects_bad_input():
 @pytest.mark.parametrize("make", [blac, hacbo], ids=["blac", "hacbo"])
 def test_state_survives_a_donating_jitted_step(make):
     """init must give every state field its own buffer: a train step that donates its state
-    (as train.step does) otherwise fails with 'Attempt to donate the same buffer twice'."""
+    (as hacbo_jax.training.step does) otherwise fails with 'Attempt to donate the same buffer twice'."""
     tx = make(LABELS, interval=1)
     state = tx.init(TRAIN)
 

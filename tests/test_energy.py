@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from train.energy import JOULES_PER_KWH, EnergyMeter
+from hacbo_jax.training.energy import JOULES_PER_KWH, EnergyMeter
 
 RANGE = 262_143_328_850  # a real max_energy_range_uj
 

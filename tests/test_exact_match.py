@@ -3,7 +3,7 @@ string equality or equal decimal value."""
 
 import pytest
 
-from train.exact_match import (
+from hacbo_jax.training.exact_match import (
     answers_equal,
     exact_match_score,
     extract_final_answer,

@@ -1,4 +1,4 @@
-"""End-to-end tests of train.finetune on a tiny random Qwen3 (a few steps each)."""
+"""End-to-end tests of hacbo_jax.training.finetune on a tiny random Qwen3 (a few steps each)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from flax import nnx
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
 from tests.tiny_checkpoint import make_tiny_checkpoint
-from train import data as data_lib
-from train import finetune
-from train.config import load_config
+from hacbo_jax.training import data as data_lib
+from hacbo_jax.training import finetune
+from hacbo_jax.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_model"))
 
 
-CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
+CONFIG = ROOT / "hacbo_jax" / "configs" / "tiny_cpu.yaml"
 
 
 def quick_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:

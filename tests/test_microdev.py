@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from train.microdev import MicroDevBuffer
+from hacbo_jax.training.microdev import MicroDevBuffer
 
 
 class FakeSolver:

@@ -19,7 +19,8 @@ import transformers
 from flax import nnx
 
 from hacbo_jax.models.generation import generate
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels, rope_inv_freq
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, rope_inv_freq
+from hacbo_jax.training.recipes import qwen3_labels
 from hacbo_jax.models.qwen3_hf import hf_name, param_to_hf
 
 VOCAB = 83

@@ -23,9 +23,9 @@ from hacbo_jax.models.generation import generate  # noqa: E402
 from hacbo_jax.models.qwen3 import (  # noqa: E402
     Qwen3Config,
     Qwen3ForCausalLM,
-    qwen3_labels,
 )
 from hacbo_jax.models.qwen3_hf import hf_name, param_to_hf  # noqa: E402
+from hacbo_jax.training.recipes import qwen3_labels  # noqa: E402
 
 VOCAB = 89
 

@@ -1,4 +1,4 @@
-"""train.logs (JSON lines, resume truncation, optional mirrors) and train.report (figures, table)."""
+"""train.logs (JSON lines, resume truncation, optional mirrors) and hacbo_jax.training.report (figures, table)."""
 
 import json
 import math
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train import report as R
-from train.logs import RunLogger, read_jsonl
+from hacbo_jax.training import report as R
+from hacbo_jax.training.logs import RunLogger, read_jsonl
 
 B, M = 3, 4
 

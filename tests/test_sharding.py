@@ -21,10 +21,16 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from hacbo_jax import sharding as sharding_lib
 from hacbo_jax.controllers.labels import leaf_path
-from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, qwen3_labels
-from train import distributed, finetune
-from train.config import Config, ConfigError, MeshConfig, OptimConfig
-from train.step import TrainState, build_controller, build_optimizer, learning_rate_schedule
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.training.recipes import QWEN3_RULES, qwen3_labels
+from hacbo_jax.training import distributed
+from hacbo_jax.training.config import Config, ConfigError, MeshConfig, OptimConfig, check_mesh
+from hacbo_jax.training.controller_registry import build_controller
+from hacbo_jax.training.step import (
+    TrainState,
+    build_optimizer,
+    learning_rate_schedule,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -76,7 +82,7 @@ def test_default_mesh_is_one_device_with_named_axes():
 def test_run_mesh_errors_are_config_errors(monkeypatch):
     cfg = Config(mesh=MeshConfig(data=2, fsdp=1))
     with pytest.raises(ConfigError, match=r"mesh.data=2 x mesh.fsdp=1 = 2 devices, but only 1"):
-        finetune.make_run_mesh(cfg)
+        check_mesh(cfg)
     # A micro-batch that does not split over the mesh (8 devices faked by an abstract mesh).
     monkeypatch.setattr(
         sharding_lib, "make_mesh", lambda data, fsdp: AbstractMesh((4, 2), ("data", "fsdp"))
@@ -86,13 +92,13 @@ def test_run_mesh_errors_are_config_errors(monkeypatch):
         optim=OptimConfig(batch_size=12, micro_batch_size=6, warmup_steps=0),
     )
     with pytest.raises(ConfigError) as info:
-        finetune.make_run_mesh(cfg)
+        check_mesh(cfg)
     assert "optim.micro_batch_size = 6" in str(info.value) and "8 devices" in str(info.value)
     cfg = Config(
         mesh=MeshConfig(data=4, fsdp=2),
         optim=OptimConfig(batch_size=32, micro_batch_size=16, warmup_steps=0),
     )
-    assert finetune.make_run_mesh(cfg).size == 8
+    assert check_mesh(cfg).size == 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def _qwen3_0_6b_state():
 
 def test_qwen3_rules_shard_params_moments_alike_and_replicate_controller():
     state = _qwen3_0_6b_state()
-    specs = sharding_lib.partition_specs(state, {"data": 2, "fsdp": 4}, sharding_lib.QWEN3_RULES)
+    specs = sharding_lib.partition_specs(state, {"data": 2, "fsdp": 4}, QWEN3_RULES)
     layer = specs.params["model"]["layers"][5]
     assert specs.params["model"]["embed_tokens"]["weight"] == P("fsdp", None)
     assert layer["self_attn"]["q_proj"]["kernel"] == P("fsdp", None, None)
@@ -159,7 +165,7 @@ def test_rule_that_does_not_divide_falls_back_to_fsdp_rule():
         "other": jax.ShapeDtypeStruct((4, 3), jnp.float32),
     }
     specs = sharding_lib.partition_specs(
-        tree, {"data": 1, "fsdp": 4}, sharding_lib.QWEN3_RULES, min_elements=100
+        tree, {"data": 1, "fsdp": 4}, QWEN3_RULES, min_elements=100
     )
     # 1001 rows do not split 4 ways: the shape rule shards the 4096 axis instead.
     assert specs["embed_tokens"]["weight"] == P(None, "fsdp")
@@ -309,7 +315,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def test_finetune_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
-    """train.finetune: 3 steps on 4x2, checkpoint, resume on 2x4 to step 6 == 6 steps on 1x1."""
+    """hacbo_jax.training.finetune: 3 steps on 4x2, checkpoint, resume on 2x4 to step 6 == 6 steps on 1x1."""
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM as Model
 
     root = mesh_runs[2] / "finetune"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from train.stats import mean_ci, paired_ttest
+from hacbo_jax.training.stats import mean_ci, paired_ttest
 
 # Student t quantiles from printed tables: t_{0.975, 4} and t_{0.975, 2}.
 T_975_DF4 = 2.776445105

@@ -1,4 +1,4 @@
-"""train.step: the loss (plain and chunked) and optimiser assembly."""
+"""hacbo_jax.training.step: the loss (plain and chunked) and optimiser assembly."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from train.step import Batch, learning_rate_schedule, make_loss_fn
+from hacbo_jax.training.step import Batch, learning_rate_schedule, make_loss_fn
 
 
 @pytest.fixture(scope="module")

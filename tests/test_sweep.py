@@ -1,5 +1,5 @@
-"""train.sweep with a stand-in run function: log-uniform search, seeded, best rate written and
-applied by train.compare."""
+"""hacbo_jax.training.sweep with a stand-in run function: log-uniform search, seeded, best rate written and
+applied by hacbo_jax.training.compare."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import yaml
 
 import optuna  # noqa: F401  (in the test extras: the sweep tests must not skip)
 
-from train import compare, sweep  # noqa: E402
+from hacbo_jax.training import compare, sweep  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "compare_cpu.yaml"
+CONFIG = ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from train.exact_match import extract_final_answer
-from train.synthetic import (
+from hacbo_jax.training.exact_match import extract_final_answer
+from hacbo_jax.training.synthetic import (
     PRESETS,
     SyntheticConfig,
     SyntheticTask,

@@ -7,9 +7,9 @@ from pathlib import Path
 from flax import nnx
 
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from train.data import format_prompt, format_target
-from train.synthetic import SyntheticTask
-from train.tokenizer import save_tokenizer, train_tokenizer
+from hacbo_jax.training.data import format_prompt, format_target
+from hacbo_jax.training.synthetic import SyntheticTask
+from hacbo_jax.training.tokenizer import save_tokenizer, train_tokenizer
 
 
 def make_tiny_checkpoint(

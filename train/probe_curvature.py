@@ -60,7 +60,8 @@ def load_model_and_loss(model_dir: Path, ids: np.ndarray, mask: np.ndarray):
     import optax
     from flax import nnx
 
-    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM, qwen3_labels
+    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+    from hacbo_jax.training.recipes import qwen3_labels
 
     model = Qwen3ForCausalLM.from_pretrained(model_dir, dtype=jnp.float32, param_dtype=jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

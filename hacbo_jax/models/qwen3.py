@@ -32,14 +32,12 @@ from flax import nnx
 
 __all__ = [
     "ATTENTION_IMPLS",
-    "QWEN3_LABEL_RULES",
     "REMAT_POLICIES",
     "AttentionMask",
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "positions_from_mask",
     "positions_from_segments",
-    "qwen3_labels",
 ]
 
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -884,40 +882,6 @@ class Qwen3ForCausalLM(nnx.Module):
         from hacbo_jax.models.qwen3_hf import save_pretrained
 
         save_pretrained(self, directory)
-
-
-# --------------------------------------------------------------------------------------------
-# HACBO labels
-# --------------------------------------------------------------------------------------------
-
-# (regex searched in the "/"-joined parameter path, label template) pairs for label_by_rules.
-QWEN3_LABEL_RULES = (
-    (r"(?:^|/)layers/(\d+)/self_attn/(?:q_proj|k_proj|v_proj)/", r"\1/attn_qkv"),
-    (r"(?:^|/)layers/(\d+)/self_attn/o_proj/", r"\1/attn_out"),
-    (r"(?:^|/)layers/(\d+)/mlp/(?:gate_proj|up_proj|down_proj)/", r"\1/mlp"),
-    (
-        r"(?:^|/)layers/(\d+)/(?:input_layernorm|post_attention_layernorm|self_attn/q_norm|"
-        r"self_attn/k_norm)/",
-        r"\1/ln",
-    ),
-)
-
-
-def qwen3_labels(params) -> Any:
-    """HACBO label tree for Qwen3 parameters: ``"{layer}/{attn_qkv|attn_out|mlp|ln}"``.
-
-    Sub-modules follow the spec table (shared/spec/controllers.md): attn_qkv = q/k/v_proj,
-    attn_out = o_proj, mlp = gate/up/down_proj, ln = input/post_attention layernorm and q/k_norm.
-    Embeddings, the final norm and an untied lm_head are ``"other"`` (not controlled).
-    ``params`` may be an ``nnx.State`` (e.g. from ``nnx.split(model, nnx.Param, ...)``) or a
-    pure nested dict (``nnx.to_pure_dict``); the result has the same tree structure with a
-    string at every leaf.
-    """
-    from hacbo_jax.controllers import label_by_rules
-
-    return label_by_rules(
-        params, [(pattern, label) for pattern, label in QWEN3_LABEL_RULES], default="other"
-    )
 
 
 # Hugging Face mapping helpers used to live here; they are re-exported from qwen3_hf on access

@@ -35,8 +35,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT / "data" / "gsm8k"
+from hacbo_jax.assets import ASSETS_DIR
+
+DEFAULT_DATA_DIR = ASSETS_DIR / "gsm8k"
 SPLITS = ("train", "test")
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 DEFAULT_MAX_LEN = 512
@@ -82,7 +83,7 @@ def format_target(answer: str) -> str:
 
 def reference_answer(answer: str) -> str:
     """The final answer after the last ``####`` of a GSM8K answer, normalised for exact match."""
-    from train.exact_match import extract_final_answer
+    from hacbo_jax.training.exact_match import extract_final_answer
 
     final = extract_final_answer(answer)
     if final is None:
@@ -138,7 +139,7 @@ def load_gsm8k(
 
     Args:
       split: "train" or "test".
-      data_dir: directory holding ``{split}.jsonl`` (default: the bundled ``data/gsm8k``).
+      data_dir: directory holding ``{split}.jsonl`` (default: the bundled ``hacbo_jax/assets/gsm8k``).
         Each line is validated first so that a bad file fails with its path and line number.
       hub_name: load ``datasets.load_dataset(hub_name, hub_config)`` instead (needs network),
         e.g. ``"openai/gsm8k"``; ``data_dir`` must then be None.
@@ -379,14 +380,3 @@ class EpochSampler:
         batch = self._order[index : index + self.batch_size]
         self._position = DataPosition(epoch, index + self.batch_size)
         return batch
-
-    def state_dict(self) -> dict[str, int]:
-        """Plain-int state for checkpoints."""
-        return {"epoch": self._position.epoch, "index": self._position.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        if int(state["seed"]) != self.seed:
-            raise ValueError(
-                f"checkpoint sampler seed {state['seed']} != configured seed {self.seed}"
-            )
-        self.position = DataPosition(int(state["epoch"]), int(state["index"]))

@@ -11,8 +11,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from hacbo_jax.models.generation import generate
-from train.data import Example, format_prompt, prompt_batches, token_ids
-from train.exact_match import is_exact_match
+from hacbo_jax.training.data import Example, format_prompt, prompt_batches, token_ids
+from hacbo_jax.training.exact_match import is_exact_match
 
 
 class EvalResult(NamedTuple):

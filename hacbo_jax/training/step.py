@@ -19,8 +19,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hacbo_jax import blac, hacbo
 from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.training.recipes import QWEN3_RULES
 
 # apply_if_finite lets a non-finite update through after this many consecutive rejections; the
 # training loop stops the run long before (divergence.max_consecutive_nonfinite), so make it
@@ -29,7 +29,7 @@ _NEVER_APPLY_NONFINITE = 2**30
 
 
 class Batch(NamedTuple):
-    """Right-padded token batch (train.data.SFTArrays layout).
+    """Right-padded token batch (hacbo_jax.training.data.SFTArrays layout).
 
     Position t predicts ``targets[..., t]`` (= ``input_ids[..., t + 1]``); it counts in the loss
     where ``loss_mask[..., t] = 1``, i.e. where that target is an answer token.
@@ -111,17 +111,6 @@ def build_optimizer(
     if controller is not None:
         parts.append(controller)
     return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NONFINITE)
-
-
-def build_controller(kind: str, labels: Any, **hyper: Any):
-    """``none`` -> None, ``hacbo`` -> :func:`hacbo_jax.hacbo`, ``blac`` -> :func:`hacbo_jax.blac`."""
-    if kind == "none":
-        return None
-    if kind == "hacbo":
-        return hacbo(labels, **hyper)
-    if kind == "blac":
-        return blac(labels, **hyper)
-    raise ValueError(f"controller kind {kind!r} is not one of 'none', 'hacbo', 'blac'")
 
 
 def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -285,7 +274,7 @@ def step_shardings(
     mesh: jax.sharding.Mesh,
     state: TrainState,
     *,
-    rules: Sequence[sharding_lib.PartitionRule] = sharding_lib.QWEN3_RULES,
+    rules: Sequence[sharding_lib.PartitionRule] = QWEN3_RULES,
     dev_batch_size: int,
     min_elements: int = 2**16,
 ) -> StepShardings:
@@ -307,12 +296,3 @@ def step_shardings(
         dev_batch=batch if dev_batch_size % mesh.size == 0 else None,
         metrics=replicated,
     )
-
-
-def find_controller_state(opt_state: Any) -> Any | None:
-    """The HACBOState or BLACState inside a (chained, wrapped) optimiser state, or None."""
-    for name in ("HACBOState", "BLACState"):
-        found = optax.tree_utils.tree_get(opt_state, name)
-        if found is not None:
-            return found
-    return None

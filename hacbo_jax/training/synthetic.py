@@ -1,6 +1,6 @@
 """Seeded generator of GSM8K-format synthetic word problems with difficulty knobs.
 
-Each problem is an :class:`train.data.Example`: a templated question and a worked answer in
+Each problem is an :class:`hacbo_jax.training.data.Example`: a templated question and a worked answer in
 GSM8K style, one line per arithmetic step with a ``<<expr=result>>`` annotation, ending in
 ``#### n``. For example (family "inventory", two steps)::
 
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from train.data import Example
+from hacbo_jax.training.data import Example
 
 OPERATIONS = ("+", "-", "*")
 FAMILIES = ("inventory", "comparison", "shopping")
@@ -178,6 +178,10 @@ PRESETS: dict[str, SyntheticConfig] = {
         min_steps=1, max_steps=3, max_start=50, max_operand=30, max_factor=5, max_value=300
     ),
 }
+
+
+# The task of SyntheticTask() and of the config's data.synthetic.preset when none is given.
+DEFAULT_PRESET = "arith-small"
 
 
 def _step_line(
@@ -341,7 +345,7 @@ class SyntheticTask:
     """
 
     def __init__(
-        self, name: str = "arith-small", *, seed: int = 0, config: SyntheticConfig | None = None
+        self, name: str = DEFAULT_PRESET, *, seed: int = 0, config: SyntheticConfig | None = None
     ):
         if config is None:
             if name not in PRESETS:

@@ -26,26 +26,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["CheckpointError", "Checkpointer", "to_jsonable"]
+from hacbo_jax.training.logs import jsonable
+
+__all__ = ["CheckpointError", "Checkpointer"]
 
 PyTree = Any
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete/corrupt or does not match the restore target."""
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON values from numpy/jax scalars and arrays, tuples and NamedTuples (as lists)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
-        return np.asarray(obj).tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _leaf_table(tree: PyTree) -> dict[str, Any]:
@@ -108,7 +97,7 @@ class Checkpointer:
         step = int(step)
         if step in self._manager.all_steps():
             return False
-        meta = to_jsonable(dict(metadata or {}))
+        meta = jsonable(dict(metadata or {}))
         meta["step"] = step
         return self._manager.save(
             step,

@@ -1,0 +1,37 @@
+"""Console scripts (``[project.scripts]`` in pyproject.toml).
+
+Each one calls the ``main`` of a :mod:`hacbo_jax.training` module. They never import the
+checkout's ``train`` package, so a ``train.py`` in the user's directory cannot shadow them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def finetune() -> int:
+    """``hacbo-finetune --config NAME|FILE [key=value ...] [--resume] [--print-config]``."""
+    from hacbo_jax.training.finetune import main
+
+    return main(sys.argv[1:], prog="hacbo-finetune")
+
+
+def compare() -> int:
+    """``hacbo-compare --config NAME|FILE --seeds N --methods a,b ...``."""
+    from hacbo_jax.training.compare import main
+
+    return main(sys.argv[1:], prog="hacbo-compare")
+
+
+def sweep() -> int:
+    """``hacbo-sweep --config NAME|FILE --methods a,b --trials N ...``."""
+    from hacbo_jax.training.sweep import main
+
+    return main(sys.argv[1:], prog="hacbo-sweep")
+
+
+def report() -> int:
+    """``hacbo-report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
+    from hacbo_jax.training.report import main
+
+    return main(sys.argv[1:], prog="hacbo-report")

@@ -1,0 +1,102 @@
+"""One line per config key, for ``--help``; a test checks that every schema key has one."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Iterator
+
+from hacbo_jax.training.config.build import format_value
+from hacbo_jax.training.config.schema import Config
+
+__all__ = ["KEY_HELP", "describe_keys", "iter_keys"]
+
+KEY_HELP: dict[str, str] = {
+    "output_dir": "run directory (null = runs/<config name>)",
+    "seed": "seed of the model's RNG, the data order and the held-out split",
+    "method": "name of the run in comparisons (null = controller.kind)",
+    "model.path": "Hugging Face model directory (with config.json) or hub id",
+    "model.dtype": "compute dtype",
+    "model.param_dtype": "dtype of the master weights",
+    "model.remat": "gradient checkpointing of every decoder layer",
+    "model.logits_chunk": "vocabulary projection + loss this many positions at a time (null = all)",
+    "data.task": "gsm8k files / hub dataset, or the synthetic GSM8K-format task",
+    "data.train_file": "GSM8K train JSONL ({question, answer} rows)",
+    "data.eval_file": "GSM8K test JSONL",
+    "data.hub_name": "datasets hub name used instead of the files",
+    "data.synthetic.preset": "synthetic task preset (hacbo_jax.training.synthetic.PRESETS)",
+    "data.synthetic.n_train": "synthetic training problems",
+    "data.synthetic.n_eval": "synthetic evaluation problems",
+    "data.synthetic.seed": "seed of the synthetic problem streams",
+    "data.max_len": "tokens per training example (longer ones are truncated)",
+    "data.heldout_size": "micro-dev pool size when microdev.pool is heldout",
+    "optim.lr": "peak learning rate of AdamW",
+    "optim.b1": "AdamW beta1",
+    "optim.b2": "AdamW beta2",
+    "optim.weight_decay": "AdamW decoupled weight decay",
+    "optim.clip_norm": "global-norm gradient clipping (null = none)",
+    "optim.warmup_steps": "linear warm-up steps before the cosine decay",
+    "optim.epochs": "passes over the training examples",
+    "optim.batch_size": "examples per optimiser step (global)",
+    "optim.micro_batch_size": "examples per accumulation micro-batch (null = batch_size)",
+    "optim.max_steps": "cap on the optimiser steps (null = epochs decide)",
+    "controller.kind": "controller chained after AdamW (none = plain AdamW)",
+    "controller.blac.rho": "EMA factor of the agreement statistics",
+    "controller.blac.interval": "K: steps between measurements",
+    "controller.blac.freeze_after": "U: step after which negative blocks are frozen",
+    "controller.blac.update_norm_budget": "lambda: cap on the update norm (null = none)",
+    "controller.hacbo.rho": "EMA factor of the agreement statistics",
+    "controller.hacbo.interval": "K: steps between measurements",
+    "controller.hacbo.theta_neg": "agreement below which a measurement counts as negative",
+    "controller.hacbo.patience": "F: negative measurements before probation",
+    "controller.hacbo.gamma": "multiplier of a block in probation",
+    "controller.hacbo.eps": "numerical floor of the multipliers",
+    "controller.hacbo.curvature_norm": "norm of the curvature estimate",
+    "controller.hacbo.debias": "debias the EMAs (named deviation, off in the paper)",
+    "controller.hacbo.update_norm_budget": "lambda: cap on the update norm (null = none)",
+    "controller.hacbo.curvature_weighting": "weight multipliers by curvature",
+    "controller.hacbo.probation": "enable probation of negative blocks",
+    "microdev.size": "N_dev: examples in the micro-dev buffer",
+    "microdev.pool": "where the buffer is drawn from: held-out train rows or the test split",
+    "microdev.refresh_every": "R: steps between refreshes (0 = never)",
+    "microdev.refresh_fraction": "r: fraction of the buffer replaced per refresh",
+    "microdev.batch_size": "examples per dev gradient",
+    "microdev.max_candidates": "pool items scored per refresh (null = all)",
+    "eval.limit": "evaluation problems (null = the whole split)",
+    "eval.max_new_tokens": "greedy decoding length",
+    "eval.batch_size": "problems decoded together",
+    "eval.every_epoch": "also evaluate at the end of every epoch",
+    "eval.at_start": "also evaluate the base model (step 0)",
+    "logging.every": "steps between metrics.jsonl rows",
+    "logging.tensorboard": "mirror the metrics to TensorBoard (extra: tensorboard)",
+    "logging.wandb": "mirror the metrics to W&B, offline (extra: wandb)",
+    "checkpoint.every": "steps between checkpoints (0 = only at the end)",
+    "checkpoint.keep": "checkpoints kept",
+    "checkpoint.export_hf": "write RUN_DIR/hf_model at the end",
+    "divergence.max_consecutive_nonfinite": "stop after this many skipped (non-finite) steps",
+    "mesh.data": "data-parallel devices (-1 = all)",
+    "mesh.fsdp": "FSDP shards",
+}
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted key, type, default)`` of every leaf key of the schema, in schema order."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.name, tp, getattr(defaults, f.name)
+
+
+def describe_keys() -> str:
+    """Every key with its default and description, one per line (the ``--help`` epilog)."""
+    rows = [(key, format_value(default)) for key, _, default in iter_keys()]
+    width = max(len(k) + len(d) for k, d in rows) + 3
+    lines = [
+        f"  {f'{key} = {default}':<{width}} {KEY_HELP.get(key, '')}".rstrip()
+        for key, default in rows
+    ]
+    return "config keys (KEY = DEFAULT  description):\n" + "\n".join(lines)

@@ -1,0 +1,276 @@
+"""The schema of a run's configuration: frozen dataclasses, one per section.
+
+Each field states its default once, with its constraint (:func:`option`) and a one-line
+description (the comment after it, also listed by ``--help``: :mod:`.keys`). The controller
+sections come from :data:`hacbo_jax.training.controller_registry.CONTROLLERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from hacbo_jax.training.config_fields import in_range, mesh_size_check, option
+from hacbo_jax.training.controller_registry import (
+    CONTROLLERS,
+    BLACConfig,
+    HACBOConfig,
+    build_controller,
+)
+from hacbo_jax.training.synthetic import DEFAULT_PRESET
+
+__all__ = [
+    "BLACConfig",
+    "CheckpointConfig",
+    "Config",
+    "ControllerConfig",
+    "DataConfig",
+    "DivergenceConfig",
+    "EvalConfig",
+    "HACBOConfig",
+    "LoggingConfig",
+    "MeshConfig",
+    "MicroDevConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SyntheticConfig",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The schema.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: a local Hugging Face directory (with config.json) or a hub id."""
+
+    path: str = "assets/tiny-qwen3-gsm"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    remat: bool = False  # gradient checkpointing
+    # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
+    # never exist at once); null = all positions together.
+    logits_chunk: Optional[int] = option(None, in_range(1))
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the synthetic GSM8K-format task (presets: hacbo_jax/training/synthetic.py)."""
+
+    preset: str = DEFAULT_PRESET  # one of hacbo_jax.training.synthetic.PRESETS
+    n_train: int = option(4096, in_range(1))
+    n_eval: int = option(256, in_range(1))
+    seed: int = option(0, in_range(0))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: Literal["gsm8k", "synthetic"] = "gsm8k"
+    train_file: str = "assets/gsm8k/train.jsonl"
+    eval_file: str = "assets/gsm8k/test.jsonl"
+    hub_name: Optional[str] = None  # a datasets hub name used instead of the files
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_len: int = option(512, in_range(8))
+    # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
+    # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
+    # separate 'pool' stream (n_train is not reduced).
+    heldout_size: int = option(1473, in_range(0))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to zero over the run."""
+
+    lr: float = option(1e-4, in_range(0, lo_open=True))
+    b1: float = option(0.9, in_range(0, 1, hi_open=True))
+    b2: float = option(0.95, in_range(0, 1, hi_open=True))
+    weight_decay: float = option(0.1, in_range(0))
+    clip_norm: Optional[float] = option(1.0, in_range(0, lo_open=True))  # null = no clipping
+    warmup_steps: int = option(0, in_range(0))
+    epochs: int = option(1, in_range(1))
+    batch_size: int = option(64, in_range(1))  # global, examples per optimiser step
+    micro_batch_size: Optional[int] = option(
+        None, in_range(1)
+    )  # null = batch_size (no accumulation)
+    max_steps: Optional[int] = option(None, in_range(1))  # cap for quick runs
+
+    def build(self, total_steps: int, controller: Any = None) -> tuple[Any, Any]:
+        """``(optimiser, schedule)``: :func:`hacbo_jax.training.step.build_optimizer` with
+        ``controller`` chained after AdamW, and the warm-up + cosine schedule over the run."""
+        from hacbo_jax.training.step import build_optimizer, learning_rate_schedule
+
+        schedule = learning_rate_schedule(self.lr, self.warmup_steps, total_steps)
+        tx = build_optimizer(
+            schedule=schedule,
+            b1=self.b1,
+            b2=self.b2,
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+            controller=controller,
+        )
+        return tx, schedule
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step."""
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+def _controller_config_type() -> type:
+    """``ControllerConfig``: ``kind`` plus one section per registered controller
+    (:data:`hacbo_jax.training.controller_registry.CONTROLLERS`)."""
+    kinds = tuple(CONTROLLERS)
+    sections = [
+        (kind, entry.config_type, field(default_factory=entry.config_type))
+        for kind, entry in CONTROLLERS.items()
+        if entry.config_type is not None
+    ]
+
+    def interval(self) -> int | None:
+        """Measurement interval K of the active controller (None for plain AdamW)."""
+        hyper = self.hyper
+        return None if hyper is None else hyper.interval
+
+    def hyper(self) -> Any:
+        """The active controller's section (None for ``kind: none``)."""
+        return getattr(self, self.kind, None)
+
+    def build(self, labels: Any) -> Any:
+        """The active controller's optax transformation over ``labels`` (None for ``none``)."""
+        return build_controller(self.kind, labels, self.hyper)
+
+    return dataclasses.make_dataclass(
+        "ControllerConfig",
+        [("kind", Literal[kinds], field(default="hacbo")), *sections],
+        namespace={
+            "interval": property(interval),
+            "hyper": property(hyper),
+            "build": build,
+            "__module__": __name__,
+            "__doc__": "Which controller runs (``kind``) and every controller's section.",
+        },
+        frozen=True,
+    )
+
+
+ControllerConfig = _controller_config_type()
+
+
+@dataclass(frozen=True)
+class MicroDevConfig:
+    size: int = option(1024, in_range(1))  # N_dev
+    pool: Literal["heldout", "test"] = "heldout"
+    refresh_every: int = option(500, in_range(0))  # R; 0 = never refresh
+    refresh_fraction: float = option(0.25, in_range(0, 1))  # r
+    batch_size: int = option(64, in_range(1))  # examples per dev gradient
+    # pool items scored per refresh; null = all
+    max_candidates: Optional[int] = option(256, in_range(1))
+
+    def build(self, pool_size: int, seed: int) -> Any:
+        """The :class:`~hacbo_jax.training.microdev.MicroDevBuffer` over a pool of ``pool_size``
+        examples (``size <= pool_size`` is checked by ``validate.check_pool_size``)."""
+        from hacbo_jax.training.microdev import MicroDevBuffer
+
+        return MicroDevBuffer(
+            pool_size,
+            self.size,
+            refresh_interval=max(self.refresh_every, 1),
+            replace_fraction=self.refresh_fraction,
+            max_candidates=self.max_candidates,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    limit: Optional[int] = option(None, in_range(1))  # null = full split
+    max_new_tokens: int = option(256, in_range(1))
+    batch_size: int = option(64, in_range(1))
+    every_epoch: bool = True
+    at_start: bool = False  # also evaluate the base model (step 0)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = option(10, in_range(1))
+    tensorboard: bool = False
+    wandb: bool = False  # always offline
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = option(100, in_range(0))  # steps; 0 = only at the end
+    keep: int = option(2, in_range(1))
+    export_hf: bool = True  # RUN_DIR/hf_model at the end
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    max_consecutive_nonfinite: int = option(5, in_range(1))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp"): data-parallel size (-1 = all devices) x FSDP shards.
+
+    Checked against the devices present by :func:`hacbo_jax.training.config.validate.check_mesh`.
+    """
+
+    data: int = option(1, mesh_size_check)
+    fsdp: int = option(1, in_range(1))
+
+    def build(self) -> Any:
+        """The ``jax.sharding.Mesh`` (:func:`hacbo_jax.sharding.make_mesh`; ValueError when it
+        does not fit the devices: ``validate.check_mesh`` turns that into a ConfigError)."""
+        from hacbo_jax.sharding import make_mesh
+
+        return make_mesh(self.data, self.fsdp)
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: Optional[str] = None  # null = runs/<config file stem>
+    seed: int = option(0, in_range(0))
+    method: Optional[str] = None  # name in comparisons; null = controller.kind
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # type: ignore[valid-type]
+    microdev: MicroDevConfig = field(default_factory=MicroDevConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    # -- step arithmetic ------------------------------------------------------------------
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimiser steps per epoch over ``n_train`` examples: ``n_train // batch_size``.
+
+        The incomplete last batch is dropped (fixed shapes), as ``hacbo_jax.training.data``'s sampler does.
+        """
+        return n_train // self.optim.batch_size
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of the whole run: epochs x steps per epoch, capped by max_steps."""
+        steps = self.optim.epochs * self.steps_per_epoch(n_train)
+        return min(steps, self.optim.max_steps) if self.optim.max_steps else steps
+
+    def expected_train_examples(self) -> int | None:
+        """Training examples the run will see, when knowable from the config alone.
+
+        synthetic: ``n_train`` (its micro-dev pool is a separate generated stream).
+        gsm8k: rows of ``data.train_file`` minus ``data.heldout_size`` when the micro-dev pool is
+        the held-out slice; None with ``hub_name`` (size unknown until loaded).
+        """
+        if self.data.task == "synthetic":
+            return self.data.synthetic.n_train
+        if self.data.hub_name is None and Path(self.data.train_file).is_file():
+            with open(self.data.train_file, "rb") as f:
+                rows = sum(1 for line in f if line.strip())
+        else:
+            return None
+        return rows - (self.data.heldout_size if self.microdev.pool == "heldout" else 0)

@@ -1,0 +1,270 @@
+"""The training loop: step, then run the hooks that are due (logging, divergence, micro-dev
+refresh, evaluation, checkpointing), then the final evaluation and the summary.
+
+The checkpointer, the logger and the energy meter are opened in one ``ExitStack``: an exception
+anywhere closes them. Checkpoints hold the state, the data position, the micro-dev buffer and the
+run's counters, so ``resume=True`` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from hacbo_jax.training import data as data_lib
+from hacbo_jax.training.checkpoint import Checkpointer
+from hacbo_jax.training.controller_registry import controller_stats
+from hacbo_jax.training.energy import EnergyMeter
+from hacbo_jax.training.logs import RunLogger
+from hacbo_jax.training.run_parts import RunParts
+
+__all__ = ["TrainingLoop"]
+
+
+@dataclasses.dataclass
+class _Interval:
+    """Host-side bookkeeping between two logging points."""
+
+    start: float
+    tokens: int = 0
+    pending: list = dataclasses.field(default_factory=list)
+
+
+class TrainingLoop:
+    """Runs :class:`RunParts` from step 0 (or the latest checkpoint) to the end of the run."""
+
+    def __init__(self, parts: RunParts, *, resume: bool, show_progress: bool = True):
+        self.parts, self.cfg = parts, parts.cfg
+        self.run_dir = Path(self.cfg.output_dir)
+        self.resume, self.show_progress = resume, show_progress
+        self.wall_start = time.perf_counter()
+        self.state = parts.state
+        self.counters: dict[str, Any] = {
+            "wall_time_s": 0.0,
+            "energy_kwh": 0.0,
+            "refreshes": [],
+            "initial_exact_match": None,
+        }
+        self.last_loss, self.diverged = math.nan, False
+
+    # ---- resources ---------------------------------------------------------------------
+    def _open(self, stack: contextlib.ExitStack) -> int:
+        """Opens checkpointer, logger and energy meter; restores a checkpoint; the start step."""
+        cfg, parts = self.cfg, self.parts
+        self.ckpt = stack.enter_context(
+            Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        )
+        start_step = 0
+        if self.resume:
+            latest = self.ckpt.latest_step()
+            if latest is None:
+                raise FileNotFoundError(
+                    f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}"
+                )
+            self.state, meta = self.ckpt.restore(latest, abstract_target=self.state)
+            parts.sampler.position = data_lib.DataPosition(*meta["data_position"])
+            parts.buffer.load_state_dict(meta["microdev"])
+            self.counters = meta["counters"]
+            start_step = latest
+        self.logger = stack.enter_context(
+            RunLogger(
+                self.run_dir,
+                tensorboard=cfg.logging.tensorboard,
+                wandb=cfg.logging.wandb,
+                resume_step=start_step if self.resume else None,
+                config=dataclasses.asdict(cfg),
+            )
+        )
+        if cfg.eval.at_start and not self.resume:
+            initial = parts.evaluate(self.state.params, parts.task.eval)
+            self.logger.log_eval(
+                0, exact_match=initial.exact_match, n=initial.num_examples, epoch=0.0
+            )
+            self.counters["initial_exact_match"] = initial.exact_match
+        self.dev_buffer = parts.device_dev_buffer()
+        self.energy = EnergyMeter()
+        self.energy.start()
+        stack.callback(self.energy.stop)
+        return start_step
+
+    # ---- hooks -------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> None:
+        kwh, _, _ = self.energy.read()
+        meta = {
+            "data_position": list(self.parts.sampler.position),
+            "microdev": {
+                k: (v.tolist() if isinstance(v, np.ndarray) else v)
+                for k, v in self.parts.buffer.state_dict().items()
+            },
+            "counters": {
+                **self.counters,
+                "wall_time_s": self.counters["wall_time_s"] + time.perf_counter() - self.wall_start,
+                "energy_kwh": self.counters["energy_kwh"] + (kwh or 0.0),
+            },
+        }
+        self.ckpt.save(step, self.state, meta)
+
+    def log_metrics(self, step: int, interval: _Interval) -> None:
+        fetched = jax.device_get(interval.pending)
+        elapsed = time.perf_counter() - interval.start
+        finite_losses = [float(m.loss) for m in fetched if bool(m.finite)]
+        self.last_loss = float(np.mean(finite_losses)) if finite_losses else math.nan
+        kwh, _, _ = self.energy.read()
+        controller = self.cfg.controller
+        record = {
+            "step": step,
+            "epoch": self.parts.sampler.epoch_fraction,
+            "loss": self.last_loss,
+            "lr": float(fetched[-1].learning_rate),
+            "grad_norm": float(fetched[-1].grad_norm),
+            "update_norm": float(fetched[-1].update_norm),
+            "tokens_per_s": interval.tokens / max(elapsed, 1e-9),
+            "skipped_steps": int(fetched[-1].total_nonfinite),
+            "energy_kwh": None if kwh is None else self.counters["energy_kwh"] + kwh,
+            "controller": controller_stats(controller.kind, controller.hyper, self.state.opt_state),
+        }
+        self.skipped_total = record["skipped_steps"]
+        self.logger.log_metrics(step, record)
+        self.progress.set_postfix(loss=f"{self.last_loss:.4f}", skipped=record["skipped_steps"])
+
+    def refresh_microdev(self, step: int) -> None:
+        parts = self.parts
+
+        def solve_fn(pool_indices, params_=self.state.params):
+            return parts.evaluate(params_, [parts.task.pool[i] for i in pool_indices]).correct
+
+        stats = parts.buffer.refresh(step, solve_fn)
+        self.counters["refreshes"].append(stats._asdict())
+        self.dev_buffer = parts.device_dev_buffer()
+
+    def evaluate(self, step: int):
+        result = self.parts.evaluate(self.state.params, self.parts.task.eval)
+        self.logger.log_eval(
+            step,
+            exact_match=result.exact_match,
+            n=result.num_examples,
+            epoch=self.parts.sampler.epoch_fraction,
+        )
+        return result
+
+    # ---- the loop ----------------------------------------------------------------------
+    def _steps(self, start_step: int, stop_after: int | None) -> int | None:
+        """Steps from ``start_step + 1``; returns the step it stopped at for ``stop_after``."""
+        cfg, parts, total = self.cfg, self.parts, self.parts.total_steps
+        check_every = min(cfg.logging.every, cfg.divergence.max_consecutive_nonfinite)
+        interval = _Interval(time.perf_counter())
+        for step in range(start_step + 1, total + 1):
+            batch, tokens = parts.device_batch(parts.sampler.next_indices())
+            interval.tokens += tokens
+            self.state, metrics = parts.train_step(self.state, batch, self.dev_buffer)
+            interval.pending.append(metrics)
+            self.progress.update(1)
+            if step % check_every == 0 or step == total:
+                limit = cfg.divergence.max_consecutive_nonfinite
+                self.diverged = self.diverged or int(metrics.consecutive_nonfinite) >= limit
+            if step % cfg.logging.every == 0 or step == total or self.diverged:
+                self.log_metrics(step, interval)
+                interval = _Interval(time.perf_counter())
+            if self.diverged:
+                self.save_checkpoint(step)
+                return None
+            if (
+                parts.controller is not None
+                and cfg.microdev.refresh_every
+                and parts.buffer.due(step)
+            ):
+                self.refresh_microdev(step)
+            epoch_done = step % parts.sampler.batches_per_epoch == 0
+            if cfg.eval.every_epoch and epoch_done and step != total:
+                self.evaluate(step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                self.save_checkpoint(step)
+            if stop_after is not None and step >= stop_after:
+                self.save_checkpoint(step)
+                return step
+        return None
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """The whole run; the summary (also written to ``summary.json``), or ``{"stopped_at":
+        step}`` when ``stop_after`` stopped it early (as a pre-empted job would)."""
+        with contextlib.ExitStack() as stack:
+            start_step = self._open(stack)
+            self.progress = tqdm(
+                total=self.parts.total_steps,
+                initial=start_step,
+                disable=not self.show_progress,
+                desc=f"{self.cfg.method or self.cfg.controller.kind}",
+                dynamic_ncols=True,
+            )
+            stack.callback(self.progress.close)
+            self.skipped_total = int(jax.device_get(self.state.opt_state.total_notfinite))
+            stopped_at = self._steps(start_step, stop_after)
+            if stopped_at is not None:
+                return {"stopped_at": stopped_at}
+            return self._finish()
+
+    def _finish(self) -> dict:
+        cfg, parts = self.cfg, self.parts
+        final_step = int(self.state.step)
+        if self.diverged:
+            print(
+                f"run stopped at step {final_step}: {cfg.divergence.max_consecutive_nonfinite} or "
+                "more consecutive non-finite losses/gradients (skipped, params untouched); the last"
+                f" good state is checkpointed in {self.run_dir / 'checkpoints'}",
+                file=sys.stderr,
+            )
+        else:
+            self.save_checkpoint(final_step)
+        result = self.evaluate(final_step)
+        rows = zip(parts.task.eval, result.predictions, result.correct)
+        (self.run_dir / "predictions.jsonl").write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "question": e.question,
+                        "reference": e.answer,
+                        "prediction": p,
+                        "correct": bool(c),
+                    }
+                )
+                + "\n"
+                for e, p, c in rows
+            )
+        )
+        if cfg.checkpoint.export_hf:
+            export_dir = self.run_dir / "hf_model"
+            parts.model_at(self.state.params).save_pretrained(export_dir)
+            parts.tokenizer.save_pretrained(export_dir)
+        kwh, source, mean_watts = self.energy.read()
+        summary = {
+            "method": cfg.method or cfg.controller.kind,
+            "seed": cfg.seed,
+            "steps": final_step,
+            "total_steps": parts.total_steps,
+            "initial_exact_match": self.counters["initial_exact_match"],
+            "final_exact_match": result.exact_match,
+            "eval_examples": result.num_examples,
+            "final_train_loss": self.last_loss,
+            "diverged": self.diverged,
+            "skipped_steps": self.skipped_total,
+            "train_examples": len(parts.task.train),
+            "train_truncated": parts.train_arrays.num_truncated,
+            "microdev_refreshes": len(self.counters["refreshes"]),
+            "wall_time_s": self.counters["wall_time_s"] + time.perf_counter() - self.wall_start,
+            "energy_kwh": None if kwh is None else self.counters["energy_kwh"] + kwh,
+            "energy_source": source,
+            "mean_power_w": mean_watts,
+        }
+        self.ckpt.wait()  # the final checkpoint is on disk before the run counts as finished
+        self.logger.write_summary(summary)
+        return summary

@@ -1,0 +1,223 @@
+"""Everything a run is made of, built from its config: :func:`build_run` -> :class:`RunParts`.
+
+The one place where a config becomes objects: the mesh (``cfg.mesh``), the model and tokenizer
+(``cfg.model``), the data (``cfg.data``), the optimiser and schedule (``cfg.optim.build``), the
+controller (``cfg.controller.build``), the micro-dev buffer (``cfg.microdev.build``), the initial
+state and the jitted step (:func:`hacbo_jax.training.step.make_train_step`). ``finetune``,
+``compare`` and ``sweep`` all run what it builds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+from hacbo_jax.training import data as data_lib
+from hacbo_jax.training import distributed
+from hacbo_jax.training.config import Config, check_mesh, check_pool_size, check_warmup
+from hacbo_jax.training.evaluate import EvalResult, evaluate_exact_match, prompt_length_for
+from hacbo_jax.training.microdev import MicroDevBuffer
+from hacbo_jax.training.recipes import qwen3_labels
+from hacbo_jax.training.step import (
+    Batch,
+    StepShardings,
+    TrainState,
+    make_train_step,
+    step_shardings,
+)
+from hacbo_jax.training.synthetic import SyntheticTask
+
+__all__ = ["DTYPES", "RunParts", "TaskData", "build_run", "load_model", "load_task_data"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class TaskData:
+    train: list[data_lib.Example]
+    eval: list[data_lib.Example]
+    pool: list[data_lib.Example]  # micro-dev pool
+
+
+def load_task_data(cfg: Config) -> TaskData:
+    """Train / eval / micro-dev pool examples for the configured task (see the spec's pools)."""
+    d = cfg.data
+    if d.task == "synthetic":
+        task = SyntheticTask(d.synthetic.preset, seed=d.synthetic.seed)
+        train = task.examples("train", d.synthetic.n_train)
+        eval_ = task.examples("eval", d.synthetic.n_eval)
+        pool = task.examples("pool", d.heldout_size) if cfg.microdev.pool == "heldout" else eval_
+    else:
+        if d.hub_name:
+            train_all = data_lib.load_gsm8k("train", hub_name=d.hub_name)
+            eval_ = data_lib.load_gsm8k("test", hub_name=d.hub_name)
+        else:
+            train_all = data_lib.load_gsm8k_file(d.train_file)
+            eval_ = data_lib.load_gsm8k_file(d.eval_file)
+        train_idx, pool_idx = data_lib.holdout_split(len(train_all), d.heldout_size, cfg.seed)
+        train = [train_all[i] for i in train_idx]
+        pool = [train_all[i] for i in pool_idx] if cfg.microdev.pool == "heldout" else eval_
+    if cfg.eval.limit is not None:
+        eval_ = eval_[: cfg.eval.limit]
+    return TaskData(train, eval_, pool)
+
+
+def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
+    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = Qwen3ForCausalLM.from_pretrained(
+        cfg.model.path,
+        dtype=DTYPES[cfg.model.dtype],
+        param_dtype=DTYPES[cfg.model.param_dtype],
+        remat=cfg.model.remat,
+    )
+    return model, AutoTokenizer.from_pretrained(cfg.model.path)
+
+
+@dataclasses.dataclass
+class RunParts:
+    """A run's parts (see :func:`build_run`); the training loop only steps and calls hooks."""
+
+    cfg: Config
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    rest: nnx.State
+    tokenizer: Any
+    task: TaskData
+    train_arrays: data_lib.SFTArrays
+    pool_arrays: data_lib.SFTArrays
+    prompt_len: int
+    total_steps: int
+    sampler: data_lib.EpochSampler
+    tx: Any
+    controller: Any  # the controller's optax transformation, None for plain AdamW
+    buffer: MicroDevBuffer
+    state: TrainState  # the initial state (step 0)
+    train_step: Callable[[TrainState, Batch, Batch], tuple[TrainState, Any]]
+    shardings: StepShardings | None  # None: one device, JAX's default placement
+    local_rows: Any  # this process's rows of every micro-batch
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.optim.micro_batch_size or self.cfg.optim.batch_size
+
+    def device_batch(self, indices: np.ndarray) -> tuple[Batch, int]:
+        """The step's batch from the sampler's global indices, and this process's tokens."""
+        accum, micro = self.cfg.optim.accumulation_steps, self.micro_batch_size
+        rows = np.asarray(indices).reshape(accum, micro)[:, self.local_rows].reshape(-1)
+        arrays = self.train_arrays.take(rows)
+        batch = Batch(
+            *(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]) for x in arrays_of(arrays))
+        )
+        tokens = int(batch.attention_mask.sum())
+        if self.shardings is not None:
+            batch = distributed.global_batch(batch, self.shardings.batch, axis=1, global_rows=micro)
+        return batch, tokens
+
+    def device_dev_buffer(self) -> Batch:
+        """The micro-dev buffer's members as one on-device batch of [N_dev, L] arrays."""
+        rows = self.pool_arrays.take(self.buffer.members)
+        dev = Batch(*(jnp.asarray(x) for x in arrays_of(rows)))
+        return dev if self.shardings is None else jax.device_put(dev, self.shardings.dev_buffer)
+
+    def model_at(self, params: Any) -> Qwen3ForCausalLM:
+        return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+
+    def evaluate(self, params: Any, examples: list[data_lib.Example]) -> EvalResult:
+        """Greedy exact match of the model with ``params`` on ``examples`` (``cfg.eval``)."""
+        return evaluate_exact_match(
+            self.model_at(params),
+            self.tokenizer,
+            examples,
+            batch_size=self.cfg.eval.batch_size,
+            prompt_len=self.prompt_len,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+        )
+
+
+def arrays_of(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The host arrays of a tokenized batch in :class:`Batch` field order."""
+    return tuple(arrays[k] for k in Batch._fields)
+
+
+def _initial_state(tx, params, rng, shardings: StepShardings | None) -> TrainState:
+    if shardings is None:
+        return TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng)
+    # Params go straight to their shards; the optimiser state is created sharded.
+    params = jax.device_put(params, shardings.state.params)
+    return TrainState(
+        step=jax.device_put(jnp.int32(0), shardings.state.step),
+        params=params,
+        opt_state=jax.jit(tx.init, out_shardings=shardings.state.opt_state)(params),
+        rng=jax.device_put(rng, shardings.state.rng),
+    )
+
+
+def build_run(cfg: Config) -> RunParts:
+    """Builds every part of the run ``cfg`` describes; ConfigError when the loaded data or the
+    devices contradict it (checks in :mod:`hacbo_jax.training.config.validate`)."""
+    mesh = check_mesh(cfg)
+    model, tokenizer = load_model(cfg)
+    task = load_task_data(cfg)
+    train_arrays = data_lib.tokenize_sft(task.train, tokenizer, cfg.data.max_len)
+    pool_arrays = data_lib.tokenize_sft(task.pool, tokenizer, cfg.data.max_len)
+    prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
+    total_steps = cfg.total_steps(len(task.train))
+    check_warmup(cfg, total_steps)
+    sampler = data_lib.EpochSampler(len(task.train), cfg.optim.batch_size, seed=cfg.seed)
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    del model
+    controller = cfg.controller.build(qwen3_labels(params))
+    tx, schedule = cfg.optim.build(total_steps, controller)
+    rng = jax.random.key_data(jax.random.key(cfg.seed))
+    check_pool_size(cfg, len(task.pool))
+    buffer = cfg.microdev.build(len(task.pool), cfg.seed)
+    shardings = None
+    if mesh.size > 1:  # one device: JAX's default placement, exactly the single-device program
+        abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
+        shardings = step_shardings(mesh, abstract, dev_batch_size=cfg.microdev.batch_size)
+    state = _initial_state(tx, params, rng, shardings)
+    train_step = make_train_step(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        dev_batch_size=cfg.microdev.batch_size,  # <= microdev.size, checked by the config
+        uses_dev_grads=controller is not None,
+        shardings=shardings,
+        logits_chunk=cfg.model.logits_chunk,
+    )
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
+    shape = (cfg.optim.accumulation_steps, micro, train_arrays.input_ids.shape[1])
+    local = (
+        slice(None) if shardings is None else distributed.local_rows(shardings.batch, shape, axis=1)
+    )
+    return RunParts(
+        cfg=cfg,
+        mesh=mesh,
+        graphdef=graphdef,
+        rest=rest,
+        tokenizer=tokenizer,
+        task=task,
+        train_arrays=train_arrays,
+        pool_arrays=pool_arrays,
+        prompt_len=prompt_len,
+        total_steps=total_steps,
+        sampler=sampler,
+        tx=tx,
+        controller=controller,
+        buffer=buffer,
+        state=state,
+        train_step=train_step,
+        shardings=shardings,
+        local_rows=local,
+    )
