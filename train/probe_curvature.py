@@ -41,9 +41,9 @@ def load_probe_batch(model_dir: Path, data: str | None, rows: int, seq_len: int,
                 f"and {mask.shape}"
             )
         return ids, mask
-    from train.pretrain_base import document_texts, pack_documents
-    from train.synthetic import SyntheticTask
-    from train.tokenizer import load_tokenizer
+    from hacbo_jax.training.pretrain_base import document_texts, pack_documents
+    from hacbo_jax.training.synthetic import SyntheticTask
+    from hacbo_jax.training.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     examples = SyntheticTask("arith-small", seed=seed).examples("train", rows * seq_len // 40 + 50)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "assets" / "tiny-qwen3-gsm"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parent.parent / "hacbo_jax" / "assets" / "tiny-qwen3-gsm"
 
 
 def make_train_fn(args: argparse.Namespace):
@@ -33,9 +33,9 @@ def make_train_fn(args: argparse.Namespace):
     from flax import nnx
 
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-    from train.pretrain_base import document_texts, pack_documents
-    from train.synthetic import SyntheticTask
-    from train.tokenizer import load_tokenizer
+    from hacbo_jax.training.pretrain_base import document_texts, pack_documents
+    from hacbo_jax.training.synthetic import SyntheticTask
+    from hacbo_jax.training.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     rows = args.steps * args.batch_size + args.val_rows
