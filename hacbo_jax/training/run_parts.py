@@ -69,7 +69,7 @@ def load_task_data(cfg: Config) -> TaskData:
 
 
 def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
-    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer."""
+    """The model of ``cfg.model`` (dtypes, remat, scanned layers, attention) and its tokenizer."""
     from transformers import AutoTokenizer
 
     model = Qwen3ForCausalLM.from_pretrained(
@@ -77,6 +77,8 @@ def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
         dtype=DTYPES[cfg.model.dtype],
         param_dtype=DTYPES[cfg.model.param_dtype],
         remat=cfg.model.remat,
+        scan_layers=cfg.model.scan_layers,
+        attention_impl=cfg.model.attention_impl,
     )
     return model, AutoTokenizer.from_pretrained(cfg.model.path)
 
