@@ -509,7 +509,8 @@ def test_cudnn_attention_is_rejected_before_the_run_without_a_gpu(base):
 
 def test_paper_configs_use_the_gpu_options():
     for name in ("paper_hacbo", "paper_hacbo_fixed", "paper_blac", "adamw"):
-        m, d = (lambda c: (c.model, c.data))(load_config(C.CONFIGS_DIR / f"{name}.yaml"))
+        cfg = load_config(C.CONFIGS_DIR / f"{name}.yaml")
+        m, d = cfg.model, cfg.data
         assert (m.dtype, m.param_dtype, m.scan_layers, m.remat, m.attention_impl) == (
             "bfloat16",
             "float32",
