@@ -140,7 +140,7 @@ def _batches(steps, micro=4, length=10, seed=0):
 )
 def test_controller_steps_on_scanned_equal_unrolled(models, kind, hyper):
     """4 steps (measurements at 1 and 3: K = 2), fp32: same updates, params and states."""
-    schedule = lambda step: 1e-2  # noqa: E731
+    schedule = lambda step: 1e-2
     train, dev_buffer = _batches(4)
     states = []
     for graphdef, params, rest in models:
