@@ -240,8 +240,8 @@ def make_train_step(
     """The jitted step.
 
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
-    :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays [N_dev, L] hold
-    the whole micro-dev buffer on device. ``shardings`` places the step on a device mesh
+    :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
+    [N_dev, L] hold the whole micro-dev buffer on device (always padded). ``shardings`` places the step on a device mesh
     (None: JAX's default single-device placement, no constraints).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
