@@ -159,3 +159,34 @@ def test_gsm8k_real_token_fraction_with_the_qwen3_tokenizer_is_at_least_90_perce
     )
     assert fraction >= 0.90
     assert steps.real_fraction > 2 * padded
+
+
+def _uniform_arrays(n: int, length: int, max_len: int) -> data_lib.SFTArrays:
+    mask = np.zeros((n, max_len), np.int32)
+    mask[:, :length] = 1
+    ids = mask * np.arange(1, n + 1)[:, None]
+    return data_lib.SFTArrays(ids, mask, ids, mask.astype(np.float32), 0)
+
+
+@pytest.mark.parametrize(
+    ("length", "max_rows", "multiple", "layout"),
+    [
+        (6, 8, 1, (1, 8)),  # one example per row: 8 rows needed, one micro-batch holds them
+        (6, 3, 1, (4, 2)),  # 3 x 3 = 9 slots vs 4 x 2 = 8 (5 x 2 = 10, 6 x 2 = 12)
+        (6, 4, 4, (2, 4)),  # rows a multiple of 4
+        (3, 2, 1, (3, 1)),  # three per row: 3 rows needed; 2 x 2 = 4 vs 3 x 1 = 3
+        (3, 8, 2, (1, 4)),  # 3 rows rounded up to the 2 devices
+    ],
+)
+def test_step_layout_by_hand(length, max_rows, multiple, layout):
+    arrays = _uniform_arrays(16, length, 10)
+    packer = StepPacker.for_run(
+        arrays, batch_size=8, seed=0, total_steps=2, max_rows=max_rows, row_multiple=multiple
+    )
+    assert (packer.accumulation_steps, packer.rows) == layout
+    assert packer.real_fraction == pytest.approx(8 * length / (layout[0] * layout[1] * 10))
+    packed = packer.pack(np.arange(8))
+    assert packed["segment_ids"].shape == (*layout, 10)
+    assert np.count_nonzero(packed["segment_ids"]) == 8 * length
+    with pytest.raises(ValueError, match="max_rows=3 and row_multiple=2"):
+        StepPacker.for_run(arrays, batch_size=8, seed=0, total_steps=1, max_rows=3, row_multiple=2)

@@ -15,10 +15,10 @@ each, the same for every step, so the step compiles once. They are the fewest th
 step of the run: the sampler's order is a pure function of (seed, epoch), so all the run's
 batches are known before it starts; :meth:`StepPacker.for_run` packs each of them (first-fit
 decreasing over lengths only, cheap) and takes the largest row count N. A micro-batch holds at
-most ``optim.micro_batch_size`` rows (the padded micro-batch's memory), so the step has
-``accumulation_steps = ceil(N / micro_batch_size)`` micro-batches of
-``rows = ceil(N / accumulation_steps)`` rows, rounded up to a multiple of the devices that split
-a micro-batch. Steps needing fewer rows get empty rows (segment 0, loss weight 0). The batch
+most ``optim.micro_batch_size`` rows (the padded micro-batch's memory) and a multiple of the
+devices that split it; among those layouts with at most twice the fewest micro-batches, the
+step gets the one with the fewest slots ``accumulation_steps x rows >= N`` (ties: fewer
+micro-batches; e.g. N = 28 rows with micro-batches of at most 16: 2 x 14). Steps needing fewer rows get empty rows (segment 0, loss weight 0). The batch
 size would also be a valid bound and needs no look-ahead, but it computes exactly as many token
 slots as padding does, which is what packing is meant to avoid. The micro-batch count may
 differ from the padded one (``optim.batch_size / micro_batch_size``): the loss sums over
@@ -121,9 +121,16 @@ class StepPacker:
             batch_lengths = lengths[sampler.next_indices()]
             needed = max(needed, len(first_fit_decreasing(batch_lengths, max_len)))
             tokens += int(batch_lengths.sum())
-        accumulation_steps = math.ceil(needed / max_rows)
-        rows = math.ceil(needed / accumulation_steps)
-        rows = math.ceil(rows / row_multiple) * row_multiple  # still <= max_rows
+        # The fewest slots (then the fewest micro-batches) among the layouts that fit: rows a
+        # multiple of row_multiple and at most max_rows, accumulation_steps x rows >= needed,
+        # and at most twice the fewest micro-batches (more, smaller ones would save a few slots
+        # at the price of a longer sequential accumulation of smaller matmuls).
+        fewest = math.ceil(needed / max_rows)
+        layouts = []
+        for accumulation_steps in range(fewest, min(2 * fewest, needed) + 1):
+            rows = math.ceil(math.ceil(needed / accumulation_steps) / row_multiple) * row_multiple
+            layouts.append((accumulation_steps * rows, accumulation_steps, rows))
+        _, accumulation_steps, rows = min(layouts)
         slots = total_steps * accumulation_steps * rows * max_len
         return cls(arrays, pad_id, accumulation_steps, rows, tokens / slots)
 
