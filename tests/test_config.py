@@ -91,7 +91,7 @@ def test_paper_configs_carry_the_papers_values():
         1024,
     )
     assert (h.optim.lr, h.optim.batch_size, h.optim.epochs, h.data.max_len) == (6.42e-5, 64, 3, 512)
-    assert (h.model.dtype, h.model.param_dtype, h.model.remat) == ("bfloat16", "float32", True)
+    assert (h.model.dtype, h.model.param_dtype) == ("bfloat16", "float32")
     # 3 epochs x (7473 // 64) = 348 steps (partial batches dropped); warm-up ends inside the run.
     assert h.total_steps(h.expected_train_examples()) == 348
     assert h.optim.warmup_steps < 348
@@ -213,7 +213,11 @@ BAD_VALUES = [
     ("method", "''", "a non-empty string or null"),
     ("model.dtype", "float16", "'float32', 'bfloat16'"),
     ("model.param_dtype", "int8", "'float32', 'bfloat16'"),
-    ("model.remat", "1", "true/false"),
+    ("model.remat", "1", "true/false or one of 'none', 'full', 'dots'"),
+    ("model.remat", "some", "true/false or one of 'none', 'full', 'dots'"),
+    ("model.scan_layers", "1", "true/false"),
+    ("model.attention_impl", "flash", "'einsum', 'xla', 'cudnn'"),
+    ("data.packing", "yes please", "true/false"),
     ("data.task", "math", "'gsm8k', 'synthetic'"),
     ("data.max_len", "7", ">= 8"),
     ("data.heldout_size", "-1", ">= 0"),
@@ -462,3 +466,59 @@ def test_print_config_shows_resolved_config_and_step_counts(capsys):
     # tiny_cpu: 3200 synthetic problems, batch 32 -> 100 steps per epoch, capped at 20; K = 10
     assert "#   steps_per_epoch: 100" in out and "#   total_steps: 20" in out
     assert "#   controller_measurements: 2" in out
+
+
+# -- model options and packing (issue 10) -------------------------------------------------------
+
+
+def test_model_options_defaults_and_remat_spellings(base):
+    cfg = config_from_dict(base)
+    assert (cfg.model.remat, cfg.model.scan_layers, cfg.model.attention_impl) == (
+        "none",
+        False,
+        "einsum",
+    )
+    assert cfg.data.packing is False
+    # the legacy booleans are accepted and stored as the mode they mean
+    assert config_from_dict(base, ["model.remat=true"]).model.remat == "full"
+    assert config_from_dict(base, ["model.remat=false"]).model.remat == "none"
+    assert C.ModelConfig(remat=True).remat == "full"
+    opts = ["model.remat=dots", "model.scan_layers=true", "model.attention_impl=xla"]
+    cfg = config_from_dict(base, opts + ["data.packing=true"])
+    assert (cfg.model.remat, cfg.model.scan_layers, cfg.model.attention_impl) == (
+        "dots",
+        True,
+        "xla",
+    )
+    assert cfg.data.packing is True
+
+
+def test_cudnn_attention_is_rejected_before_the_run_without_a_gpu(base):
+    import jax
+
+    cfg = config_from_dict(base, ["model.attention_impl=cudnn"])  # readable on any machine
+    if jax.default_backend() == "gpu":
+        C.check_backend(cfg)
+        return
+    with pytest.raises(ConfigError, match=r"model.attention_impl = 'cudnn': needs a CUDA GPU"):
+        C.check_backend(cfg)
+    with pytest.raises(ConfigError, match=r"model.attention_impl = 'cudnn'"):
+        C.check_mesh(cfg)  # build_run's first check
+    C.check_backend(config_from_dict(base, ["model.attention_impl=xla"]))
+
+
+def test_paper_configs_use_the_gpu_options():
+    for name in ("paper_hacbo", "paper_hacbo_fixed", "paper_blac", "adamw"):
+        cfg = load_config(C.CONFIGS_DIR / f"{name}.yaml")
+        m, d = cfg.model, cfg.data
+        assert (m.dtype, m.param_dtype, m.scan_layers, m.remat, m.attention_impl) == (
+            "bfloat16",
+            "float32",
+            True,
+            "dots",
+            "cudnn",
+        ), name
+        assert d.packing, name
+    for name in ("tiny_cpu", "compare_cpu"):
+        cfg = load_config(C.CONFIGS_DIR / f"{name}.yaml")
+        assert (cfg.model.attention_impl, cfg.data.packing) == ("einsum", False), name

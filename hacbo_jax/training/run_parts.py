@@ -23,9 +23,11 @@ from hacbo_jax.training import distributed
 from hacbo_jax.training.config import Config, check_mesh, check_pool_size, check_warmup
 from hacbo_jax.training.evaluate import EvalResult, evaluate_exact_match, prompt_length_for
 from hacbo_jax.training.microdev import MicroDevBuffer
+from hacbo_jax.training.packed_data import StepPacker, describe
 from hacbo_jax.training.recipes import qwen3_labels
 from hacbo_jax.training.step import (
     Batch,
+    PackedRows,
     StepShardings,
     TrainState,
     make_train_step,
@@ -69,7 +71,7 @@ def load_task_data(cfg: Config) -> TaskData:
 
 
 def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
-    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer."""
+    """The model of ``cfg.model`` (dtypes, remat, scanned layers, attention) and its tokenizer."""
     from transformers import AutoTokenizer
 
     model = Qwen3ForCausalLM.from_pretrained(
@@ -77,6 +79,8 @@ def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
         dtype=DTYPES[cfg.model.dtype],
         param_dtype=DTYPES[cfg.model.param_dtype],
         remat=cfg.model.remat,
+        scan_layers=cfg.model.scan_layers,
+        attention_impl=cfg.model.attention_impl,
     )
     return model, AutoTokenizer.from_pretrained(cfg.model.path)
 
@@ -103,20 +107,32 @@ class RunParts:
     train_step: Callable[[TrainState, Batch, Batch], tuple[TrainState, Any]]
     shardings: StepShardings | None  # None: one device, JAX's default placement
     local_rows: Any  # this process's rows of every micro-batch
+    packer: StepPacker | None = None  # data.packing: the step's examples in packed rows
 
     @property
     def micro_batch_size(self) -> int:
         return self.cfg.optim.micro_batch_size or self.cfg.optim.batch_size
 
-    def device_batch(self, indices: np.ndarray) -> tuple[Batch, int]:
-        """The step's batch from the sampler's global indices, and this process's tokens."""
+    def device_batch(self, indices: np.ndarray) -> tuple[Batch | PackedRows, int]:
+        """The step's batch from the sampler's global indices, and this process's tokens.
+
+        Padded: [accum, micro_batch, L] rows of the examples. Packed (``data.packing``): the
+        same examples in [packer.accumulation_steps, packer.rows, L] packed rows; every process
+        packs the whole step (deterministic) and keeps its own rows.
+        """
         accum, micro = self.cfg.optim.accumulation_steps, self.micro_batch_size
-        rows = np.asarray(indices).reshape(accum, micro)[:, self.local_rows].reshape(-1)
-        arrays = self.train_arrays.take(rows)
-        batch = Batch(
-            *(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]) for x in arrays_of(arrays))
-        )
-        tokens = int(batch.attention_mask.sum())
+        if self.packer is not None:
+            packed = self.packer.pack(indices)
+            batch = PackedRows(*(packed[k][:, self.local_rows] for k in PackedRows._fields))
+            tokens = int(np.count_nonzero(batch.segment_ids))
+            micro = self.packer.rows
+        else:
+            rows = np.asarray(indices).reshape(accum, micro)[:, self.local_rows].reshape(-1)
+            arrays = self.train_arrays.take(rows)
+            batch = Batch(
+                *(x.reshape(accum, x.shape[0] // accum, *x.shape[1:]) for x in arrays_of(arrays))
+            )
+            tokens = int(batch.attention_mask.sum())
         if self.shardings is not None:
             batch = distributed.global_batch(batch, self.shardings.batch, axis=1, global_rows=micro)
         return batch, tokens
@@ -196,8 +212,25 @@ def build_run(cfg: Config) -> RunParts:
         shardings=shardings,
         logits_chunk=cfg.model.logits_chunk,
     )
-    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
-    shape = (cfg.optim.accumulation_steps, micro, train_arrays.input_ids.shape[1])
+    accum, micro = cfg.optim.accumulation_steps, cfg.optim.micro_batch_size or cfg.optim.batch_size
+    packer = None
+    if cfg.data.packing:
+        # The fewest packed rows that fit every batch of the run, in micro-batches of at most
+        # micro_batch_size rows split evenly over the mesh (see hacbo_jax.training.packed_data).
+        packer = StepPacker.for_run(
+            train_arrays,
+            batch_size=cfg.optim.batch_size,
+            seed=cfg.seed,
+            total_steps=total_steps,
+            max_rows=micro,
+            row_multiple=mesh.size,
+            pad_id=tokenizer.pad_token_id,
+        )
+        accum, micro = packer.accumulation_steps, packer.rows
+        padded = float(train_arrays.attention_mask.mean())
+        if jax.process_index() == 0:
+            print(describe(packer, padded_fraction=padded), flush=True)
+    shape = (accum, micro, train_arrays.input_ids.shape[1])
     local = (
         slice(None) if shardings is None else distributed.local_rows(shardings.batch, shape, axis=1)
     )
@@ -220,4 +253,5 @@ def build_run(cfg: Config) -> RunParts:
         train_step=train_step,
         shardings=shardings,
         local_rows=local,
+        packer=packer,
     )

@@ -41,6 +41,23 @@ class Batch(NamedTuple):
     loss_mask: jax.Array  # float32 [..., L]
 
 
+class PackedRows(NamedTuple):
+    """Packed token rows (:mod:`hacbo_jax.training.packed_data`): several examples per row.
+
+    ``segment_ids`` numbers the examples of a row 1, 2, ... (0 on padding) and ``positions``
+    restart at 0 in every example, so the model's packed forward gives every token exactly the
+    attention and RoPE positions it has in a padded :class:`Batch`; ``targets`` / ``loss_mask``
+    are each example's own, laid out in the same slots. The loss (sum of NLL over answer tokens
+    / answer tokens) is therefore the padded batch's.
+    """
+
+    input_ids: jax.Array  # int32 [..., L]
+    segment_ids: jax.Array  # int32 [..., L]
+    positions: jax.Array  # int32 [..., L]
+    targets: jax.Array  # int32 [..., L]
+    loss_mask: jax.Array  # float32 [..., L]
+
+
 class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimiser steps taken (including skipped ones)
     params: Any  # pure dict of arrays (nnx.to_pure_dict of the model's nnx.Param state)
@@ -155,20 +172,32 @@ def chunked_answer_nll(
     return total, jnp.sum(weights)
 
 
+def hidden_states(model: Any, batch: Batch | PackedRows) -> jax.Array:
+    """The model's final hidden states for a padded :class:`Batch` or :class:`PackedRows`
+    (block-diagonal causal mask and per-segment positions: the model's packed forward)."""
+    if isinstance(batch, PackedRows):
+        return model.hidden_states(
+            batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions
+        )
+    return model.hidden_states(batch.input_ids, batch.attention_mask)
+
+
 def make_loss_fn(
     graphdef: nnx.GraphDef, rest: nnx.State, *, logits_chunk: int | None = None
-) -> Callable[[Any, Batch], tuple]:
+) -> Callable[[Any, Batch | PackedRows], tuple]:
     """``loss_fn(params, batch) -> (summed answer NLL, answer-token count)``.
 
+    ``batch`` is a padded :class:`Batch` or :class:`PackedRows` (the pytree type is static
+    under ``jit``, so one step function serves packed training batches and padded dev batches).
     ``logits_chunk``: compute the vocabulary projection and cross-entropy that many positions
     at a time (:func:`chunked_answer_nll`); None computes the full logits at once.
     """
 
-    def loss_fn(params: Any, batch: Batch):
+    def loss_fn(params: Any, batch: Batch | PackedRows):
         model = nnx.merge(graphdef, nnx.State(params), rest)
+        hidden = hidden_states(model, batch)
         if logits_chunk is None:
-            return answer_nll(model(batch.input_ids, batch.attention_mask), batch)
-        hidden = model.hidden_states(batch.input_ids, batch.attention_mask)
+            return answer_nll(model.lm_logits(hidden), batch)
         return chunked_answer_nll(model.lm_logits, hidden, batch, logits_chunk)
 
     return loss_fn
@@ -210,8 +239,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
-    ``batch`` arrays have shape [accum, micro_batch, L]; ``dev_buffer`` arrays [N_dev, L] hold
-    the whole micro-dev buffer on device. ``shardings`` places the step on a device mesh
+    ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
+    :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
+    [N_dev, L] hold the whole micro-dev buffer on device (always padded). ``shardings`` places the step on a device mesh
     (None: JAX's default single-device placement, no constraints).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)

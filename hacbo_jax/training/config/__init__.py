@@ -45,6 +45,7 @@ from hacbo_jax.training.config.schema import (
 )
 from hacbo_jax.training.config.validate import (
     PACKAGE_ROOT,
+    check_backend,
     check_mesh,
     check_pool_size,
     check_warmup,
@@ -70,6 +71,7 @@ __all__ = [
     "PACKAGE_ROOT",
     "SyntheticConfig",
     "apply_overrides",
+    "check_backend",
     "check_mesh",
     "check_pool_size",
     "check_warmup",

@@ -21,8 +21,10 @@ def describe_type(tp) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(describe_type(a) for a in inner) + " or null"
+        args = typing.get_args(tp)
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(describe_type(a) for a in inner)
+        return text + " or null" if type(None) in args else text
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {int: "an int", float: "a number", bool: "true/false", str: "a non-empty string"}.get(
@@ -37,11 +39,12 @@ def coerce(value: Any, tp) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        try:
-            return coerce(value, inner[0])
-        except TypeError:
-            raise TypeError(describe_type(tp)) from None
+        for inner in (a for a in args if a is not type(None)):  # the first that accepts it
+            try:
+                return coerce(value, inner)
+            except TypeError:
+                pass
+        raise TypeError(describe_type(tp))
     if origin is Literal:
         if value in typing.get_args(tp) and isinstance(value, str):
             return value

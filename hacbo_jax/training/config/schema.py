@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from hacbo_jax.training.config_fields import in_range, mesh_size_check, option
 from hacbo_jax.training.controller_registry import (
@@ -50,10 +50,21 @@ class ModelConfig:
     path: str = "assets/tiny-qwen3-gsm"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
-    remat: bool = False  # gradient checkpointing
+    # Rematerialisation of each decoder layer in the backward pass: "none", "full" (recompute
+    # the layer) or "dots" (keep the projection matmul outputs); true/false mean full/none.
+    remat: Union[bool, Literal["none", "full", "dots"]] = "none"
+    scan_layers: bool = False  # stacked decoder-layer params run under lax.scan
+    # Attention: "einsum" (CPU path), "xla" or "cudnn" (jax.nn.dot_product_attention; cudnn
+    # needs a GPU backend, checked before the run starts).
+    attention_impl: Literal["einsum", "xla", "cudnn"] = "einsum"
     # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
     # never exist at once); null = all positions together.
     logits_chunk: Optional[int] = option(None, in_range(1))
+
+    def __post_init__(self):
+        # One spelling of the remat mode downstream: the legacy booleans become their mode.
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
 
 
 @dataclass(frozen=True)
@@ -74,6 +85,10 @@ class DataConfig:
     hub_name: Optional[str] = None  # a datasets hub name used instead of the files
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = option(512, in_range(8))
+    # Pack each optimiser step's examples into rows of max_len (segment ids, per-segment
+    # positions): the same examples and loss as padding, far fewer computed token slots
+    # (hacbo_jax.training.packed_data). Micro-dev and evaluation batches stay padded.
+    packing: bool = False
     # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
     # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
     # separate 'pool' stream (n_train is not reduced).

@@ -210,13 +210,32 @@ def check_pool_size(cfg: Config, pool_size: int) -> None:
         )
 
 
+def check_backend(cfg: Config) -> None:
+    """ConfigError when ``model.attention_impl`` needs a backend jax does not have ("cudnn"
+    needs a CUDA GPU). Checked when the run starts, not when the config is read, so that the
+    GPU configs can be read, printed and tested on any machine."""
+    import jax
+
+    backend = jax.default_backend()
+    if cfg.model.attention_impl == "cudnn" and backend != "gpu":
+        _raise(
+            [
+                f"model.attention_impl = 'cudnn': needs a CUDA GPU, but jax's default backend "
+                f"is {backend!r}; use 'einsum' (the CPU path) or 'xla' "
+                "(override model.attention_impl=einsum)"
+            ]
+        )
+
+
 def check_mesh(cfg: Config) -> Any:
     """The ``(data, fsdp)`` mesh of ``cfg.mesh``, checked against the devices and the batch.
 
-    Raises ConfigError when the mesh does not fit the devices present, or when
+    Raises ConfigError when the mesh does not fit the devices present, when
     ``optim.micro_batch_size`` (default: ``optim.batch_size``) cannot be split evenly over its
-    ``data * fsdp`` devices.
+    ``data * fsdp`` devices, or when the backend cannot run ``model.attention_impl``
+    (:func:`check_backend`).
     """
+    check_backend(cfg)
     try:
         mesh = cfg.mesh.build()
     except ValueError as e:
