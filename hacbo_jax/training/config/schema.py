@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 from hacbo_jax.training.config_fields import in_range, mesh_size_check, option
 from hacbo_jax.training.controller_registry import (
     CONTROLLERS,
+    AdaGradSelectConfig,
     BLACConfig,
     HACBOConfig,
     build_controller,
@@ -22,6 +23,7 @@ from hacbo_jax.training.controller_registry import (
 from hacbo_jax.training.synthetic import DEFAULT_PRESET
 
 __all__ = [
+    "AdaGradSelectConfig",
     "BLACConfig",
     "CheckpointConfig",
     "Config",
@@ -99,7 +101,8 @@ class OptimConfig:
 
     def build(self, total_steps: int, controller: Any = None) -> tuple[Any, Any]:
         """``(optimiser, schedule)``: :func:`hacbo_jax.training.step.build_optimizer` with
-        ``controller`` chained after AdamW, and the warm-up + cosine schedule over the run."""
+        ``controller`` chained after AdamW (or wrapping it: a function ``adamw ->
+        transformation``), and the warm-up + cosine schedule over the run."""
         from hacbo_jax.training.step import build_optimizer, learning_rate_schedule
 
         schedule = learning_rate_schedule(self.lr, self.warmup_steps, total_steps)
@@ -130,17 +133,19 @@ def _controller_config_type() -> type:
     ]
 
     def interval(self) -> int | None:
-        """Measurement interval K of the active controller (None for plain AdamW)."""
-        hyper = self.hyper
-        return None if hyper is None else hyper.interval
+        """Measurement interval K of the active controller (None for plain AdamW and for a
+        controller that does not measure)."""
+        return getattr(self.hyper, "interval", None)
 
     def hyper(self) -> Any:
         """The active controller's section (None for ``kind: none``)."""
         return getattr(self, self.kind, None)
 
-    def build(self, labels: Any) -> Any:
-        """The active controller's optax transformation over ``labels`` (None for ``none``)."""
-        return build_controller(self.kind, labels, self.hyper)
+    def build(self, labels: Any, **run_args: Any) -> Any:
+        """The active controller's optax transformation over ``labels`` (None for ``none``; for
+        a controller that wraps AdamW a function ``adamw -> transformation``, which needs
+        ``run_args``: see :func:`~hacbo_jax.training.controller_registry.build_controller`)."""
+        return build_controller(self.kind, labels, self.hyper, **run_args)
 
     return dataclasses.make_dataclass(
         "ControllerConfig",
