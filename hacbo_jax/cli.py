@@ -35,3 +35,17 @@ def report() -> int:
     from hacbo_jax.training.report import main
 
     return main(sys.argv[1:], prog="hacbo-report")
+
+
+def probe_curvature() -> int:
+    """``hacbo-probe-curvature MODEL_DIR --out DIR [--hacbo-state PATH] ...``."""
+    from hacbo_jax.training.probe_curvature import main
+
+    return main(sys.argv[1:], prog="hacbo-probe-curvature")
+
+
+def sweep_lrwd() -> int:
+    """``hacbo-sweep-lrwd --out DIR [--lr ETA --wd LAMBDA --steps T --full ...]``."""
+    from hacbo_jax.training.sweep_lrwd import main
+
+    return main(sys.argv[1:], prog="hacbo-sweep-lrwd")
