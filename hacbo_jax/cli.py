@@ -49,3 +49,10 @@ def sweep_lrwd() -> int:
     from hacbo_jax.training.sweep_lrwd import main
 
     return main(sys.argv[1:], prog="hacbo-sweep-lrwd")
+
+
+def autolrs() -> int:
+    """``hacbo-autolrs --config NAME|FILE [key=value ...] [--resume]``."""
+    from hacbo_jax.training.autolrs_method import main
+
+    return main(sys.argv[1:], prog="hacbo-autolrs")

@@ -174,9 +174,12 @@ def _initial_state(tx, params, rng, shardings: StepShardings | None) -> TrainSta
     )
 
 
-def build_run(cfg: Config) -> RunParts:
+def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     """Builds every part of the run ``cfg`` describes; ConfigError when the loaded data or the
-    devices contradict it (checks in :mod:`hacbo_jax.training.config.validate`)."""
+    devices contradict it (checks in :mod:`hacbo_jax.training.config.validate`).
+
+    ``inject_lr``: AdamW's learning rate is an ``inject_hyperparams`` value in the state, set by
+    a driver (``hacbo-autolrs``), instead of the warm-up + cosine schedule."""
     mesh = check_mesh(cfg)
     model, tokenizer = load_model(cfg)
     task = load_task_data(cfg)
@@ -193,7 +196,7 @@ def build_run(cfg: Config) -> RunParts:
     controller = cfg.controller.build(
         qwen3_labels(params), steps_per_epoch=cfg.steps_per_epoch(len(task.train)), seed=cfg.seed
     )
-    tx, schedule = cfg.optim.build(total_steps, controller)
+    tx, schedule = cfg.optim.build(total_steps, controller, inject_lr=inject_lr)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     check_pool_size(cfg, len(task.pool))
     buffer = cfg.microdev.build(len(task.pool), cfg.seed)

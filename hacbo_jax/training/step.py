@@ -103,6 +103,7 @@ def build_optimizer(
     weight_decay: float,
     clip_norm: float | None,
     controller: optax.GradientTransformationExtraArgs | Callable[..., Any] | None,
+    inject_lr: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """``apply_if_finite(chain(clip, adamw, controller))``, or with a wrapping controller
     ``apply_if_finite(chain(clip, controller(adamw)))``.
@@ -111,11 +112,20 @@ def build_optimizer(
     (block, sub-module). Put before AdamW, a per-group gradient factor would be cancelled by
     Adam's m / sqrt(v). A controller given as a function (AdaGradSelect: ``inner ->
     transformation``) wraps AdamW, so that it can keep the moments of the blocks that sit out.
+
+    ``inject_lr``: AdamW through ``optax.inject_hyperparams`` with the constant rate
+    ``schedule(0)``, so that a driver (AutoLRS, :func:`hacbo_jax.autolrs.set_learning_rate`)
+    changes the learning rate in the state without recompiling.
     """
     parts = []
     if clip_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_norm))
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    if inject_lr:
+        adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "weight_decay"))(
+            learning_rate=float(schedule(0)), b1=b1, b2=b2, weight_decay=weight_decay
+        )
+    else:
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     if controller is None or isinstance(controller, optax.GradientTransformation):
         parts.append(adamw)
         if controller is not None:

@@ -86,6 +86,16 @@ KEY_HELP: dict[str, str] = {
     "divergence.max_consecutive_nonfinite": "stop after this many skipped (non-finite) steps",
     "mesh.data": "data-parallel devices (-1 = all)",
     "mesh.fsdp": "FSDP shards",
+    "autolrs.lr_min": "AutoLRS (hacbo-autolrs): lowest learning rate searched",
+    "autolrs.lr_max": "AutoLRS: highest learning rate searched",
+    "autolrs.tau0": "AutoLRS: steps at the chosen rate in the first stage",
+    "autolrs.tau_prime0": "AutoLRS: steps per candidate in the first stage",
+    "autolrs.num_candidates": "AutoLRS: candidates per stage (k)",
+    "autolrs.tau_max": "AutoLRS: tau' doubles while below tau_max / 10",
+    "autolrs.warmup_steps": "AutoLRS: linear warm-up steps before the first stage",
+    "autolrs.warmup_lr": "AutoLRS: learning rate reached by the warm-up",
+    "autolrs.rewind_data": "AutoLRS: candidates restart from the snapshot's data position",
+    "autolrs.bo_seed": "AutoLRS: seed of the Bayesian optimisation",
 }
 
 
