@@ -35,3 +35,24 @@ def report() -> int:
     from hacbo_jax.training.report import main
 
     return main(sys.argv[1:], prog="hacbo-report")
+
+
+def probe_curvature() -> int:
+    """``hacbo-probe-curvature MODEL_DIR --out DIR [--hacbo-state PATH] ...``."""
+    from hacbo_jax.training.probe_curvature import main
+
+    return main(sys.argv[1:], prog="hacbo-probe-curvature")
+
+
+def sweep_lrwd() -> int:
+    """``hacbo-sweep-lrwd --out DIR [--lr ETA --wd LAMBDA --steps T --full ...]``."""
+    from hacbo_jax.training.sweep_lrwd import main
+
+    return main(sys.argv[1:], prog="hacbo-sweep-lrwd")
+
+
+def autolrs() -> int:
+    """``hacbo-autolrs --config NAME|FILE [key=value ...] [--resume]``."""
+    from hacbo_jax.training.autolrs_method import main
+
+    return main(sys.argv[1:], prog="hacbo-autolrs")

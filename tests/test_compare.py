@@ -67,6 +67,7 @@ def flat(tree: dict, prefix: str = "") -> dict:
 EXPECTED_CHANGE = {  # method -> the keys (other than 'method') that differ from hacbo's config
     "adamw": {"controller.kind": "none"},
     "blac": {"controller.kind": "blac"},
+    "adagradselect": {"controller.kind": "adagradselect"},
     "hacbo_gamma0": {"controller.hacbo.gamma": 0.0},
     "hacbo_no_curvature": {"controller.hacbo.curvature_weighting": False},
     "hacbo_no_refresh": {"microdev.refresh_every": 0},

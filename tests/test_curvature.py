@@ -355,11 +355,11 @@ def test_write_outputs(tmp_path):
     assert paths["png"].stat().st_size > 0
 
 
-# ---- the entry script (train/probe_curvature.py): input errors exit 2 without a traceback ----
+# ---- the entry script (hacbo_jax/training/probe_curvature.py): input errors exit 2, no traceback ----
 
 
 def test_probe_script_bad_inputs_exit_2(tmp_path, capsys):
-    from train import probe_curvature as script
+    from hacbo_jax.training import probe_curvature as script
 
     assert script.main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
@@ -375,7 +375,7 @@ def test_probe_script_bad_inputs_exit_2(tmp_path, capsys):
 def test_probe_script_reads_the_curvature_ema(tmp_path):
     import json
 
-    from train.probe_curvature import load_curvature
+    from hacbo_jax.training.probe_curvature import load_curvature
 
     c = np.arange(8.0).reshape(4, 2)
     (tmp_path / "c.json").write_text(json.dumps({"curvature": c.tolist()}))
@@ -413,7 +413,7 @@ def test_probe_script_end_to_end_on_a_tiny_qwen3(tmp_path, capsys):
     import json
 
     from tests.tiny_checkpoint import make_tiny_checkpoint
-    from train import probe_curvature as script
+    from hacbo_jax.training import probe_curvature as script
 
     model_dir = make_tiny_checkpoint(tmp_path / "model", hidden=16)
     np.save(tmp_path / "c.npy", np.arange(8.0).reshape(2, 4) + 1.0)

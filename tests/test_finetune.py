@@ -94,9 +94,13 @@ def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
         assert np.asarray(controller["multipliers"]).shape == (2, 4)
         assert len(controller["probation"]) == 2
         assert controller["l_active"] == 2 - sum(controller["probation"])
+        # The loop calls the measurement step exactly when one is due: none is missed.
+        assert controller["missed_measurements"] == 0 and controller["skipped_measurements"] == 0
+        assert controller["count"] == m["step"] and 0 < controller["budget_scale"] <= 1
         assert m["lr"] >= 0 and np.isfinite(m["grad_norm"]) and m["tokens_per_s"] > 0
     # The first measurement is at step 3, so the step-2 record still has the initial state.
     assert metrics[0]["controller"]["agreement"] == [0.0, 0.0]
+    assert summary["controller"]["missed_measurements"] == 0
     assert any(a > 0 for m in metrics[1:] for a in m["controller"]["agreement"])
     evals = read_jsonl(run_dir / "eval.jsonl")
     # eval.at_start (on in tiny_cpu.yaml) scores the base model at step 0.
@@ -112,6 +116,28 @@ def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
         jax.tree.map(lambda a, b: float(np.abs(a - b).max()), base_params, tuned)
     )
     assert max(diffs) > 0
+
+
+@pytest.mark.slow  # one more tiny run (~1 min on the loaded CPU)
+def test_adagradselect_run_logs_its_selection(tiny_model_dir, tmp_path):
+    out = tmp_path / "ags"
+    overrides = quick_overrides(
+        tiny_model_dir,
+        out,
+        "controller.kind=adagradselect",
+        "controller.adagradselect.pct=0.5",
+        "eval.at_start=false",
+    )
+    summary = finetune.run(load_config(CONFIG, overrides), show_progress=False)
+    assert summary["steps"] == 12 and not summary["diverged"]
+    assert summary["microdev_refreshes"] == 0  # it takes no dev gradient
+    metrics = read_jsonl(out / "metrics.jsonl")
+    for m in metrics:
+        stats = m["controller"]
+        assert stats["kind"] == "adagradselect" and stats["count"] == m["step"]
+        assert len(stats["selected"]) == 1  # k = max(1, floor(0.5 * 2))
+        assert sum(stats["counts"]) == m["step"]  # sum f = k t
+    assert summary["controller"]["counts"] == metrics[-1]["controller"]["counts"]
 
 
 def test_resume_is_exact(reference_run, tiny_model_dir, tmp_path):
@@ -167,13 +193,13 @@ def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path,
     )
     assert finetune.main(["--config", str(CONFIG), *overrides]) == 3
     summary = json.loads((out / "summary.json").read_text())
-    # The host looks at the streak every min(logging.every=2, N=3) = 2 steps (no per-step sync),
-    # so a streak of 3 is seen at step 4.
-    assert summary["diverged"] and summary["steps"] == 4 and summary["skipped_steps"] == 4
+    # The host reads the streak after every step (with the controller's count, one small read),
+    # so the run stops exactly when the streak reaches 3.
+    assert summary["diverged"] and summary["steps"] == 3 and summary["skipped_steps"] == 3
     # Every step was skipped, so the exported (last good) params are the base model's.
     base = Qwen3ForCausalLM.from_pretrained(tiny_model_dir)
     chex.assert_trees_all_equal(restored_params(out), nnx.to_pure_dict(nnx.state(base, nnx.Param)))
-    assert (out / "checkpoints" / "4").is_dir()
+    assert (out / "checkpoints" / "3").is_dir()
 
 
 def test_bad_override_stops_before_work(tmp_path, capsys):

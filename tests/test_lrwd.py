@@ -155,7 +155,7 @@ def test_analyse_without_full_grid_has_no_angle():
 
 
 def test_sweep_script_bad_inputs_exit_2(tmp_path, capsys):
-    from train import sweep_lrwd as script
+    from hacbo_jax.training import sweep_lrwd as script
 
     assert script.main(["--out", str(tmp_path), "--steps", "20", "--log-every", "5"]) == 2
     err = capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Runs every python example of README.md's data, training and scaling sections as written,
+"""Runs every python example of README.md's data, training, scaling and systems sections as written,
 from an empty directory (the controllers and qwen3 sections have their own tests)."""
 
 import pathlib
@@ -7,7 +7,7 @@ import re
 import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SECTIONS = ("data", "training", "scaling")
+SECTIONS = ("data", "training", "scaling", "adagradselect", "autolrs", "curvature", "lrwd")
 
 
 def test_every_python_example_is_in_a_tested_section():

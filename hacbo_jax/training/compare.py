@@ -14,11 +14,12 @@ with ``run(cfg, resume=True)``; a run directory whose config differs (base confi
 learning rate changed) is deleted and run afresh. JAX's persistent compilation cache
 (``--jax-cache``, default ``OUT/jax_cache``) lets later seeds of a method skip XLA compilation.
 
-Methods (:data:`METHODS`, each a list of config overrides): the four compared methods ``adamw``
-(no controller), ``blac``, ``hacbo``, ``hacbo_gamma0`` (probation blocks get no update), and the
+Methods (:data:`METHODS`, each a list of config overrides): the five compared methods ``adamw``
+(no controller), ``blac``, ``hacbo``, ``hacbo_gamma0`` (probation blocks get no update),
+``adagradselect`` (AdamW wrapped by AdaGradSelect, ``controller.adagradselect``), and the
 paper's ablations of HACBO: ``hacbo_no_curvature`` (v uniform 1/M), ``hacbo_no_refresh``
 (micro-dev buffer never refreshed), ``hacbo_no_probation`` (no block ever enters probation),
-``hacbo_debias`` (bias-corrected EMAs). ``--methods all`` runs all eight.
+``hacbo_debias`` (bias-corrected EMAs). ``--methods all`` runs all nine.
 
 Learning rates: ``--lrs FILE`` (written by ``hacbo_jax.training.sweep``) maps method -> base learning rate;
 a method missing from it uses the rate of the method it ablates (:data:`LR_FALLBACK`, e.g. every

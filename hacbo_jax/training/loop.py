@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training.checkpoint import Checkpointer
-from hacbo_jax.training.controller_registry import controller_stats
+from hacbo_jax.training.controller_registry import controller_stats, find_controller_state
 from hacbo_jax.training.energy import EnergyMeter
 from hacbo_jax.training.logs import RunLogger
 from hacbo_jax.training.run_parts import RunParts
@@ -161,28 +161,31 @@ class TrainingLoop:
     def _steps(self, start_step: int, stop_after: int | None) -> int | None:
         """Steps from ``start_step + 1``; returns the step it stopped at for ``stop_after``."""
         cfg, parts, total = self.cfg, self.parts, self.parts.total_steps
-        check_every = min(cfg.logging.every, cfg.divergence.max_consecutive_nonfinite)
         interval = _Interval(time.perf_counter())
+        found = find_controller_state(self.state.opt_state)
+        controller_count = 0 if found is None else int(jax.device_get(found.count))
         for step in range(start_step + 1, total + 1):
             batch, tokens = parts.device_batch(parts.sampler.next_indices())
             interval.tokens += tokens
-            self.state, metrics = parts.train_step(self.state, batch, self.dev_buffer)
+            step_fn = parts.train_steps.pick(controller_count)
+            self.state, metrics = step_fn(self.state, batch, self.dev_buffer)
             interval.pending.append(metrics)
             self.progress.update(1)
-            if step % check_every == 0 or step == total:
-                limit = cfg.divergence.max_consecutive_nonfinite
-                self.diverged = self.diverged or int(metrics.consecutive_nonfinite) >= limit
+            # One small device->host read per step serves both the choice of the next step
+            # function (the controller's count advances only on applied steps) and the exact
+            # divergence stop.
+            controller_count, consecutive = map(
+                int, jax.device_get((metrics.controller_count, metrics.consecutive_nonfinite))
+            )
+            limit = cfg.divergence.max_consecutive_nonfinite
+            self.diverged = self.diverged or consecutive >= limit
             if step % cfg.logging.every == 0 or step == total or self.diverged:
                 self.log_metrics(step, interval)
                 interval = _Interval(time.perf_counter())
             if self.diverged:
                 self.save_checkpoint(step)
                 return None
-            if (
-                parts.controller is not None
-                and cfg.microdev.refresh_every
-                and parts.buffer.due(step)
-            ):
+            if parts.measures and cfg.microdev.refresh_every and parts.buffer.due(step):
                 self.refresh_microdev(step)
             epoch_done = step % parts.sampler.batches_per_epoch == 0
             if cfg.eval.every_epoch and epoch_done and step != total:
@@ -246,6 +249,7 @@ class TrainingLoop:
             parts.model_at(self.state.params).save_pretrained(export_dir)
             parts.tokenizer.save_pretrained(export_dir)
         kwh, source, mean_watts = self.energy.read()
+        stats = controller_stats(cfg.controller.kind, cfg.controller.hyper, self.state.opt_state)
         summary = {
             "method": cfg.method or cfg.controller.kind,
             "seed": cfg.seed,
@@ -264,7 +268,24 @@ class TrainingLoop:
             "energy_kwh": None if kwh is None else self.counters["energy_kwh"] + kwh,
             "energy_source": source,
             "mean_power_w": mean_watts,
+            "controller": _controller_summary(stats),
         }
         self.ckpt.wait()  # the final checkpoint is on disk before the run counts as finished
         self.logger.write_summary(summary)
         return summary
+
+
+def _controller_summary(stats: dict | None) -> dict | None:
+    """The controller's end-of-run counters for ``summary.json`` (None without a controller)."""
+    if stats is None:
+        return None
+    keys = ("missed_measurements", "skipped_measurements", "all_frozen_steps", "counts")
+    summary = {"kind": stats["kind"], **{k: stats[k] for k in keys if k in stats}}
+    if "all_frozen" in stats:
+        summary["all_frozen"] = stats["all_frozen"]
+        if stats["all_frozen"]:
+            summary["note"] = (
+                "every block is frozen at the end of the run: no controlled parameter trained on "
+                f"the last {stats['all_frozen_steps']} applied steps"
+            )
+    return summary

@@ -27,13 +27,15 @@ METHODS: dict[str, tuple[str, ...]] = {
     "adamw": ("controller.kind=none",),
     "blac": ("controller.kind=blac",),
     "hacbo": ("controller.kind=hacbo",),
+    # AdaGradSelect wraps AdamW over the same labels as HACBO (qwen3_labels: a unit is a block).
+    "adagradselect": ("controller.kind=adagradselect",),
     "hacbo_gamma0": ("controller.kind=hacbo", "controller.hacbo.gamma=0"),
     "hacbo_no_curvature": ("controller.kind=hacbo", "controller.hacbo.curvature_weighting=false"),
     "hacbo_no_refresh": ("controller.kind=hacbo", "microdev.refresh_every=0"),
     "hacbo_no_probation": ("controller.kind=hacbo", "controller.hacbo.probation=false"),
     "hacbo_debias": ("controller.kind=hacbo", "controller.hacbo.debias=true"),
 }
-COMPARED_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0")
+COMPARED_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "adagradselect")
 ABLATIONS = ("hacbo_no_curvature", "hacbo_no_refresh", "hacbo_no_probation", "hacbo_debias")
 LR_FALLBACK = {name: "hacbo" for name in ("hacbo_gamma0", *ABLATIONS)}
 REFERENCE_METHOD = "hacbo"

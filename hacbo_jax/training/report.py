@@ -14,6 +14,8 @@ or ``report/`` for several):
   update budget, on the same scale as BLAC's per-block multiplier L_active * w_b (1 = the
   uniform share). The probation damping gamma is not included (see the status figure);
 - ``status_<run>.png``: blocks in probation (HACBO) / frozen (BLAC) against step;
+- ``autolrs_<run>.png``: the chosen learning rate per stage and the candidates tried, for a run
+  directory with an ``autolrs.json`` (written by ``hacbo-autolrs``);
 - ``report.md``: a table (method, seed, steps, final loss, final EM, diverged, wall time,
   energy) with the figures.
 
@@ -49,6 +51,7 @@ __all__ = [
     "plot_exact_match",
     "plot_multipliers",
     "plot_status",
+    "plot_autolrs_schedule",
     "summary_table",
     "write_report",
     "main",
@@ -320,6 +323,25 @@ def plot_status(run: Run, path: str | Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def plot_autolrs_schedule(driver: dict[str, Any], path: str | Path) -> Path:
+    """The chosen learning rate against global step (steps at the chosen rate) and every
+    candidate tried (grey dots at the stage's start), log scale."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for start, lr, tau in driver["schedule"]:
+        ax.hlines(lr, start, start + tau, color="C0", linewidth=2)
+    starts = {}
+    for start, _, _ in driver["schedule"]:
+        starts[len(starts)] = start
+    for stage, lr, _, finite in driver["trials"]:
+        x = starts.get(stage, driver["global_step"])
+        ax.plot(x, lr, ".", color="0.5" if finite else "red", markersize=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("global step (search + exploitation)")
+    ax.set_ylabel("learning rate")
+    ax.set_title("AutoLRS: chosen rate per stage (line), candidates (dots)", fontsize=9)
+    return save_figure(fig, path)
+
+
 def save_figure(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,6 +409,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         name = slug(run.label)
         figures.append(plot_multipliers(run, out / f"multipliers_{name}.png"))
         figures.append(plot_status(run, out / f"status_{name}.png"))
+        if (run.path / "autolrs.json").is_file():  # a hacbo-autolrs run: its chosen schedule
+            driver = json.loads((run.path / "autolrs.json").read_text())
+            figures.append(plot_autolrs_schedule(driver, out / f"autolrs_{name}.png"))
     text = ["# Fine-tuning report", "", summary_table(runs)]
     text += [f"![{p.stem}]({p.name})" for p in figures if p is not None]
     report = out / "report.md"

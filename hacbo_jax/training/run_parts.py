@@ -21,6 +21,7 @@ from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training import distributed
 from hacbo_jax.training.config import Config, check_mesh, check_pool_size, check_warmup
+from hacbo_jax.training.controller_registry import measures
 from hacbo_jax.training.evaluate import EvalResult, evaluate_exact_match, prompt_length_for
 from hacbo_jax.training.microdev import MicroDevBuffer
 from hacbo_jax.training.packed_data import StepPacker, describe
@@ -30,7 +31,8 @@ from hacbo_jax.training.step import (
     PackedRows,
     StepShardings,
     TrainState,
-    make_train_step,
+    TrainSteps,
+    make_train_steps,
     step_shardings,
 )
 from hacbo_jax.training.synthetic import SyntheticTask
@@ -101,13 +103,25 @@ class RunParts:
     total_steps: int
     sampler: data_lib.EpochSampler
     tx: Any
-    controller: Any  # the controller's optax transformation, None for plain AdamW
+    # the controller's optax transformation (a function adamw -> transformation for one that
+    # wraps AdamW), None for plain AdamW
+    controller: Any
     buffer: MicroDevBuffer
     state: TrainState  # the initial state (step 0)
-    train_step: Callable[[TrainState, Batch, Batch], tuple[TrainState, Any]]
+    train_steps: TrainSteps  # the ordinary and the measurement step (the same without one)
     shardings: StepShardings | None  # None: one device, JAX's default placement
     local_rows: Any  # this process's rows of every micro-batch
     packer: StepPacker | None = None  # data.packing: the step's examples in packed rows
+
+    @property
+    def measures(self) -> bool:
+        """Whether the controller takes micro-dev gradients (and the buffer is refreshed)."""
+        return self.train_steps.interval is not None
+
+    @property
+    def train_step(self) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, Any]]:
+        """The step that measures when due (the one step function of earlier versions)."""
+        return self.train_steps.measurement
 
     @property
     def micro_batch_size(self) -> int:
@@ -176,9 +190,12 @@ def _initial_state(tx, params, rng, shardings: StepShardings | None) -> TrainSta
     )
 
 
-def build_run(cfg: Config) -> RunParts:
+def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     """Builds every part of the run ``cfg`` describes; ConfigError when the loaded data or the
-    devices contradict it (checks in :mod:`hacbo_jax.training.config.validate`)."""
+    devices contradict it (checks in :mod:`hacbo_jax.training.config.validate`).
+
+    ``inject_lr``: AdamW's learning rate is an ``inject_hyperparams`` value in the state, set by
+    a driver (``hacbo-autolrs``), instead of the warm-up + cosine schedule."""
     mesh = check_mesh(cfg)
     model, tokenizer = load_model(cfg)
     task = load_task_data(cfg)
@@ -192,8 +209,10 @@ def build_run(cfg: Config) -> RunParts:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     del model
-    controller = cfg.controller.build(qwen3_labels(params))
-    tx, schedule = cfg.optim.build(total_steps, controller)
+    controller = cfg.controller.build(
+        qwen3_labels(params), steps_per_epoch=cfg.steps_per_epoch(len(task.train)), seed=cfg.seed
+    )
+    tx, schedule = cfg.optim.build(total_steps, controller, inject_lr=inject_lr)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
     check_pool_size(cfg, len(task.pool))
     buffer = cfg.microdev.build(len(task.pool), cfg.seed)
@@ -202,13 +221,13 @@ def build_run(cfg: Config) -> RunParts:
         abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
         shardings = step_shardings(mesh, abstract, dev_batch_size=cfg.microdev.batch_size)
     state = _initial_state(tx, params, rng, shardings)
-    train_step = make_train_step(
+    train_steps = make_train_steps(
         graphdef,
         rest,
         tx,
         schedule,
+        interval=cfg.controller.interval if measures(cfg.controller.kind) else None,
         dev_batch_size=cfg.microdev.batch_size,  # <= microdev.size, checked by the config
-        uses_dev_grads=controller is not None,
         shardings=shardings,
         logits_chunk=cfg.model.logits_chunk,
     )
@@ -250,7 +269,7 @@ def build_run(cfg: Config) -> RunParts:
         controller=controller,
         buffer=buffer,
         state=state,
-        train_step=train_step,
+        train_steps=train_steps,
         shardings=shardings,
         local_rows=local,
         packer=packer,

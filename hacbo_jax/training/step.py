@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.training.controller_registry import find_controller_state
 from hacbo_jax.training.recipes import QWEN3_RULES
 
 # apply_if_finite lets a non-finite update through after this many consecutive rejections; the
@@ -90,6 +91,10 @@ class StepMetrics(NamedTuple):
     finite: jax.Array  # bool: the step was applied
     consecutive_nonfinite: jax.Array  # int32
     total_nonfinite: jax.Array  # int32
+    # int32: the controller's count after the step (applied steps; 0 without a controller). With
+    # consecutive_nonfinite it is what the loop reads every step (one small device->host read):
+    # the next step measures iff (controller_count + 1) % K == 0.
+    controller_count: jax.Array
 
 
 def learning_rate_schedule(peak_lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
@@ -114,19 +119,36 @@ def build_optimizer(
     b2: float,
     weight_decay: float,
     clip_norm: float | None,
-    controller: optax.GradientTransformationExtraArgs | None,
+    controller: optax.GradientTransformationExtraArgs | Callable[..., Any] | None,
+    inject_lr: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-    """``apply_if_finite(chain(clip, adamw, controller))``.
+    """``apply_if_finite(chain(clip, adamw, controller))``, or with a wrapping controller
+    ``apply_if_finite(chain(clip, controller(adamw)))``.
 
-    The controller comes after AdamW: it rescales AdamW's update per (block, sub-module). Put
-    before AdamW, a per-group gradient factor would be cancelled by Adam's m / sqrt(v).
+    A controller transformation (HACBO, BLAC) comes after AdamW: it rescales AdamW's update per
+    (block, sub-module). Put before AdamW, a per-group gradient factor would be cancelled by
+    Adam's m / sqrt(v). A controller given as a function (AdaGradSelect: ``inner ->
+    transformation``) wraps AdamW, so that it can keep the moments of the blocks that sit out.
+
+    ``inject_lr``: AdamW through ``optax.inject_hyperparams`` with the constant rate
+    ``schedule(0)``, so that a driver (AutoLRS, :func:`hacbo_jax.autolrs.set_learning_rate`)
+    changes the learning rate in the state without recompiling.
     """
     parts = []
     if clip_norm is not None:
         parts.append(optax.clip_by_global_norm(clip_norm))
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-    if controller is not None:
-        parts.append(controller)
+    if inject_lr:
+        adamw = optax.inject_hyperparams(optax.adamw, static_args=("b1", "b2", "weight_decay"))(
+            learning_rate=float(schedule(0)), b1=b1, b2=b2, weight_decay=weight_decay
+        )
+    else:
+        adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    if controller is None or isinstance(controller, optax.GradientTransformation):
+        parts.append(adamw)
+        if controller is not None:
+            parts.append(controller)
+    else:
+        parts.append(controller(adamw))
     return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NONFINITE)
 
 
@@ -239,9 +261,15 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
+    ``uses_dev_grads``: the controller gets a ``dev_grad_fn`` (a dev batch drawn from the buffer
+    and back-propagated inside the controller's ``lax.cond``, on its measurement steps); False:
+    no dev gradient is traced (a controller that reaches a measurement step counts it as
+    missed). :func:`make_train_steps` compiles both and lets the loop pick.
+
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
     :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
-    [N_dev, L] hold the whole micro-dev buffer on device (always padded). ``shardings`` places the step on a device mesh
+    [N_dev, L] hold the whole micro-dev buffer on device (always padded). ``shardings`` places
+    the step on a device mesh
     (None: JAX's default single-device placement, no constraints).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
@@ -286,6 +314,7 @@ def make_train_step(
             finite=finite_state.last_finite,
             consecutive_nonfinite=finite_state.notfinite_count,
             total_nonfinite=finite_state.total_notfinite,
+            controller_count=_controller_count(opt_state),
         )
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
@@ -298,6 +327,67 @@ def make_train_step(
         in_shardings=(shardings.state, shardings.batch, shardings.dev_buffer),
         out_shardings=(shardings.state, shardings.metrics),
     )
+
+
+def _controller_count(opt_state: Any) -> jax.Array:
+    found = find_controller_state(opt_state)
+    count = jnp.zeros([], jnp.int32) if found is None else found.count
+    return jnp.asarray(count, jnp.int32)
+
+
+class TrainSteps(NamedTuple):
+    """The two compiled steps of a run whose controller measures (:func:`make_train_steps`).
+
+    ``ordinary`` traces no dev gradient at all (no dev batch, no second backward: it reserves
+    none of the measurement's memory); ``measurement`` draws a dev batch and back-propagates it.
+    The loop calls ``measurement`` when the controller's next step t = count + 1 is a multiple
+    of ``interval`` (:meth:`pick`), with ``count`` read from the previous step's
+    :attr:`StepMetrics.controller_count` (applied steps: a skipped step does not advance it).
+    Without a measuring controller both are the same function and ``interval`` is None.
+    """
+
+    ordinary: Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]
+    measurement: Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]
+    interval: int | None
+
+    def measures_next(self, controller_count: int) -> bool:
+        """Whether the step after a controller count of ``controller_count`` measures."""
+        return self.interval is not None and (int(controller_count) + 1) % self.interval == 0
+
+    def pick(self, controller_count: int):
+        """The step function to call after a controller count of ``controller_count``."""
+        return self.measurement if self.measures_next(controller_count) else self.ordinary
+
+
+def make_train_steps(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformationExtraArgs,
+    schedule: optax.Schedule,
+    *,
+    interval: int | None,
+    dev_batch_size: int,
+    donate: bool = True,
+    shardings: StepShardings | None = None,
+    logits_chunk: int | None = None,
+) -> TrainSteps:
+    """:class:`TrainSteps` of a run: ``interval`` = the measuring controller's K, or None (no
+    controller, or one that takes no dev gradient: one compiled step serves as both)."""
+    make = lambda uses_dev_grads: make_train_step(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        dev_batch_size=dev_batch_size,
+        uses_dev_grads=uses_dev_grads,
+        donate=donate,
+        shardings=shardings,
+        logits_chunk=logits_chunk,
+    )
+    ordinary = make(False)
+    if interval is None:
+        return TrainSteps(ordinary, ordinary, None)
+    return TrainSteps(ordinary, make(True), int(interval))
 
 
 def step_shardings(

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 from hacbo_jax.training.config_fields import in_range, mesh_size_check, option
 from hacbo_jax.training.controller_registry import (
     CONTROLLERS,
+    AdaGradSelectConfig,
     BLACConfig,
     HACBOConfig,
     build_controller,
@@ -22,6 +23,8 @@ from hacbo_jax.training.controller_registry import (
 from hacbo_jax.training.synthetic import DEFAULT_PRESET
 
 __all__ = [
+    "AdaGradSelectConfig",
+    "AutoLRSSection",
     "BLACConfig",
     "CheckpointConfig",
     "Config",
@@ -112,12 +115,17 @@ class OptimConfig:
     )  # null = batch_size (no accumulation)
     max_steps: Optional[int] = option(None, in_range(1))  # cap for quick runs
 
-    def build(self, total_steps: int, controller: Any = None) -> tuple[Any, Any]:
+    def build(
+        self, total_steps: int, controller: Any = None, *, inject_lr: bool = False
+    ) -> tuple[Any, Any]:
         """``(optimiser, schedule)``: :func:`hacbo_jax.training.step.build_optimizer` with
-        ``controller`` chained after AdamW, and the warm-up + cosine schedule over the run."""
+        ``controller`` chained after AdamW (or wrapping it: a function ``adamw ->
+        transformation``), and the warm-up + cosine schedule over the run."""
         from hacbo_jax.training.step import build_optimizer, learning_rate_schedule
 
         schedule = learning_rate_schedule(self.lr, self.warmup_steps, total_steps)
+        if inject_lr:  # a driver (AutoLRS) sets the rate in the state: constant until it does
+            schedule = lambda step: self.lr  # noqa: E731 (what the step metrics report)
         tx = build_optimizer(
             schedule=schedule,
             b1=self.b1,
@@ -125,6 +133,7 @@ class OptimConfig:
             weight_decay=self.weight_decay,
             clip_norm=self.clip_norm,
             controller=controller,
+            inject_lr=inject_lr,
         )
         return tx, schedule
 
@@ -145,17 +154,19 @@ def _controller_config_type() -> type:
     ]
 
     def interval(self) -> int | None:
-        """Measurement interval K of the active controller (None for plain AdamW)."""
-        hyper = self.hyper
-        return None if hyper is None else hyper.interval
+        """Measurement interval K of the active controller (None for plain AdamW and for a
+        controller that does not measure)."""
+        return getattr(self.hyper, "interval", None)
 
     def hyper(self) -> Any:
         """The active controller's section (None for ``kind: none``)."""
         return getattr(self, self.kind, None)
 
-    def build(self, labels: Any) -> Any:
-        """The active controller's optax transformation over ``labels`` (None for ``none``)."""
-        return build_controller(self.kind, labels, self.hyper)
+    def build(self, labels: Any, **run_args: Any) -> Any:
+        """The active controller's optax transformation over ``labels`` (None for ``none``; for
+        a controller that wraps AdamW a function ``adamw -> transformation``, which needs
+        ``run_args``: see :func:`~hacbo_jax.training.controller_registry.build_controller`)."""
+        return build_controller(self.kind, labels, self.hyper, **run_args)
 
     return dataclasses.make_dataclass(
         "ControllerConfig",
@@ -246,6 +257,30 @@ class MeshConfig:
 
 
 @dataclass(frozen=True)
+class AutoLRSSection:
+    """AutoLRS of ``hacbo-autolrs`` (:mod:`hacbo_jax.training.autolrs_method`): the
+    :class:`hacbo_jax.AutoLRSConfig` of the run. The stage lengths are the code's scaled down
+    10x so that a stage (k tau' + tau steps) fits the embedded model's runs."""
+
+    lr_min: float = option(1e-5, in_range(0, lo_open=True))
+    lr_max: float = option(1e-2, in_range(0, lo_open=True))
+    tau0: int = option(100, in_range(1))
+    tau_prime0: int = option(10, in_range(4))
+    num_candidates: int = option(10, in_range(1))
+    tau_max: int = option(800, in_range(1))
+    warmup_steps: int = option(0, in_range(0))
+    warmup_lr: float = option(0.0, in_range(0))
+    rewind_data: bool = False
+    bo_seed: int = option(0, in_range(0))
+
+    def build(self) -> Any:
+        """The :class:`hacbo_jax.AutoLRSConfig` (ValueError on an inconsistent combination)."""
+        from hacbo_jax.autolrs import AutoLRSConfig
+
+        return AutoLRSConfig(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
 class Config:
     output_dir: Optional[str] = None  # null = runs/<config file stem>
     seed: int = option(0, in_range(0))
@@ -260,6 +295,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    autolrs: AutoLRSSection = field(default_factory=AutoLRSSection)  # hacbo-autolrs only
 
     # -- step arithmetic ------------------------------------------------------------------
     def steps_per_epoch(self, n_train: int) -> int:
