@@ -262,7 +262,9 @@ def _parse_seeds(args: argparse.Namespace) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.compare") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help="base config (YAML)")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+n-1")

@@ -395,7 +395,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.report") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument(
         "--out",

@@ -163,7 +163,9 @@ def sweep(
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.sweep") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help="base config (YAML)")
     parser.add_argument(
         "--methods",

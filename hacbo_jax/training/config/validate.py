@@ -9,6 +9,7 @@ checks that need the loaded data or the devices (:func:`check_mesh`, :func:`chec
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import re
 from pathlib import Path
@@ -232,3 +233,134 @@ def check_mesh(cfg: Config) -> Any:
             ]
         )
     return mesh
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: finiteness, labels, data rows (static), the content of the run's inputs (up front),
+# the output directory and what a --resume may change.
+# ---------------------------------------------------------------------------------------------
+
+# An AdamW step moves each weight by about lr; above this the run is certainly a typo (1e38
+# overflows the update norm, inf/1e400 makes every weight non-finite at step 1).
+MAX_LR = 1.0
+
+
+def _float_fields(node: Any, prefix: str = ""):
+    """``(dotted key, value)`` of every float-valued field of a config tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield prefix + f.name, value
+
+
+def check_finite(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """Every float key finite (YAML's ``.inf``, ``nan``, ``1e400`` parse as floats), and
+    ``optim.lr`` not absurd (<= :data:`MAX_LR`)."""
+    for key, value in _float_fields(cfg):
+        if key in bad:
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{key} = {value}: must be a finite number")
+            bad.add(key)
+    if "optim.lr" not in bad and cfg.optim.lr > MAX_LR:
+        problems.append(
+            f"optim.lr = {cfg.optim.lr:g}: must be <= {MAX_LR:g} (a learning rate that large "
+            "overflows the update; AdamW moves each weight by about lr per step)"
+        )
+        bad.add("optim.lr")
+
+
+def check_method_label(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """``method`` may not name another controller than the one that runs (a run with
+    ``controller.kind=none`` labelled ``hacbo`` would be compared as HACBO)."""
+    from hacbo_jax.training.controller_registry import CONTROLLERS
+
+    method, kind = cfg.method, cfg.controller.kind
+    if "controller.kind" in bad or method is None or method == kind or method not in CONTROLLERS:
+        return
+    problems.append(
+        f"method = {method!r}: names the controller {method!r} but controller.kind = {kind!r}; "
+        "set method=null (the run is then labelled by controller.kind) or a name of your own"
+    )
+    bad.add("method")
+
+
+def _count_rows(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """An empty ``data.train_file``, or one with no rows left after ``data.heldout_size``, is
+    reported as such (not as a batch larger than a negative number of examples)."""
+    d, m = cfg.data, cfg.microdev
+    if d.task != "gsm8k" or d.hub_name is not None or {"data.train_file", "data.task"} & bad:
+        return
+    if not Path(d.train_file).is_file():
+        return
+    rows = _count_rows(d.train_file)
+    if rows == 0:
+        problems.append(
+            f"data.train_file = {d.train_file!r}: has no rows; must hold one JSON object "
+            '{"question": ..., "answer": ...} per line'
+        )
+        bad.add("data.train_file")
+    elif m.pool == "heldout" and d.heldout_size >= rows and "data.heldout_size" not in bad:
+        problems.append(
+            f"data.heldout_size = {d.heldout_size}: must be < the {rows} rows of "
+            f"data.train_file ({d.train_file}) when microdev.pool is 'heldout'; nothing would "
+            "be left to train on"
+        )
+        bad.add("data.heldout_size")
+
+
+# Keys a --resume may change: they do not change the trajectory (params, optimiser state, data
+# order). Every other key does (model, data, seed, optimiser and schedule, batch, controller,
+# micro-dev buffer, mesh: a different sharding changes float summation order).
+RESUME_MAY_CHANGE = ("output_dir", "method", "eval.", "logging.", "checkpoint.", "divergence.")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_differences(saved: Config, requested: Config) -> tuple[list[str], list[str]]:
+    """``(refused, allowed)``: lines ``key: saved -> requested`` for every key that differs.
+
+    Refused: keys that change the trajectory. Allowed: logging, evaluation, checkpointing,
+    divergence limit, labels and ``output_dir``; and ``optim.max_steps`` when the run length
+    (which the learning-rate schedule is defined over) stays the same.
+    """
+    old, new = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(requested))
+    refused, allowed = [], []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        line = f"{key}: {a!r} -> {b!r}"
+        if key == "optim.max_steps":
+            n_train = saved.expected_train_examples()
+            same = n_train is not None and saved.total_steps(n_train) == requested.total_steps(
+                n_train
+            )
+            (allowed if same else refused).append(
+                line
+                + (
+                    ""
+                    if same
+                    else " (changes the run length, over which the learning-rate schedule runs)"
+                )
+            )
+        elif key.startswith(RESUME_MAY_CHANGE) or key in RESUME_MAY_CHANGE:
+            allowed.append(line)
+        else:
+            refused.append(line)
+    return refused, allowed
