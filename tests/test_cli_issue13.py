@@ -259,6 +259,8 @@ def _expect_refused(overrides, capsys, *needles):
     finetune.build_run = lambda cfg: with_built.append(cfg) or real(cfg)
     try:
         rc = cli(overrides)
+    except SystemExit as e:  # found while loading the config
+        rc = e.code
     finally:
         finetune.build_run = real
     err = capsys.readouterr().err
@@ -299,7 +301,7 @@ def test_missing_tokenizer_exits_2(tiny_model_dir, tmp_path, capsys):
 def test_malformed_or_empty_jsonl_and_no_answer_token_exit_2(tiny_model_dir, tmp_path, capsys):
     good = '{"question": "1+1?", "answer": "2 #### 2"}\n'
     train = tmp_path / "train.jsonl"
-    train.write_text(good * 30 + "{broken\n" + '{"question": "x"}\n')
+    train.write_text(good * 60 + "{broken\n" + '{"question": "x"}\n')
     test = tmp_path / "test.jsonl"
     test.write_text(good * 4)
     gsm = [
@@ -309,7 +311,7 @@ def test_malformed_or_empty_jsonl_and_no_answer_token_exit_2(tiny_model_dir, tmp
         "data.heldout_size=16",
     ]
     err = _expect_refused(
-        quick_overrides(tiny_model_dir, tmp_path / "o1", *gsm), capsys, "line 31", "line 32"
+        quick_overrides(tiny_model_dir, tmp_path / "o1", *gsm), capsys, "line 61", "line 62"
     )
     assert str(train) in err
     empty = tmp_path / "empty.jsonl"
@@ -402,3 +404,65 @@ def test_kind_none_is_not_labelled_hacbo():
     assert cfg.method == "none"
     with pytest.raises(ConfigError, match="method"):
         load_config(CONFIG, ["controller.kind=none", "method=hacbo"])
+
+
+# -- 9. a grid survives one broken run; reports say what is missing -----------------------------
+
+
+def test_grid_survives_a_broken_run_and_reports_it(tiny_model_dir, tmp_path, capsys):
+    from hacbo_jax.training import compare
+    from tests.test_compare import FakeRun
+
+    out, fake = tmp_path / "grid", FakeRun()
+
+    def run_fn(cfg, *, resume, show_progress):
+        if (cfg.method, cfg.seed) == ("hacbo", 1):
+            raise ValueError("checkpoint step 3 is incomplete or corrupt")
+        return fake(cfg, resume=resume, show_progress=show_progress)
+
+    report = compare.run_comparison(
+        ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml",
+        ["adamw", "hacbo"],
+        [0, 1, 2],
+        out,
+        overrides=[f"model.path={tiny_model_dir}"],
+        run_fn=run_fn,
+        log=lambda _: None,
+        base_eval=False,
+    )
+    assert len(fake.calls) == 5  # every other run went on
+    text = report.read_text()
+    assert "Missing and failed runs" in text
+    assert "| hacbo | 1 | failed: ValueError: checkpoint step 3 is incomplete or corrupt |" in text
+    # --report-only on a partial grid says which runs it is missing.
+    rc = compare.main(
+        [
+            "--config",
+            str(ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"),
+            "--methods",
+            "adamw,hacbo",
+            "--seeds",
+            "4",
+            "--out",
+            str(out),
+            "--report-only",
+        ]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "5 of 8 runs" in err and "hacbo seed 1: failed" in err and "adamw seed 3: missing" in err
+
+
+def test_report_survives_malformed_config_and_rejects_malformed_metrics(tmp_path, capsys):
+    from hacbo_jax.training import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": 1.5}\n')
+    (run / "config.yaml").write_text("optim: [unclosed\n")
+    assert report.main([str(run)]) == 0
+    assert "config.yaml" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 2, "loss": "high"}\n[1, 2]\n')
+    assert report.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl" in err and "Traceback" not in err
