@@ -143,6 +143,7 @@ def _nan_at_steps(monkeypatch, steps):
     monkeypatch.setattr(finetune, "build_run", build)
 
 
+@pytest.mark.slow
 def test_divergence_stop_is_exact_whatever_the_logging_interval(
     tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -196,6 +197,7 @@ def test_resume_with_no_checkpoint_is_a_clear_error(tiny_model_dir, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_resume_misaligned_equals_straight_run_then_refuses_and_noops(
     straight_run, tiny_model_dir, tmp_path, capsys
 ):
@@ -227,6 +229,7 @@ def test_resume_misaligned_equals_straight_run_then_refuses_and_noops(
 # -- 5. damaged checkpoints ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(
     straight_run, tiny_model_dir, tmp_path, capfd
 ):

@@ -167,13 +167,12 @@ def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path,
     )
     assert finetune.main(["--config", str(CONFIG), *overrides]) == 3
     summary = json.loads((out / "summary.json").read_text())
-    # The host looks at the streak every min(logging.every=2, N=3) = 2 steps (no per-step sync),
-    # so a streak of 3 is seen at step 4.
-    assert summary["diverged"] and summary["steps"] == 4 and summary["skipped_steps"] == 4
+    # The streak is read every step: the run stops exactly at the 3rd skipped step.
+    assert summary["diverged"] and summary["steps"] == 3 and summary["skipped_steps"] == 3
     # Every step was skipped, so the exported (last good) params are the base model's.
     base = Qwen3ForCausalLM.from_pretrained(tiny_model_dir)
     chex.assert_trees_all_equal(restored_params(out), nnx.to_pure_dict(nnx.state(base, nnx.Param)))
-    assert (out / "checkpoints" / "4").is_dir()
+    assert (out / "checkpoints" / "3").is_dir()
 
 
 def test_bad_override_stops_before_work(tmp_path, capsys):

@@ -319,8 +319,17 @@ def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
 
 # Keys a --resume may change: they do not change the trajectory (params, optimiser state, data
 # order). Every other key does (model, data, seed, optimiser and schedule, batch, controller,
-# micro-dev buffer, mesh: a different sharding changes float summation order).
-RESUME_MAY_CHANGE = ("output_dir", "method", "eval.", "logging.", "checkpoint.", "divergence.")
+# micro-dev buffer). The mesh may change: a checkpoint is re-sharded onto the devices present
+# (resuming a pre-empted job on another slice); only the float summation order differs.
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "method",
+    "eval.",
+    "logging.",
+    "checkpoint.",
+    "divergence.",
+    "mesh.",
+)
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
