@@ -18,6 +18,8 @@ reported leaf by leaf instead of failing deep inside tensorstore.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -42,6 +44,22 @@ def _leaf_table(tree: PyTree) -> dict[str, Any]:
     orbax stores NamedTuples as mappings and drops empty nodes (``optax.EmptyState``)."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in leaves}
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax, tensorstore and asyncio log every failed read at ERROR level (hundreds of lines
+    for one corrupt file); a failed restore is reported by :class:`CheckpointError` instead, so
+    their loggers are silenced while restoring."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax", "asyncio", "jax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _is_key(dtype) -> bool:
@@ -132,14 +150,17 @@ class Checkpointer:
             f"(available: {self.all_steps()})"
         )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_target)
-        self._check_matches(step, abstract, where, remedy)
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
-            )
+            with _quiet_orbax():
+                self._check_matches(step, abstract, where, remedy)
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+        except CheckpointError:
+            raise
         except Exception as e:  # orbax/tensorstore raise many types; say which file is bad
             raise CheckpointError(
                 f"{where} is incomplete or corrupt and cannot be read "

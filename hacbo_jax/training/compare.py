@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -50,7 +51,11 @@ from hacbo_jax.training.compare_base import (
     enable_compilation_cache,
     ensure_base_eval,
 )
-from hacbo_jax.training.compare_report import write_comparison_report
+from hacbo_jax.training.compare_report import (
+    FAILED_FILE,
+    incomplete_runs,
+    write_comparison_report,
+)
 from hacbo_jax.training.config import Config, ConfigError, config_to_dict, load_config
 from hacbo_jax.training.methods import (
     ABLATIONS,
@@ -208,7 +213,7 @@ def run_comparison(
     out_dir = Path(out_dir)
     specs = plan_runs(base_config, methods, seeds, out_dir, overrides, lrs)
     started = time.perf_counter()
-    executed = skipped = 0
+    executed = skipped = failed = 0
     if base_eval and specs:
         ensure_base_eval(specs[0].config, out_dir, log)
     for i, spec in enumerate(specs, 1):
@@ -223,7 +228,17 @@ def run_comparison(
             shutil.rmtree(spec.run_dir)
         log(f"{tag}: {'resuming' if state == 'resume' else 'running'}")
         t0 = time.perf_counter()
-        summary = run_fn(spec.config, resume=state == "resume", show_progress=show_progress)
+        failed_path = spec.run_dir / FAILED_FILE
+        failed_path.unlink(missing_ok=True)
+        try:
+            summary = run_fn(spec.config, resume=state == "resume", show_progress=show_progress)
+        except Exception as e:  # one broken run must not stop the grid: record it, go on
+            error = f"{type(e).__name__}: {e}"
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            failed_path.write_text(json.dumps({"error": error}) + "\n")
+            failed += 1
+            log(f"{tag}: FAILED ({error}); recorded in {failed_path}, the grid goes on")
+            continue
         executed += 1
         log(
             f"{tag}: exact match {100 * summary['final_exact_match']:.1f}%, final loss "
@@ -236,7 +251,8 @@ def run_comparison(
         out_dir, methods, seeds, report_dir, command=command, timing=timing
     )
     log(
-        f"comparison: {executed} runs executed, {skipped} skipped, {elapsed:.0f} s; "
+        f"comparison: {executed} runs executed, {skipped} skipped, {failed} failed, "
+        f"{elapsed:.0f} s; "
         f"report: {report}"
     )
     return report
@@ -263,7 +279,9 @@ def _parse_seeds(args: argparse.Namespace) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.compare") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help="base config (YAML)")
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+n-1")
@@ -302,6 +320,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.comp
                 command_label="Report rebuilt from existing runs with:",
             )
             print(f"wrote {report}")
+            incomplete = incomplete_runs(Path(args.out), methods, seeds)
+            if incomplete:
+                print(
+                    f"warning: the report covers {len(methods) * len(seeds) - len(incomplete)} of "
+                    f"{len(methods) * len(seeds)} runs; not finished:\n"
+                    + "\n".join(f"  {m} seed {s}: {why}" for m, s, why in incomplete),
+                    file=sys.stderr,
+                )
             return 0
         # validate every run's config before the first one starts
         plan_runs(args.config, methods, seeds, args.out, args.overrides, lrs)

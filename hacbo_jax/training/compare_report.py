@@ -117,6 +117,49 @@ def plot_controlled_fraction(
     return report_lib.save_figure(fig, path)
 
 
+FAILED_FILE = "failed.json"  # written by compare.run_comparison for a run that raised
+
+
+def incomplete_runs(
+    out_dir: Path, methods: Sequence[str], seeds: Sequence[int]
+) -> list[tuple[str, int, str]]:
+    """``(method, seed, why)`` of every grid run without a summary: failed (with the error) or
+    missing (never run, or interrupted)."""
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = Path(out_dir) / "runs" / method / f"seed{seed}"
+            if (run_dir / "summary.json").is_file():
+                continue
+            why = "missing (not run, or interrupted: run the grid again to continue it)"
+            if (run_dir / FAILED_FILE).is_file():
+                try:
+                    why = "failed: " + json.loads((run_dir / FAILED_FILE).read_text())["error"]
+                except (ValueError, KeyError, TypeError):
+                    why = "failed (unreadable failed.json)"
+            rows.append((method, seed, why))
+    return rows
+
+
+def _incomplete_run_lines(out_dir, methods, seeds, by_method) -> list[str]:
+    rows = incomplete_runs(out_dir, methods, seeds)
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Missing and failed runs ({len(rows)} of {len(methods) * len(seeds)})",
+        "",
+        "The statistics above use only the finished runs: "
+        + ", ".join(f"{m} {len(by_method[m])}/{len(seeds)} seeds" for m in methods)
+        + ".",
+        "",
+        "| method | seed | status |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {m} | {s} | {why.replace('|', '/')} |" for m, s, why in rows]
+    return lines + [""]
+
+
 def load_comparison_runs(
     out_dir: Path, methods: Sequence[str], seeds: Sequence[int]
 ) -> dict[str, list[report_lib.Run]]:
@@ -294,6 +337,7 @@ def write_comparison_report(
     ]
     lines += [f"![{p.stem}]({p.name})" for p in figures if p is not None]
     lines += ["", "## Every run", "", report_lib.summary_table(all_runs)]
+    lines += _incomplete_run_lines(out_dir, methods, seeds, by_method)
     if timing:
         lines += ["## Wall time", ""]
         lines += [f"- {key}: {value}" for key, value in timing.items()]

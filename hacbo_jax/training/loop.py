@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hacbo_jax.training import data as data_lib
-from hacbo_jax.training.checkpoint import Checkpointer
+from hacbo_jax.training.checkpoint import CheckpointError, Checkpointer
+from hacbo_jax.training.config import ConfigError
 from hacbo_jax.training.controller_registry import controller_stats, find_controller_state
 from hacbo_jax.training.energy import EnergyMeter
 from hacbo_jax.training.logs import RunLogger
@@ -38,6 +41,9 @@ class _Interval:
     start: float
     tokens: int = 0
     pending: list = dataclasses.field(default_factory=list)
+    # Losses of the interval's finite steps taken before a resume (from the checkpoint), so
+    # that the first record after a resume averages the same steps as a straight run's.
+    carried_losses: list = dataclasses.field(default_factory=list)
 
 
 class TrainingLoop:
@@ -56,6 +62,8 @@ class TrainingLoop:
             "initial_exact_match": None,
         }
         self.last_loss, self.diverged = math.nan, False
+        self.preempted = False
+        self.interval = _Interval(time.perf_counter())
 
     # ---- resources ---------------------------------------------------------------------
     def _open(self, stack: contextlib.ExitStack) -> int:
@@ -66,16 +74,7 @@ class TrainingLoop:
         )
         start_step = 0
         if self.resume:
-            latest = self.ckpt.latest_step()
-            if latest is None:
-                raise FileNotFoundError(
-                    f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}"
-                )
-            self.state, meta = self.ckpt.restore(latest, abstract_target=self.state)
-            parts.sampler.position = data_lib.DataPosition(*meta["data_position"])
-            parts.buffer.load_state_dict(meta["microdev"])
-            self.counters = meta["counters"]
-            start_step = latest
+            start_step = self._restore_newest_good()
         self.logger = stack.enter_context(
             RunLogger(
                 self.run_dir,
@@ -97,6 +96,29 @@ class TrainingLoop:
         stack.callback(self.energy.stop)
         return start_step
 
+    def _restore_newest_good(self) -> int:
+        """Restores the newest checkpoint that reads back cleanly; says which ones it skipped
+        and why. ConfigError when none does."""
+        parts, skipped = self.parts, []
+        for step in reversed(self.ckpt.all_steps()):
+            try:
+                self.state, meta = self.ckpt.restore(step, abstract_target=self.state)
+            except CheckpointError as e:
+                skipped.append(f"checkpoint step {step}: {e}")
+                print(f"resume: skipped checkpoint step {step}: {e}", file=sys.stderr)
+                continue
+            if skipped:
+                print(f"resume: continuing from checkpoint step {step}", file=sys.stderr)
+            parts.sampler.position = data_lib.DataPosition(*meta["data_position"])
+            parts.buffer.load_state_dict(meta["microdev"])
+            self.counters = meta["counters"]
+            self.interval.carried_losses = list(meta.get("interval_losses", []))
+            return step
+        raise ConfigError(
+            f"--resume: no checkpoint in {self.run_dir / 'checkpoints'} can be restored:\n  - "
+            + "\n  - ".join(skipped or ["none found"])
+        )
+
     # ---- hooks -------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> None:
         kwh, _, _ = self.energy.read()
@@ -106,6 +128,8 @@ class TrainingLoop:
                 k: (v.tolist() if isinstance(v, np.ndarray) else v)
                 for k, v in self.parts.buffer.state_dict().items()
             },
+            "interval_losses": self.interval.carried_losses
+            + [float(m.loss) for m in jax.device_get(self.interval.pending) if bool(m.finite)],
             "counters": {
                 **self.counters,
                 "wall_time_s": self.counters["wall_time_s"] + time.perf_counter() - self.wall_start,
@@ -117,7 +141,7 @@ class TrainingLoop:
     def log_metrics(self, step: int, interval: _Interval) -> None:
         fetched = jax.device_get(interval.pending)
         elapsed = time.perf_counter() - interval.start
-        finite_losses = [float(m.loss) for m in fetched if bool(m.finite)]
+        finite_losses = interval.carried_losses + [float(m.loss) for m in fetched if bool(m.finite)]
         self.last_loss = float(np.mean(finite_losses)) if finite_losses else math.nan
         kwh, _, _ = self.energy.read()
         controller = self.cfg.controller
@@ -161,11 +185,12 @@ class TrainingLoop:
     def _steps(self, start_step: int, stop_after: int | None) -> int | None:
         """Steps from ``start_step + 1``; returns the step it stopped at for ``stop_after``."""
         cfg, parts, total = self.cfg, self.parts, self.parts.total_steps
-        interval = _Interval(time.perf_counter())
+        limit = cfg.divergence.max_consecutive_nonfinite
         found = find_controller_state(self.state.opt_state)
         controller_count = 0 if found is None else int(jax.device_get(found.count))
         for step in range(start_step + 1, total + 1):
             batch, tokens = parts.device_batch(parts.sampler.next_indices())
+            interval = self.interval
             interval.tokens += tokens
             step_fn = parts.train_steps.pick(controller_count)
             self.state, metrics = step_fn(self.state, batch, self.dev_buffer)
@@ -173,15 +198,18 @@ class TrainingLoop:
             self.progress.update(1)
             # One small device->host read per step serves both the choice of the next step
             # function (the controller's count advances only on applied steps) and the exact
-            # divergence stop.
+            # divergence stop (the streak is counted inside the step,
+            # ApplyIfFiniteState.notfinite_count, so the run stops exactly at the N-th
+            # consecutive skipped step). The read waits for the step to finish, so the host
+            # builds the next batch after the step rather than during it: a gather of
+            # pre-tokenized rows, small next to a step on any device (not measured on a GPU).
             controller_count, consecutive = map(
                 int, jax.device_get((metrics.controller_count, metrics.consecutive_nonfinite))
             )
-            limit = cfg.divergence.max_consecutive_nonfinite
             self.diverged = self.diverged or consecutive >= limit
             if step % cfg.logging.every == 0 or step == total or self.diverged:
                 self.log_metrics(step, interval)
-                interval = _Interval(time.perf_counter())
+                self.interval = _Interval(time.perf_counter())
             if self.diverged:
                 self.save_checkpoint(step)
                 return None
@@ -192,10 +220,14 @@ class TrainingLoop:
                 self.evaluate(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.save_checkpoint(step)
-            if stop_after is not None and step >= stop_after:
+            if self.preempted or (stop_after is not None and step >= stop_after):
                 self.save_checkpoint(step)
                 return step
         return None
+
+    def _on_sigterm(self, signum, frame) -> None:
+        """Pre-emption notice: finish the current step, checkpoint, return (see ``run``)."""
+        self.preempted = True
 
     def run(self, stop_after: int | None = None) -> dict:
         """The whole run; the summary (also written to ``summary.json``), or ``{"stopped_at":
@@ -210,9 +242,15 @@ class TrainingLoop:
                 dynamic_ncols=True,
             )
             stack.callback(self.progress.close)
+            if threading.current_thread() is threading.main_thread():
+                previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+                stack.callback(signal.signal, signal.SIGTERM, previous)
             self.skipped_total = int(jax.device_get(self.state.opt_state.total_notfinite))
             stopped_at = self._steps(start_step, stop_after)
             if stopped_at is not None:
+                self.ckpt.wait()
+                if self.preempted:
+                    return {"stopped_at": stopped_at, "preempted": True}
                 return {"stopped_at": stopped_at}
             return self._finish()
 

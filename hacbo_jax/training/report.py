@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import math
 import re
 from collections import Counter
@@ -181,6 +182,10 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(float(value))
 
 
+# metrics.jsonl fields the report plots or tabulates: numbers (or null) in every line.
+_NUMERIC_METRICS = ("loss", "lr", "grad_norm", "update_norm", "tokens_per_s", "epoch")
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Load a run directory; RunDirError when it has no readable metrics.jsonl."""
     path = Path(run_dir)
@@ -195,9 +200,21 @@ def load_run(run_dir: str | Path) -> Run:
             f"holds {METRICS_FILE}, {EVAL_FILE}, {SUMMARY_FILE} and config.yaml"
         )
     metrics = read_jsonl(metrics_path)
-    bad = [row for row in metrics if not isinstance(row.get("step"), int)]
+    bad = [
+        row for row in metrics if not isinstance(row, dict) or not isinstance(row.get("step"), int)
+    ]
     if bad:
         raise RunDirError(f"{metrics_path}: every line needs an integer 'step', got {bad[0]!r}")
+    for row in metrics:
+        for key in _NUMERIC_METRICS:
+            value = row.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float))
+            ):
+                raise RunDirError(
+                    f"{metrics_path}: step {row['step']}: {key!r} must be a number or null, "
+                    f"got {value!r}"
+                )
     metrics.sort(key=lambda row: row["step"])
     evals = read_jsonl(path / EVAL_FILE) if (path / EVAL_FILE).is_file() else []
     summary = config = None
@@ -207,7 +224,16 @@ def load_run(run_dir: str | Path) -> Run:
         except json.JSONDecodeError as e:
             raise RunDirError(f"{path / SUMMARY_FILE}: not valid JSON ({e})") from None
     if (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text())
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text())
+        except yaml.YAMLError as e:
+            config = None
+            print(
+                f"warning: {path / 'config.yaml'}: not valid YAML ({e}); ignored", file=sys.stderr
+            )
+        if config is not None and not isinstance(config, dict):
+            print(f"warning: {path / 'config.yaml'}: not a mapping; ignored", file=sys.stderr)
+            config = None
     return Run(path=path, metrics=metrics, evals=evals, summary=summary, config=config)
 
 
@@ -420,7 +446,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.report") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     parser.add_argument(
         "--out",

@@ -152,6 +152,44 @@ def build_optimizer(
     return optax.apply_if_finite(optax.chain(*parts), _NEVER_APPLY_NONFINITE)
 
 
+def guard_nonfinite_result(
+    old_params: Any, old_state: Any, updates: Any, new_params: Any, new_state: Any
+) -> tuple[Any, Any]:
+    """Skips a step whose *result* is non-finite, as ``apply_if_finite`` skips a NaN gradient.
+
+    ``optax.apply_if_finite`` only looks at the incoming gradient; a finite gradient can still
+    give a non-finite update (lr = inf: ``inf * 0``; a controller's update-norm budget whose norm
+    overflows) and so non-finite params. When any leaf of ``updates`` or ``new_params`` is not
+    finite, this returns the old params and the old inner optimiser state, with the
+    :class:`optax.ApplyIfFiniteState` counters advanced exactly as for a skipped gradient
+    (``notfinite_count + 1``, ``last_finite = False``, ``total_notfinite + 1``). When the
+    gradient itself was non-finite ``apply_if_finite`` already skipped it (its zero update and
+    unchanged params are finite), so a step is never counted twice.
+    """
+    leaves = jax.tree.leaves((updates, new_params))
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    skipped = optax.ApplyIfFiniteState(
+        notfinite_count=old_state.notfinite_count + 1,
+        last_finite=jnp.array(False),
+        total_notfinite=old_state.total_notfinite + 1,
+        inner_state=old_state.inner_state,
+    )
+    pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    return pick(new_params, old_params), pick(new_state, skipped)
+
+
+def schedule_count(opt_state: Any) -> jax.Array:
+    """The step count the learning-rate schedule is evaluated at: AdamW's own
+    ``ScaleByScheduleState.count``, which (unlike ``TrainState.step``) does not advance on
+    skipped steps. The first such count in the tree is the base optimiser's (the controller
+    comes after it in the chain)."""
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+    for path, value in found:
+        if any(getattr(k, "tuple_name", None) == "ScaleByScheduleState" for k in path):
+            return value
+    raise ValueError("the optimiser state holds no ScaleByScheduleState (not build_optimizer's)")
+
+
 def answer_nll(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """Summed next-token NLL over answer tokens (fp32), and the number of those tokens."""
     weights = batch.loss_mask.astype(jnp.float32)
@@ -304,13 +342,16 @@ def make_train_step(
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
+        params, opt_state = guard_nonfinite_result(
+            state.params, state.opt_state, updates, params, opt_state
+        )
         finite_state = opt_state  # ApplyIfFiniteState is the outermost state
         metrics = StepMetrics(
             loss=loss,
             target_tokens=count,
             grad_norm=optax.tree.norm(grads),
             update_norm=optax.tree.norm(updates),
-            learning_rate=schedule(state.step),
+            learning_rate=schedule(schedule_count(state.opt_state)),
             finite=finite_state.last_finite,
             consecutive_nonfinite=finite_state.notfinite_count,
             total_nonfinite=finite_state.total_notfinite,

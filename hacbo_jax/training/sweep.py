@@ -163,7 +163,9 @@ def sweep(
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.sweep") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     parser.add_argument("--config", required=True, help="base config (YAML)")
     parser.add_argument(
         "--methods",
@@ -192,6 +194,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
             load_config(
                 args.config, [*args.overrides, *method_overrides(method), f"optim.lr={args.lo!r}"]
             )
+            trials_dir = Path(args.out) / method
+            if trials_dir.is_dir() and any(trials_dir.iterdir()):
+                # finetune never overwrites a run: say so before the first trial, not at it
+                raise ValueError(
+                    f"--out {args.out}: {trials_dir} already holds trial runs of an earlier "
+                    "sweep (never overwritten); choose another --out or delete it"
+                )
     except (ConfigError, ValueError) as e:
         return usage_error(parser.prog, e)
     from hacbo_jax.training.compare_base import enable_compilation_cache

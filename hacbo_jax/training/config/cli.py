@@ -61,6 +61,7 @@ def parse_cli(
     """
     parser = argparse.ArgumentParser(
         prog=prog,
+        allow_abbrev=False,  # "--resum" must not pass for "--resume"
         description=description,
         epilog=describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -13,10 +14,40 @@ import yaml
 
 from hacbo_jax.training.config.build import build_dataclass
 from hacbo_jax.training.config.schema import Config
-from hacbo_jax.training.config.validate import PACKAGE_ROOT, cross_checks, resolve_paths
+from hacbo_jax.training.config.validate import (
+    PACKAGE_ROOT,
+    check_data_rows,
+    check_finite,
+    check_method_label,
+    cross_checks,
+    resolve_paths,
+)
 from hacbo_jax.training.config_fields import ConfigError
 
 CONFIGS_DIR = PACKAGE_ROOT / "configs"
+
+# Where YAML starts a comment: a '#' at the start or after whitespace.
+_YAML_COMMENT = re.compile(r"(^|\s)#")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with the same key twice (YAML keeps the last one
+    silently, so an edited config could run with a value its author did not see)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {seen[key] + 1}, again at line "
+                    f"{key_node.start_mark.line + 1}); each key may appear once per section",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str], problems: list[str]) -> dict:
@@ -33,6 +64,10 @@ def apply_overrides(raw: dict, overrides: Sequence[str], problems: list[str]) ->
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text  # not YAML: take it as a plain string
+        if _YAML_COMMENT.search(text):
+            # YAML would cut "run #2" to "run" (and "#1" to null): on a command line a '#' is
+            # part of the value. A number followed by a comment then fails its type check.
+            value = text.strip()
         node = raw
         parts = key.split(".")
         for part in parts[:-1]:
@@ -68,6 +103,9 @@ def config_from_dict(
     cfg = build_dataclass(Config, raw, "", problems, bad)
     if check_paths:
         cfg = resolve_paths(cfg, problems, bad)
+    check_finite(cfg, problems, bad)
+    check_method_label(cfg, problems, bad)
+    check_data_rows(cfg, problems, bad)
     cross_checks(cfg, problems, bad)
     if problems:
         raise ConfigError(f"invalid config ({name}):\n" + "\n".join(f"  - {p}" for p in problems))
@@ -113,7 +151,7 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             f"the name of a shipped config: {', '.join(shipped_configs())}"
         ) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r}: not valid YAML: {e}") from None
     if raw is not None and not isinstance(raw, dict):
