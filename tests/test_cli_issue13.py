@@ -129,15 +129,21 @@ def _nan_at_steps(monkeypatch, steps):
 
     def build(cfg):
         parts = real(cfg)
-        inner, calls = parts.train_step, [0]
+        calls = [0]
 
-        def train_step(state, batch, dev):
-            calls[0] += 1
-            if calls[0] in steps:
-                batch = batch._replace(loss_mask=batch.loss_mask * jnp.nan)
-            return inner(state, batch, dev)
+        def poisoned(inner):
+            def train_step(state, batch, dev):
+                calls[0] += 1
+                if calls[0] in steps:
+                    batch = batch._replace(loss_mask=batch.loss_mask * jnp.nan)
+                return inner(state, batch, dev)
 
-        parts.train_step = train_step
+            return train_step
+
+        ordinary, measurement, interval = parts.train_steps
+        parts.train_steps = type(parts.train_steps)(
+            poisoned(ordinary), poisoned(measurement), interval
+        )
         return parts
 
     monkeypatch.setattr(finetune, "build_run", build)
