@@ -13,7 +13,13 @@ import yaml
 
 from hacbo_jax.training.config.build import build_dataclass
 from hacbo_jax.training.config.schema import Config
-from hacbo_jax.training.config.validate import PACKAGE_ROOT, cross_checks, resolve_paths
+from hacbo_jax.training.config.validate import (
+    PACKAGE_ROOT,
+    check_data_format,
+    cross_checks,
+    resolve_paths,
+    resolve_tokenizer,
+)
 from hacbo_jax.training.config_fields import ConfigError
 
 CONFIGS_DIR = PACKAGE_ROOT / "configs"
@@ -68,6 +74,8 @@ def config_from_dict(
     cfg = build_dataclass(Config, raw, "", problems, bad)
     if check_paths:
         cfg = resolve_paths(cfg, problems, bad)
+        cfg = resolve_tokenizer(cfg, problems, bad)
+    check_data_format(cfg, problems, bad)
     cross_checks(cfg, problems, bad)
     if problems:
         raise ConfigError(f"invalid config ({name}):\n" + "\n".join(f"  - {p}" for p in problems))
