@@ -6,10 +6,10 @@ so every call (per-epoch evaluation, micro-dev refresh scoring) reuses one compi
 loop logs how many each evaluation compiled).
 
 Decoding is greedy and stops on every end token (:func:`end_token_ids`): those of the model's
-generation config (``generation_config.json``; Qwen3 ends on ``<|im_end|>`` 151645 AND
-``<|endoftext|>`` 151643), of Qwen3's published generation config when the shipped Qwen3
-tokenizer is used with a model that has none, and the tokenizer's EOS (the token training
-appends). Tokens after a row's end token are padding and never reach the scorer.
+generation config (``generation_config.json``), those of Qwen3's published generation config
+when the shipped Qwen3 tokenizer is used (``<|im_end|>`` 151645 AND ``<|endoftext|>`` 151643: a
+checkpoint whose config names only one of them still stops on both), and the tokenizer's EOS
+(the token training appends). Tokens after a row's end token are padding and never reach the scorer.
 
 The evaluation loss is the training loss on the evaluation examples: next-token
 cross-entropy over the trained tokens (answer + EOS), summed over all examples and divided by
@@ -52,17 +52,19 @@ def is_shipped_qwen3_tokenizer(tokenizer) -> bool:
 
 
 def end_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every token that ends a generation (see the module docstring), in a fixed order:
-    the generation config's end tokens, then the tokenizer's EOS if not among them."""
+    """Every token that ends a generation (see the module docstring), in a fixed order: the
+    model's generation-config end tokens (``model.generation_config``, else the model config's
+    ``eos_token_id``), then Qwen3's (``GenerationConfig.qwen3()``: 151645, 151643) when the
+    shipped Qwen3 tokenizer is used, then the tokenizer's EOS; each once."""
     config = getattr(model, "generation_config", None)
-    if config is None and is_shipped_qwen3_tokenizer(tokenizer):
-        config = GenerationConfig.qwen3()
     if config is None:
         config = GenerationConfig.from_model_config(model.config)
     ends = list(config.eos_token_id)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ends:
+    if is_shipped_qwen3_tokenizer(tokenizer):
+        ends += GenerationConfig.qwen3().eos_token_id
+    if tokenizer.eos_token_id is not None:
         ends.append(int(tokenizer.eos_token_id))
-    return tuple(ends)
+    return tuple(dict.fromkeys(int(t) for t in ends))
 
 
 def prompt_length_for(items: Sequence[str | Example], tokenizer, *, multiple: int = 16) -> int:
