@@ -19,7 +19,10 @@ Training batches are RIGHT-padded to a fixed length ``max_len``::
     loss_mask      float32[N, L] 1 where targets[:, t] is an answer token (answer or its EOS)
 
 so the loss is next-token cross-entropy ``sum(loss_mask * CE(logits, targets)) / sum(loss_mask)``:
-prompt tokens are never predicted. Sequences longer than ``max_len`` are cut at the end (the
+prompt tokens are never predicted. Other data formats (:mod:`hacbo_jax.training.formats`) give
+an :class:`Example` its training text as ``(text, trained)`` segments, each tokenised on its own
+and concatenated; loss_mask is 1 where the target is a token of a trained segment (or the
+appended EOS), and the evaluation prompt is the segments before the last trained one. Sequences longer than ``max_len`` are cut at the end (the
 tail of the answer and its EOS are lost) and counted in ``num_truncated``.
 
 Generation batches are LEFT-padded prompts of a fixed length (``PromptBatch``).
