@@ -214,3 +214,18 @@ def test_paper_configs_use_the_shipped_tokenizer_and_cover_gsm8k_answers():
         assert Path(cfg.model.tokenizer) == QWEN3_TOKENIZER.resolve(), name
         assert cfg.eval.max_new_tokens >= 404, name  # longest GSM8K test reference: 404 tokens
         assert cfg.eval.resolved_metric(cfg.data.format) == "gsm8k"
+
+
+def test_gsm8k_reference_answers_fit_the_paper_decoding_budget():
+    """26 of the 1,319 GSM8K test references need more than 256 Qwen3 tokens with their EOS,
+    the longest 404 (issue 14): the paper configs' 512 covers every one."""
+    from transformers import AutoTokenizer
+
+    from hacbo_jax.training.config import load_config
+
+    tokenizer = AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    test = data.load_gsm8k("test")
+    targets = data.token_ids(tokenizer, [data.format_target(e.answer) for e in test])
+    lengths = np.array([len(t) + 1 for t in targets])  # + EOS, which ends the decoding
+    assert (len(lengths), int((lengths > 256).sum()), int(lengths.max())) == (1319, 26, 404)
+    assert load_config("paper_hacbo").eval.max_new_tokens >= lengths.max()
