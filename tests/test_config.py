@@ -27,6 +27,7 @@ def model_dir(tmp_path):
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text("{}")
+    (d / "tokenizer_config.json").write_text("{}")  # model.tokenizer defaults to the model's
     return d
 
 

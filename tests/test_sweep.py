@@ -22,6 +22,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A directory the config accepts as a model (the fake runs never load it)."""
     path = tmp_path_factory.mktemp("sweep_model")
     (path / "config.json").write_text("{}")
+    (path / "tokenizer_config.json").write_text("{}")  # model.tokenizer defaults to the model's
     return path
 
 

@@ -42,18 +42,16 @@ def enable_compilation_cache(cache_dir: str | Path) -> None:
 def base_model_exact_match(cfg: Config) -> dict[str, Any]:
     """Exact match of the base model before any fine-tuning, on the runs' evaluation problems
     with the runs' decoding settings (the reference point of the comparison)."""
-    from transformers import AutoTokenizer
-
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
     from hacbo_jax.training.evaluate import evaluate_exact_match, prompt_length_for
-    from hacbo_jax.training.run_parts import DTYPES, load_task_data
+    from hacbo_jax.training.run_parts import DTYPES, load_task_data, load_tokenizer
 
     model = Qwen3ForCausalLM.from_pretrained(
         cfg.model.path, dtype=DTYPES[cfg.model.dtype], param_dtype=DTYPES[cfg.model.param_dtype]
     )
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    task = load_task_data(cfg)
-    prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
+    tokenizer = load_tokenizer(cfg)
+    task = load_task_data(cfg, tokenizer)
+    prompt_len = prompt_length_for(task.eval + task.pool, tokenizer)
     result = evaluate_exact_match(
         model,
         tokenizer,
@@ -61,6 +59,8 @@ def base_model_exact_match(cfg: Config) -> dict[str, Any]:
         batch_size=cfg.eval.batch_size,
         prompt_len=prompt_len,
         max_new_tokens=cfg.eval.max_new_tokens,
+        metric=cfg.eval.resolved_metric(cfg.data.format),
+        ignore_case=cfg.eval.ignore_case,
     )
     weights = Path(cfg.model.path) / "model.safetensors"
     digest = hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None

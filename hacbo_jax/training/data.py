@@ -19,7 +19,10 @@ Training batches are RIGHT-padded to a fixed length ``max_len``::
     loss_mask      float32[N, L] 1 where targets[:, t] is an answer token (answer or its EOS)
 
 so the loss is next-token cross-entropy ``sum(loss_mask * CE(logits, targets)) / sum(loss_mask)``:
-prompt tokens are never predicted. Sequences longer than ``max_len`` are cut at the end (the
+prompt tokens are never predicted. Other data formats (:mod:`hacbo_jax.training.formats`) give
+an :class:`Example` its training text as ``(text, trained)`` segments, each tokenised on its own
+and concatenated; loss_mask is 1 where the target is a token of a trained segment (or the
+appended EOS), and the evaluation prompt is the segments before the last trained one. Sequences longer than ``max_len`` are cut at the end (the
 tail of the answer and its EOS are lost) and counted in ``num_truncated``.
 
 Generation batches are LEFT-padded prompts of a fixed length (``PromptBatch``).
@@ -50,11 +53,25 @@ _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _TRAILING_SPACE = re.compile(r"[ \t\r\f\v]+(?=\n)")
 
 
+Segment = tuple[str, bool]
+"""A piece of training text and whether its tokens are predicted (loss_mask 1)."""
+
+
 class Example(NamedTuple):
-    """One question/answer pair; ``answer`` holds the worked solution ending in ``#### n``."""
+    """One training / evaluation example.
+
+    ``question`` / ``answer``: for GSM8K the question and the worked solution ending in
+    ``#### n``; for the other data formats (:mod:`hacbo_jax.training.formats`) the user's last
+    request and the reference the metric compares with. ``segments`` is the training text as
+    ``(text, trained)`` pieces; empty means the question_answer layout
+    ``((format_prompt(question), False), (format_target(answer), True))``. ``append_eos``: the
+    tokenizer's EOS ends the sequence (trained), unless the text already ends the turn.
+    """
 
     question: str
     answer: str
+    segments: tuple[Segment, ...] = ()
+    append_eos: bool = True
 
 
 # ----------------------------------------------------------------------------- text
@@ -74,6 +91,23 @@ def preprocess(example: Example) -> Example:
 def format_prompt(question: str) -> str:
     """The model input for a question (training and evaluation)."""
     return PROMPT_TEMPLATE.format(question=question)
+
+
+def training_segments(example: Example) -> tuple[Segment, ...]:
+    """The training text of ``example`` as ``(text, trained)`` pieces (see :class:`Example`)."""
+    if example.segments:
+        return tuple(example.segments)
+    return ((format_prompt(example.question), False), (format_target(example.answer), True))
+
+
+def prompt_segments(example: Example) -> tuple[Segment, ...]:
+    """The pieces before the last trained one: the evaluation prompt, token for token the
+    prefix the model saw in training before the answer it is scored on."""
+    segments = training_segments(example)
+    trained = [i for i, (_, is_trained) in enumerate(segments) if is_trained]
+    if not trained:
+        raise ValueError(f"example has no trained segment: {example!r}")
+    return segments[: trained[-1]]
 
 
 def format_target(answer: str) -> str:
@@ -228,35 +262,65 @@ def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
+def segment_token_ids(tokenizer, pieces: Sequence[Sequence[Segment]]) -> list[list[list[int]]]:
+    """Token ids of every segment (tokenised separately, without special tokens added; special
+    tokens written in the text, such as a chat template's, are recognised), in one call."""
+    flat = [text for segments in pieces for text, _ in segments]
+    ids = token_ids(tokenizer, flat)
+    out, start = [], 0
+    for segments in pieces:
+        out.append(ids[start : start + len(segments)])
+        start += len(segments)
+    return out
+
+
 def tokenize_sft(
     examples: Sequence[Example], tokenizer, max_len: int = DEFAULT_MAX_LEN
 ) -> SFTArrays:
-    """Tokenises prompt and target separately (so the prompt tokens are exactly the ones the
-    model sees at evaluation) and lays them out right-padded to ``max_len``."""
+    """Tokenises each segment separately (so the prompt tokens are exactly the ones the model
+    sees at evaluation) and lays the examples out right-padded to ``max_len``; loss_mask is 1
+    where the target is a token of a trained segment or the appended EOS."""
     if max_len < 2:
         raise ValueError(f"max_len={max_len} must be >= 2")
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise ValueError("tokenizer needs eos_token_id and pad_token_id")
-    prompts = token_ids(tokenizer, [format_prompt(e.question) for e in examples])
-    answers = token_ids(tokenizer, [format_target(e.answer) for e in examples])
+    pieces = [training_segments(e) for e in examples]
+    ids_per_piece = segment_token_ids(tokenizer, pieces)
     n = len(examples)
     input_ids = np.full((n, max_len), tokenizer.pad_token_id, dtype=np.int32)
     attention_mask = np.zeros((n, max_len), dtype=np.int32)
-    is_answer = np.zeros((n, max_len), dtype=bool)
+    is_trained = np.zeros((n, max_len), dtype=bool)
     num_truncated = 0
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        sequence = prompt + answer + [tokenizer.eos_token_id]
+    for row, (example, segments, ids) in enumerate(zip(examples, pieces, ids_per_piece)):
+        sequence: list[int] = []
+        trained: list[bool] = []
+        for (_, flag), piece in zip(segments, ids):
+            sequence += piece
+            trained += [flag] * len(piece)
+        if example.append_eos:
+            sequence.append(tokenizer.eos_token_id)
+            trained.append(True)
         if len(sequence) > max_len:
             num_truncated += 1
-            sequence = sequence[:max_len]
+            sequence, trained = sequence[:max_len], trained[:max_len]
         input_ids[row, : len(sequence)] = sequence
         attention_mask[row, : len(sequence)] = 1
-        is_answer[row, len(prompt) : len(sequence)] = True
+        is_trained[row, : len(sequence)] = trained
     targets = np.full_like(input_ids, tokenizer.pad_token_id)
     targets[:, :-1] = input_ids[:, 1:]
     loss_mask = np.zeros((n, max_len), dtype=np.float32)
-    loss_mask[:, :-1] = is_answer[:, 1:]
+    loss_mask[:, :-1] = is_trained[:, 1:]
     return SFTArrays(input_ids, attention_mask, targets, loss_mask, num_truncated)
+
+
+def prompt_token_ids(items: Sequence[str | Example], tokenizer) -> list[list[int]]:
+    """Evaluation prompt ids: a string is a GSM8K question (``format_prompt``), an
+    :class:`Example` gives its :func:`prompt_segments`, tokenised as in training."""
+    pieces = [
+        ((format_prompt(item), False),) if isinstance(item, str) else prompt_segments(item)
+        for item in items
+    ]
+    return [[t for piece in ids for t in piece] for ids in segment_token_ids(tokenizer, pieces)]
 
 
 class PromptBatch(NamedTuple):
@@ -269,13 +333,14 @@ class PromptBatch(NamedTuple):
 
 
 def tokenize_prompts(
-    questions: Sequence[str], tokenizer, prompt_len: int
+    questions: Sequence[str | Example], tokenizer, prompt_len: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Left-padded prompt ids and mask [N, prompt_len]; over-long prompts keep their LAST
-    ``prompt_len`` tokens (the part next to "Answer:"). Returns (ids, mask, num_truncated)."""
+    """Left-padded prompt ids and mask [N, prompt_len] of questions or examples
+    (:func:`prompt_token_ids`); over-long prompts keep their LAST ``prompt_len`` tokens (the
+    part next to "Answer:"). Returns (ids, mask, num_truncated)."""
     if prompt_len < 1:
         raise ValueError(f"prompt_len={prompt_len} must be >= 1")
-    prompts = token_ids(tokenizer, [format_prompt(q) for q in questions])
+    prompts = prompt_token_ids(questions, tokenizer)
     ids = np.full((len(prompts), prompt_len), tokenizer.pad_token_id, dtype=np.int32)
     mask = np.zeros((len(prompts), prompt_len), dtype=np.int32)
     num_truncated = 0
@@ -289,7 +354,7 @@ def tokenize_prompts(
 
 
 def prompt_batches(
-    questions: Sequence[str], tokenizer, *, batch_size: int, prompt_len: int
+    questions: Sequence[str | Example], tokenizer, *, batch_size: int, prompt_len: int
 ) -> Iterator[PromptBatch]:
     """Fixed-shape [batch_size, prompt_len] left-padded prompt batches, in order."""
     if batch_size < 1:

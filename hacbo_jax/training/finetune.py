@@ -125,8 +125,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.fine
     before = summary["initial_exact_match"]
     before = "" if before is None else f"{100 * before:.1f}% (base model) -> "
     print(
-        f"[{summary['method']}] exact match {before}{100 * summary['final_exact_match']:.1f}% on "
-        f"{summary['eval_examples']} held-out problems after {summary['steps']} steps "
+        f"[{summary['method']}] exact match ({summary['metric']}) {before}"
+        f"{100 * summary['final_exact_match']:.1f}%, eval loss {summary['final_eval_loss']:.4f}, "
+        f"on {summary['eval_examples']} held-out problems after {summary['steps']} steps "
         f"({summary['wall_time_s']:.0f} s); run directory: {cfg.output_dir}"
     )
     return EXIT_DIVERGED if summary["diverged"] else 0

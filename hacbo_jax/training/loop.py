@@ -85,11 +85,9 @@ class TrainingLoop:
             )
         )
         if cfg.eval.at_start and not self.resume:
-            initial = parts.evaluate(self.state.params, parts.task.eval)
-            self.logger.log_eval(
-                0, exact_match=initial.exact_match, n=initial.num_examples, epoch=0.0
-            )
+            initial, initial_loss = self.evaluate(0, epoch=0.0)
             self.counters["initial_exact_match"] = initial.exact_match
+            self.counters["initial_eval_loss"] = initial_loss
         self.dev_buffer = parts.device_dev_buffer()
         self.energy = EnergyMeter()
         self.energy.start()
@@ -171,15 +169,30 @@ class TrainingLoop:
         self.counters["refreshes"].append(stats._asdict())
         self.dev_buffer = parts.device_dev_buffer()
 
-    def evaluate(self, step: int):
-        result = self.parts.evaluate(self.state.params, self.parts.task.eval)
+    def evaluate(self, step: int, epoch: float | None = None):
+        """Scores the eval split (configured metric, greedy) and its teacher-forced loss; logs
+        both to eval.jsonl with the number of generation programs this evaluation compiled.
+        Returns ``(EvalResult, eval_loss)``."""
+        from hacbo_jax.models.generation import compiled_program_count
+
+        parts = self.parts
+        programs_before = compiled_program_count()
+        result = parts.evaluate(self.state.params, parts.task.eval)
+        programs = compiled_program_count() - programs_before
+        eval_loss = parts.eval_loss(self.state.params) if parts.eval_loss else math.nan
+        self.counters["generation_programs"] = (
+            self.counters.get("generation_programs", 0) + programs
+        )
         self.logger.log_eval(
             step,
             exact_match=result.exact_match,
             n=result.num_examples,
-            epoch=self.parts.sampler.epoch_fraction,
+            epoch=parts.sampler.epoch_fraction if epoch is None else epoch,
+            eval_loss=eval_loss,
+            metric=parts.metric,
+            programs_compiled=programs,
         )
-        return result
+        return result, eval_loss
 
     # ---- the loop ----------------------------------------------------------------------
     def _steps(self, start_step: int, stop_after: int | None) -> int | None:
@@ -266,7 +279,7 @@ class TrainingLoop:
             )
         else:
             self.save_checkpoint(final_step)
-        result = self.evaluate(final_step)
+        result, eval_loss = self.evaluate(final_step)
         rows = zip(parts.task.eval, result.predictions, result.correct)
         (self.run_dir / "predictions.jsonl").write_text(
             "".join(
@@ -295,7 +308,12 @@ class TrainingLoop:
             "total_steps": parts.total_steps,
             "initial_exact_match": self.counters["initial_exact_match"],
             "final_exact_match": result.exact_match,
+            "metric": parts.metric,
+            "initial_eval_loss": self.counters.get("initial_eval_loss"),
+            "final_eval_loss": eval_loss,
             "eval_examples": result.num_examples,
+            # generation programs compiled by this run's evaluations (same shapes: one)
+            "generation_programs": self.counters.get("generation_programs", 0),
             "final_train_loss": self.last_loss,
             "diverged": self.diverged,
             "skipped_steps": self.skipped_total,

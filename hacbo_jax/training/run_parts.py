@@ -22,7 +22,14 @@ from hacbo_jax.training import data as data_lib
 from hacbo_jax.training import distributed
 from hacbo_jax.training.config import Config, check_mesh, check_pool_size, check_warmup
 from hacbo_jax.training.controller_registry import measures
-from hacbo_jax.training.evaluate import EvalResult, evaluate_exact_match, prompt_length_for
+from hacbo_jax.training.evaluate import (
+    EvalResult,
+    end_token_ids,
+    eval_arrays,
+    evaluate_exact_match,
+    make_eval_loss,
+    prompt_length_for,
+)
 from hacbo_jax.training.microdev import MicroDevBuffer
 from hacbo_jax.training.packed_data import StepPacker, describe
 from hacbo_jax.training.recipes import qwen3_labels
@@ -32,12 +39,21 @@ from hacbo_jax.training.step import (
     StepShardings,
     TrainState,
     TrainSteps,
+    make_loss_fn,
     make_train_steps,
     step_shardings,
 )
 from hacbo_jax.training.synthetic import SyntheticTask
 
-__all__ = ["DTYPES", "RunParts", "TaskData", "build_run", "load_model", "load_task_data"]
+__all__ = [
+    "DTYPES",
+    "RunParts",
+    "TaskData",
+    "build_run",
+    "load_model",
+    "load_task_data",
+    "load_tokenizer",
+]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,8 +65,17 @@ class TaskData:
     pool: list[data_lib.Example]  # micro-dev pool
 
 
-def load_task_data(cfg: Config) -> TaskData:
-    """Train / eval / micro-dev pool examples for the configured task (see the spec's pools)."""
+def load_task_data(cfg: Config, tokenizer: Any = None) -> TaskData:
+    """Train / eval / micro-dev pool examples for the configured task (see the spec's pools).
+
+    ``data.task: gsm8k`` reads ``data.train_file`` / ``data.eval_file`` (or the hub data set's
+    ``data.train_split`` / ``data.eval_split``) in ``data.format``
+    (:mod:`hacbo_jax.training.formats`; every row is checked first, a bad one raises a
+    ConfigError naming file, row and field). ``messages`` rows need ``tokenizer``.
+    """
+    from hacbo_jax.training.config import ConfigError
+    from hacbo_jax.training.formats import DataError, load_examples, load_hub_examples
+
     d = cfg.data
     if d.task == "synthetic":
         task = SyntheticTask(d.synthetic.preset, seed=d.synthetic.seed)
@@ -58,12 +83,28 @@ def load_task_data(cfg: Config) -> TaskData:
         eval_ = task.examples("eval", d.synthetic.n_eval)
         pool = task.examples("pool", d.heldout_size) if cfg.microdev.pool == "heldout" else eval_
     else:
-        if d.hub_name:
-            train_all = data_lib.load_gsm8k("train", hub_name=d.hub_name)
-            eval_ = data_lib.load_gsm8k("test", hub_name=d.hub_name)
-        else:
-            train_all = data_lib.load_gsm8k_file(d.train_file)
-            eval_ = data_lib.load_gsm8k_file(d.eval_file)
+        options = {
+            "columns": dataclasses.asdict(d.columns),
+            "tokenizer": tokenizer,
+        }
+        try:
+            if d.hub_name:
+                train_all, eval_ = (
+                    load_hub_examples(
+                        d.hub_name, split, d.format, hub_config=d.hub_config, **options
+                    )
+                    for split in (d.train_split, d.eval_split)
+                )
+            else:
+                train_all = load_examples(d.train_file, d.format, **options)
+                eval_ = load_examples(d.eval_file, d.format, **options)
+        except DataError as e:
+            raise ConfigError(f"invalid data:\n  - {e}") from e
+        if d.heldout_size >= len(train_all):
+            raise ConfigError(
+                f"invalid config:\n  - data.heldout_size = {d.heldout_size}: must be < the "
+                f"{len(train_all)} training rows"
+            )
         train_idx, pool_idx = data_lib.holdout_split(len(train_all), d.heldout_size, cfg.seed)
         train = [train_all[i] for i in train_idx]
         pool = [train_all[i] for i in pool_idx] if cfg.microdev.pool == "heldout" else eval_
@@ -72,10 +113,19 @@ def load_task_data(cfg: Config) -> TaskData:
     return TaskData(train, eval_, pool)
 
 
-def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
-    """The model of ``cfg.model`` (dtypes, remat, scanned layers, attention) and its tokenizer."""
+def load_tokenizer(cfg: Config) -> Any:
+    """The tokenizer of ``cfg.model.tokenizer`` (null: resolved as the config check does,
+    :func:`hacbo_jax.training.tokenizer.default_tokenizer`)."""
     from transformers import AutoTokenizer
 
+    from hacbo_jax.training.tokenizer import default_tokenizer
+
+    source = cfg.model.tokenizer or default_tokenizer(cfg.model.path)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
+    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer (:func:`load_tokenizer`)."""
     model = Qwen3ForCausalLM.from_pretrained(
         cfg.model.path,
         dtype=DTYPES[cfg.model.dtype],
@@ -84,7 +134,7 @@ def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
         scan_layers=cfg.model.scan_layers,
         attention_impl=cfg.model.attention_impl,
     )
-    return model, AutoTokenizer.from_pretrained(cfg.model.path)
+    return model, load_tokenizer(cfg)
 
 
 @dataclasses.dataclass
@@ -122,6 +172,14 @@ class RunParts:
     def train_step(self) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, Any]]:
         """The step that measures when due (the one step function of earlier versions)."""
         return self.train_steps.measurement
+
+    end_tokens: tuple[int, ...] = ()  # every token that ends a generation
+    eval_loss: Callable[[Any], float] | None = None  # teacher-forced loss on the eval split
+
+    @property
+    def metric(self) -> str:
+        """The evaluation metric in use (``eval.metric`` or its default for the format)."""
+        return self.cfg.eval.resolved_metric(self.cfg.data.format)
 
     @property
     def micro_batch_size(self) -> int:
@@ -161,7 +219,8 @@ class RunParts:
         return nnx.merge(self.graphdef, nnx.State(params), self.rest)
 
     def evaluate(self, params: Any, examples: list[data_lib.Example]) -> EvalResult:
-        """Greedy exact match of the model with ``params`` on ``examples`` (``cfg.eval``)."""
+        """Greedy answers of the model with ``params`` on ``examples``, scored with the
+        configured metric (``cfg.eval``); decoding stops on every end token."""
         return evaluate_exact_match(
             self.model_at(params),
             self.tokenizer,
@@ -169,6 +228,9 @@ class RunParts:
             batch_size=self.cfg.eval.batch_size,
             prompt_len=self.prompt_len,
             max_new_tokens=self.cfg.eval.max_new_tokens,
+            metric=self.metric,
+            ignore_case=self.cfg.eval.ignore_case,
+            end_tokens=self.end_tokens,
         )
 
 
@@ -197,11 +259,13 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     ``inject_lr``: AdamW's learning rate is an ``inject_hyperparams`` value in the state, set by
     a driver (``hacbo-autolrs``), instead of the warm-up + cosine schedule."""
     mesh = check_mesh(cfg)
-    model, tokenizer = load_model(cfg)
-    task = load_task_data(cfg)
+    tokenizer = load_tokenizer(cfg)
+    task = load_task_data(cfg, tokenizer)  # bad rows fail here, before the model is loaded
+    model, _ = load_model(cfg)
+    end_tokens = end_token_ids(model, tokenizer)
     train_arrays = data_lib.tokenize_sft(task.train, tokenizer, cfg.data.max_len)
     pool_arrays = data_lib.tokenize_sft(task.pool, tokenizer, cfg.data.max_len)
-    prompt_len = prompt_length_for([e.question for e in task.eval + task.pool], tokenizer)
+    prompt_len = prompt_length_for(task.eval + task.pool, tokenizer)
     total_steps = cfg.total_steps(len(task.train))
     check_warmup(cfg, total_steps)
     sampler = data_lib.EpochSampler(len(task.train), cfg.optim.batch_size, seed=cfg.seed)
@@ -230,6 +294,11 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         dev_batch_size=cfg.microdev.batch_size,  # <= microdev.size, checked by the config
         shardings=shardings,
         logits_chunk=cfg.model.logits_chunk,
+    )
+    eval_loss = make_eval_loss(
+        make_loss_fn(graphdef, rest, logits_chunk=cfg.model.logits_chunk),
+        eval_arrays(task.eval, tokenizer, cfg.data.max_len),
+        batch_size=cfg.eval.batch_size,
     )
     accum, micro = cfg.optim.accumulation_steps, cfg.optim.micro_batch_size or cfg.optim.batch_size
     packer = None
@@ -273,4 +342,6 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         shardings=shardings,
         local_rows=local,
         packer=packer,
+        end_tokens=end_tokens,
+        eval_loss=eval_loss,
     )

@@ -84,3 +84,52 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
             f"no tokenizer.json in {path}; expected a Hugging Face tokenizer directory"
         )
     return AutoTokenizer.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------- which tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a Hugging Face tokenizer (``tokenizer.json`` or
+    ``tokenizer_config.json``)."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def shipped_qwen3_tokenizer() -> Path:
+    """The bundled Qwen3 tokenizer (``hacbo_jax/assets/qwen3-tokenizer``)."""
+    from hacbo_jax.assets import ASSETS_DIR
+
+    return ASSETS_DIR / "qwen3-tokenizer"
+
+
+def default_tokenizer(model_path: str | Path) -> str:
+    """The tokenizer a model uses when ``model.tokenizer`` is null.
+
+    A local model directory with tokenizer files: that directory. One without, whose
+    ``config.json`` says ``model_type: qwen3``: the shipped Qwen3 tokenizer (every Qwen3 size
+    shares it). A hub id: the hub id (read from the local Hugging Face cache). Otherwise
+    ValueError naming the directory and the fix (set ``model.tokenizer``).
+    """
+    import json
+
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        return str(model_path)
+    if has_tokenizer(path):
+        return str(path)
+    config_file = path / "config.json"
+    model_type = None
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError):
+            model_type = None
+    if model_type == "qwen3":
+        return str(shipped_qwen3_tokenizer())
+    raise ValueError(
+        f"model directory {path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}) and its "
+        f"model_type is {model_type!r}, not 'qwen3' (whose shipped tokenizer would be used); "
+        "set model.tokenizer to a tokenizer directory or hub id"
+    )

@@ -30,6 +30,7 @@ from hacbo_jax.training.config.load import (
 from hacbo_jax.training.config.schema import (
     BLACConfig,
     CheckpointConfig,
+    ColumnsConfig,
     Config,
     ControllerConfig,
     DataConfig,
@@ -56,6 +57,7 @@ __all__ = [
     "BLACConfig",
     "CONFIGS_DIR",
     "CheckpointConfig",
+    "ColumnsConfig",
     "Config",
     "ConfigError",
     "ControllerConfig",

@@ -16,11 +16,13 @@ from hacbo_jax.training.config.build import build_dataclass
 from hacbo_jax.training.config.schema import Config
 from hacbo_jax.training.config.validate import (
     PACKAGE_ROOT,
+    check_data_format,
     check_data_rows,
     check_finite,
     check_method_label,
     cross_checks,
     resolve_paths,
+    resolve_tokenizer,
 )
 from hacbo_jax.training.config_fields import ConfigError
 
@@ -103,6 +105,8 @@ def config_from_dict(
     cfg = build_dataclass(Config, raw, "", problems, bad)
     if check_paths:
         cfg = resolve_paths(cfg, problems, bad)
+        cfg = resolve_tokenizer(cfg, problems, bad)
+    check_data_format(cfg, problems, bad)
     check_finite(cfg, problems, bad)
     check_method_label(cfg, problems, bad)
     check_data_rows(cfg, problems, bad)

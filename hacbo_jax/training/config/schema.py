@@ -27,6 +27,7 @@ __all__ = [
     "AutoLRSSection",
     "BLACConfig",
     "CheckpointConfig",
+    "ColumnsConfig",
     "Config",
     "ControllerConfig",
     "DataConfig",
@@ -51,6 +52,9 @@ class ModelConfig:
     """The base model: a local Hugging Face directory (with config.json) or a hub id."""
 
     path: str = "assets/tiny-qwen3-gsm"
+    # Tokenizer directory or hub id; null = the model directory's, or the shipped Qwen3
+    # tokenizer (assets/qwen3-tokenizer) for a Qwen3 directory without one.
+    tokenizer: Optional[str] = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     # Rematerialisation of each decoder layer in the backward pass: "none", "full" (recompute
@@ -81,11 +85,29 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    """Column (field) names of the data rows (hacbo_jax/training/formats.py)."""
+
+    question: str = "question"  # question_answer
+    answer: str = "answer"  # question_answer
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"  # prompt_completion
+    messages: str = "messages"  # messages: a list of {role, content}
+
+
+@dataclass(frozen=True)
 class DataConfig:
+    # gsm8k: question-answer data from files or the hub (any data set, in data.format);
+    # synthetic: the generated GSM8K-format task.
     task: Literal["gsm8k", "synthetic"] = "gsm8k"
-    train_file: str = "assets/gsm8k/train.jsonl"
+    format: Literal["question_answer", "prompt_completion", "messages"] = "question_answer"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    train_file: str = "assets/gsm8k/train.jsonl"  # .jsonl, .json or .parquet
     eval_file: str = "assets/gsm8k/test.jsonl"
     hub_name: Optional[str] = None  # a datasets hub name used instead of the files
+    hub_config: Optional[str] = None  # its configuration (openai/gsm8k: main)
+    train_split: str = "train"  # hub split names
+    eval_split: str = "test"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = option(512, in_range(8))
     # Pack each optimiser step's examples into rows of max_len (segment ids, per-segment
@@ -214,9 +236,19 @@ class MicroDevConfig:
 class EvalConfig:
     limit: Optional[int] = option(None, in_range(1))  # null = full split
     max_new_tokens: int = option(256, in_range(1))
+    # gsm8k: final numeric answers (spec); exact: normalised string equality; null = gsm8k for
+    # data.format question_answer, exact otherwise.
+    metric: Optional[Literal["gsm8k", "exact"]] = None
+    ignore_case: bool = False  # exact metric: compare case-folded
     batch_size: int = option(64, in_range(1))
     every_epoch: bool = True
     at_start: bool = False  # also evaluate the base model (step 0)
+
+    def resolved_metric(self, data_format: str) -> str:
+        """The metric in use: ``metric``, or its default for ``data_format``."""
+        if self.metric is not None:
+            return self.metric
+        return "gsm8k" if data_format == "question_answer" else "exact"
 
 
 @dataclass(frozen=True)
@@ -314,12 +346,14 @@ class Config:
         """Training examples the run will see, when knowable from the config alone.
 
         synthetic: ``n_train`` (its micro-dev pool is a separate generated stream).
-        gsm8k: rows of ``data.train_file`` minus ``data.heldout_size`` when the micro-dev pool is
-        the held-out slice; None with ``hub_name`` (size unknown until loaded).
+        gsm8k: rows of a ``.jsonl`` ``data.train_file`` minus ``data.heldout_size`` when the
+        micro-dev pool is the held-out slice; None with ``hub_name`` or another file type (size
+        unknown until loaded).
         """
         if self.data.task == "synthetic":
             return self.data.synthetic.n_train
-        if self.data.hub_name is None and Path(self.data.train_file).is_file():
+        train_file = Path(self.data.train_file)
+        if self.data.hub_name is None and train_file.suffix == ".jsonl" and train_file.is_file():
             with open(self.data.train_file, "rb") as f:
                 rows = sum(1 for line in f if line.strip())
         else:

@@ -89,6 +89,67 @@ def resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
     )
 
 
+def resolve_tokenizer(cfg: Config, problems: list[str], bad: set[str]) -> Config:
+    """``cfg`` with ``model.tokenizer`` resolved: a given local directory (current directory,
+    then the package) must hold tokenizer files; null becomes the model directory's tokenizer,
+    or the shipped Qwen3 tokenizer for a Qwen3 directory without one
+    (:func:`hacbo_jax.training.tokenizer.default_tokenizer`); a hub id is kept."""
+    from hacbo_jax.training.tokenizer import TOKENIZER_FILES, default_tokenizer, has_tokenizer
+
+    if "model.path" in bad or "model.tokenizer" in bad:
+        return cfg
+    given = cfg.model.tokenizer
+    if given is None:
+        try:
+            resolved = default_tokenizer(cfg.model.path)
+        except ValueError as e:
+            problems.append(f"model.tokenizer = null: {e}")
+            bad.add("model.tokenizer")
+            return cfg
+    else:
+        found = _resolve_existing(given)
+        if found is not None:
+            if not found.is_dir() or not has_tokenizer(found):
+                problems.append(
+                    f"model.tokenizer = {given!r}: must be a tokenizer directory holding "
+                    f"{' or '.join(TOKENIZER_FILES)} (looked in {found}), or a hub id"
+                )
+                bad.add("model.tokenizer")
+                return cfg
+            resolved = str(found)
+        elif _looks_like_local_path(given):
+            problems.append(
+                f"model.tokenizer = {given!r}: no such local directory (looked in the current "
+                f"directory and {PACKAGE_ROOT}); must be a tokenizer directory or a hub id"
+            )
+            bad.add("model.tokenizer")
+            return cfg
+        else:
+            resolved = given
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=resolved))
+
+
+def check_data_format(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """The data format fits the task, and local data files have a supported type."""
+    from hacbo_jax.training.formats import FILE_SUFFIXES
+
+    d = cfg.data
+    if d.task == "synthetic" and d.format != "question_answer" and "data.format" not in bad:
+        problems.append(
+            f"data.format = {d.format!r}: the synthetic task is in question_answer format; "
+            "other formats need data.task: gsm8k (files or hub)"
+        )
+    if d.task != "gsm8k" or d.hub_name is not None:
+        return
+    for key in ("train_file", "eval_file"):
+        suffix = Path(getattr(d, key)).suffix.lower()
+        if f"data.{key}" not in bad and suffix not in FILE_SUFFIXES:
+            problems.append(
+                f"data.{key} = {getattr(d, key)!r}: unsupported file type {suffix or '(none)'!r}; "
+                f"must be one of {', '.join(FILE_SUFFIXES)}"
+            )
+
+
 def _check_synthetic_preset(preset: str) -> str | None:
     """None when ``preset`` is one of :data:`hacbo_jax.training.synthetic.PRESETS`."""
     if preset in PRESETS:
