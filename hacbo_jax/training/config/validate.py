@@ -549,15 +549,17 @@ def check_model_dir(path: str) -> list[str]:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def load_checked_tokenizer(path: str, problems: list[str]) -> Any:
-    """The tokenizer of a local model directory, or None with the problem appended."""
+def load_checked_tokenizer(path: str, problems: list[str], key: str = "model.path") -> Any:
+    """The tokenizer of a local directory (``key`` names where it came from), or None with the
+    problem appended."""
     directory = Path(path)
     if not directory.is_dir():
         return None
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         problems.append(
-            f"model.path = {path!r}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
-            "the model directory must hold the tokenizer it was trained with"
+            f"{key} = {path!r}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
+            "the model directory must hold the tokenizer it was trained with, or set "
+            "model.tokenizer"
         )
         return None
     from transformers import AutoTokenizer
@@ -565,13 +567,13 @@ def load_checked_tokenizer(path: str, problems: list[str]) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types for a broken tokenizer
-        problems.append(f"model.path = {path!r}: the tokenizer cannot be loaded ({e})")
+        problems.append(f"{key} = {path!r}: the tokenizer cannot be loaded ({e})")
         return None
     if len(tokenizer) == 0:
-        problems.append(f"model.path = {path!r}: the tokenizer has an empty vocabulary")
+        problems.append(f"{key} = {path!r}: the tokenizer has an empty vocabulary")
         return None
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
-        problems.append(f"model.path = {path!r}: the tokenizer needs an eos and a pad token")
+        problems.append(f"{key} = {path!r}: the tokenizer needs an eos and a pad token")
         return None
     return tokenizer
 
@@ -643,13 +645,22 @@ def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
     problems = check_output_dir(cfg, resume=resume)
     model_problems = check_model_dir(cfg.model.path)
     problems += model_problems
-    tokenizer = load_checked_tokenizer(cfg.model.path, problems)
+    if cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
+        tokenizer = load_checked_tokenizer(cfg.model.tokenizer, problems, "model.tokenizer")
+    else:
+        tokenizer = load_checked_tokenizer(cfg.model.path, problems)
     d = cfg.data
     files_ok = True
-    if d.task == "gsm8k" and d.hub_name is None:
+    # Other formats and file types are checked row by row when they are read (formats.py).
+    if (
+        d.task == "gsm8k"
+        and d.hub_name is None
+        and d.format == "question_answer"
+        and (d.columns.question, d.columns.answer) == ("question", "answer")
+    ):
         for key in ("train_file", "eval_file"):
             path = getattr(d, key)
-            if not Path(path).is_file():
+            if not Path(path).is_file() or Path(path).suffix != ".jsonl":
                 continue
             found = check_jsonl(f"data.{key}", path)
             files_ok &= not found
@@ -662,7 +673,7 @@ def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
         from hacbo_jax.training.run_parts import load_task_data
 
         try:
-            task = load_task_data(cfg)
+            task = load_task_data(cfg, tokenizer)
         except (ValueError, OSError) as e:
             problems.append(f"data: {e}")
             return problems
