@@ -176,10 +176,12 @@ def test_eval_loss_is_the_token_weighted_mean_over_trained_tokens(tiny):
 # -- which tokenizer ----------------------------------------------------------------------------
 
 
-def model_dir(tmp_path: Path, model_type: str, with_tokenizer: bool = False) -> Path:
-    d = tmp_path / model_type
+def model_dir(
+    tmp_path: Path, model_type: str, with_tokenizer: bool = False, vocab_size: int = 151_936
+) -> Path:
+    d = tmp_path / f"{model_type}_{vocab_size}"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": vocab_size}))
     if with_tokenizer:
         (d / "tokenizer.json").write_text("{}")
     return d
@@ -189,6 +191,10 @@ def test_tokenizer_resolution(tmp_path):
     qwen3 = model_dir(tmp_path, "qwen3")
     cfg = config_from_dict({"model": {"path": str(qwen3)}})
     assert Path(cfg.model.tokenizer) == QWEN3_TOKENIZER.resolve()
+    # A small Qwen3 that lost its own tokenizer cannot use the 151,669-token Qwen3 one.
+    small = model_dir(tmp_path, "qwen3", vocab_size=320)
+    with pytest.raises(ConfigError, match=r"model.tokenizer = null: .*vocab_size 320 is smaller"):
+        config_from_dict({"model": {"path": str(small)}})
     own = model_dir(tmp_path, "qwen2", with_tokenizer=True)
     assert config_from_dict({"model": {"path": str(own)}}).model.tokenizer == str(own.resolve())
     explicit = config_from_dict(

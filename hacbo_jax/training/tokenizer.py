@@ -97,6 +97,10 @@ def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
 
 
+# Tokens of the shipped Qwen3 tokenizer (151,643 regular + 26 added); Qwen3's embedding has more.
+QWEN3_TOKENIZER_SIZE = 151_669
+
+
 def shipped_qwen3_tokenizer() -> Path:
     """The bundled Qwen3 tokenizer (``hacbo_jax/assets/qwen3-tokenizer``)."""
     from hacbo_jax.assets import ASSETS_DIR
@@ -108,8 +112,8 @@ def default_tokenizer(model_path: str | Path) -> str:
     """The tokenizer a model uses when ``model.tokenizer`` is null.
 
     A local model directory with tokenizer files: that directory. One without, whose
-    ``config.json`` says ``model_type: qwen3``: the shipped Qwen3 tokenizer (every Qwen3 size
-    shares it). A hub id: the hub id (read from the local Hugging Face cache). Otherwise
+    ``config.json`` says ``model_type: qwen3`` and whose ``vocab_size`` holds every Qwen3 token:
+    the shipped Qwen3 tokenizer (every Qwen3 size shares it). A hub id: the hub id (read from the local Hugging Face cache). Otherwise
     ValueError naming the directory and the fix (set ``model.tokenizer``).
     """
     import json
@@ -120,14 +124,24 @@ def default_tokenizer(model_path: str | Path) -> str:
     if has_tokenizer(path):
         return str(path)
     config_file = path / "config.json"
-    model_type = None
+    model_type, vocab_size = None, None
     if config_file.is_file():
         try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
+            hf_config = json.loads(config_file.read_text())
+            model_type, vocab_size = hf_config.get("model_type"), hf_config.get("vocab_size")
         except (json.JSONDecodeError, AttributeError):
             model_type = None
     if model_type == "qwen3":
-        return str(shipped_qwen3_tokenizer())
+        # Only a model whose embedding holds every Qwen3 token can use the Qwen3 tokenizer (a
+        # small model trained with its own tokenizer, that lost its files, cannot).
+        if isinstance(vocab_size, int) and vocab_size >= QWEN3_TOKENIZER_SIZE:
+            return str(shipped_qwen3_tokenizer())
+        raise ValueError(
+            f"model directory {path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}) and its "
+            f"vocab_size {vocab_size!r} is smaller than the shipped Qwen3 tokenizer's "
+            f"{QWEN3_TOKENIZER_SIZE} tokens, so it was trained with another tokenizer; put that "
+            "tokenizer's files in the model directory or set model.tokenizer"
+        )
     raise ValueError(
         f"model directory {path} has no tokenizer ({' / '.join(TOKENIZER_FILES)}) and its "
         f"model_type is {model_type!r}, not 'qwen3' (whose shipped tokenizer would be used); "
