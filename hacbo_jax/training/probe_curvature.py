@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from hacbo_jax.training.cli_common import usage_error
 
 
 def load_probe_batch(model_dir: Path, data: str | None, rows: int, seq_len: int, seed: int):
@@ -185,6 +186,5 @@ def main(argv=None, *, prog: str = "hacbo-probe-curvature") -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(prog, e)
     return 0

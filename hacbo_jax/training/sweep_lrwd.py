@@ -17,12 +17,12 @@ The model/data glue is ``make_train_fn`` below and nothing else.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from hacbo_jax.assets import ASSETS_DIR
+from hacbo_jax.training.cli_common import usage_error
 
 DEFAULT_TOKENIZER = ASSETS_DIR / "tiny-qwen3-gsm"
 
@@ -194,6 +194,5 @@ def main(argv=None, *, prog: str = "hacbo-sweep-lrwd") -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return usage_error(prog, e)
     return 0
