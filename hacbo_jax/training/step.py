@@ -178,6 +178,16 @@ def guard_nonfinite_result(
     return pick(new_params, old_params), pick(new_state, skipped)
 
 
+def applied_learning_rate(opt_state: Any, schedule: optax.Schedule) -> jax.Array:
+    """The learning rate AdamW used for this step: the injected ``learning_rate`` of an
+    ``inject_hyperparams`` AdamW (``inject_lr``, set by a driver), else the schedule at AdamW's
+    own count (:func:`schedule_count`)."""
+    injected = optax.tree_utils.tree_get(opt_state, "learning_rate")
+    if injected is not None:
+        return jnp.asarray(injected, jnp.float32)
+    return schedule(schedule_count(opt_state))
+
+
 def schedule_count(opt_state: Any) -> jax.Array:
     """The step count the learning-rate schedule is evaluated at: AdamW's own
     ``ScaleByScheduleState.count``, which (unlike ``TrainState.step``) does not advance on
@@ -351,7 +361,7 @@ def make_train_step(
             target_tokens=count,
             grad_norm=optax.tree.norm(grads),
             update_norm=optax.tree.norm(updates),
-            learning_rate=schedule(schedule_count(state.opt_state)),
+            learning_rate=applied_learning_rate(state.opt_state, schedule),
             finite=finite_state.last_finite,
             consecutive_nonfinite=finite_state.notfinite_count,
             total_nonfinite=finite_state.total_notfinite,
