@@ -1,6 +1,6 @@
 """Full fine-tuning of the real Qwen3-0.6B architecture on CPU: peak memory and step time.
 
-Random weights (no download), fp32 parameters, batch 1 x 512 tokens. Three sides, each in its
+Random weights (no download), fp32 parameters, batch 1 x 512 tokens. Four sides, each in its
 own subprocess (its peak RSS, ``resource.getrusage``, is the figure):
 
 - ``jax-adamw``: one jitted step = loss and gradient (chunked vocabulary cross-entropy), AdamW,
@@ -10,6 +10,8 @@ own subprocess (its peak RSS, ``resource.getrusage``, is the figure):
   nothing for a second backward), the measurement step passes ``dev_grad_fn`` (one more
   forward/backward of the dev batch). With K = 2 the two alternate, so every measurement call
   is due.
+- ``jax-adagradselect``: AdaGradSelect (10% of blocks per step) wrapping AdamW: the dense JAX
+  form, which computes every block's gradient and masks the update.
 - ``torch``: transformers' Qwen3ForCausalLM with gradient checkpointing and
   ``torch.optim.AdamW`` (PyTorch has no HACBO, so its step is the plain AdamW step).
 
@@ -37,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import protocol  # noqa: E402  (benchmarks/protocol.py)
 
-SIDES = ("jax-adamw", "jax-hacbo", "torch")
+SIDES = ("jax-adamw", "jax-hacbo", "jax-adagradselect", "torch")
 
 
 def peak_rss_gib() -> float:
@@ -60,14 +62,14 @@ def timed_steps(step, steps: int) -> tuple[list[float], float]:
     return times, worst
 
 
-def run_jax(args, with_hacbo: bool) -> dict:
+def run_jax(args, side: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
 
-    from hacbo_jax import hacbo
+    from hacbo_jax import adagradselect, hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
     from hacbo_jax.training.recipes import qwen3_labels
     from hacbo_jax.training.step import Batch, answer_nll, chunked_answer_nll
@@ -86,8 +88,14 @@ def run_jax(args, with_hacbo: bool) -> dict:
     )()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
+    with_hacbo = side == "jax-hacbo"
     adamw = optax.adamw(1e-5, weight_decay=0.0)
-    tx = optax.chain(adamw, hacbo(qwen3_labels(params), interval=2)) if with_hacbo else adamw
+    if with_hacbo:
+        tx = optax.chain(adamw, hacbo(qwen3_labels(params), interval=2))
+    elif side == "jax-adagradselect":  # the paper's 10% of blocks per step, wrapping AdamW
+        tx = adagradselect(qwen3_labels(params), adamw, pct=0.1, steps_per_epoch=100, seed=0)
+    else:
+        tx = adamw
     opt_state = tx.init(params)
     rs = np.random.RandomState(0)
     train_ids = jnp.asarray(rs.randint(0, config.vocab_size, (1, args.seq)), jnp.int32)
@@ -145,7 +153,7 @@ def run_jax(args, with_hacbo: bool) -> dict:
     samples = {k: [] for k in kinds}
     _, worst = timed_steps(one_step, args.steps * len(kinds))
     return dict(
-        side="jax-hacbo" if with_hacbo else "jax-adamw",
+        side=side,
         peak_rss_gib=peak_rss_gib(),
         compile_s=compile_s,
         xla_temp_gib=temp_gib,
@@ -195,15 +203,13 @@ def main():
     ap.add_argument("--scan", action="store_true", help="JAX: scan over stacked layers")
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--loss-chunk", type=int, default=128, help="JAX: 0 = full logits")
-    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {SIDES}")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < protocol.MIN_STEPS:
         ap.error(f"--steps must be >= {protocol.MIN_STEPS}")
     if args.side:
-        result = (
-            run_torch(args) if args.side == "torch" else run_jax(args, args.side == "jax-hacbo")
-        )
+        result = run_torch(args) if args.side == "torch" else run_jax(args, args.side)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -237,7 +243,7 @@ def main():
         )
     if "torch" in results:
         ref = results["torch"]
-        for side in ("jax-adamw", "jax-hacbo"):
+        for side in ("jax-adamw", "jax-hacbo", "jax-adagradselect"):
             if side in results:
                 r = results[side]
                 print(
