@@ -113,6 +113,7 @@ def run(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> 
             if d.global_step % cfg.logging.every == 0:
                 row = {"step": d.global_step, "phase": d.phase, "stage": d.stage, "lr": d.lr}
                 log.write(json.dumps({**row, "loss": float(loss)}) + "\n")
+                log.flush()  # one line per logging step, readable while the run goes on
 
         done = 0 if driver is None else driver.global_step
         try:
