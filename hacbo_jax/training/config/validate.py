@@ -379,13 +379,15 @@ def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
     d, m = cfg.data, cfg.microdev
     if d.task != "gsm8k" or d.hub_name is not None or {"data.train_file", "data.task"} & bad:
         return
-    if not Path(d.train_file).is_file():
+    # Rows are lines only in JSONL; JSON and Parquet files are counted when they are read
+    # (hacbo_jax.training.formats), which reports an empty file the same way.
+    if not Path(d.train_file).is_file() or Path(d.train_file).suffix != ".jsonl":
         return
     rows = _count_rows(d.train_file)
     if rows == 0:
         problems.append(
             f"data.train_file = {d.train_file!r}: has no rows; must hold one JSON object "
-            '{"question": ..., "answer": ...} per line'
+            "per line"
         )
         bad.add("data.train_file")
     elif m.pool == "heldout" and d.heldout_size >= rows and "data.heldout_size" not in bad:
