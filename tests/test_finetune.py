@@ -225,3 +225,18 @@ def test_microdev_larger_than_its_pool_is_refused(tiny_model_dir, tmp_path, caps
     err = capsys.readouterr().err
     assert "microdev.size = 16" in err and "8 examples" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_checkpoint_equals_the_final_export(reference_run, tmp_path):
+    """``train.export_checkpoint``: the newest checkpoint as an HF directory holds the params the
+    run exported at its end, and the controller state (HACBO's curvature EMA for the probe)."""
+    from hacbo_jax.training.export import main as export_main
+
+    run_dir, summary = reference_run
+    out = tmp_path / "exported"
+    assert export_main([str(run_dir), "--out", str(out)]) == 0
+    exported = nnx.to_pure_dict(nnx.state(Qwen3ForCausalLM.from_pretrained(out), nnx.Param))
+    chex.assert_trees_all_equal(exported, restored_params(run_dir))
+    state = np.load(out / "controller_state.npz")
+    assert state["curvature"].shape == (2, 4) and int(state["count"]) == summary["steps"]
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
