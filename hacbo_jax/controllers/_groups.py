@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -533,6 +534,27 @@ def is_controller_first(updates: PyTree, train_grads: PyTree) -> bool:
     trace time): nothing transformed the gradient before the controller."""
     ups, grads = jax.tree.leaves(updates), jax.tree.leaves(train_grads)
     return bool(ups) and len(ups) == len(grads) and all(u is g for u, g in zip(ups, grads))
+
+
+FIRST_WARNING = (
+    "{name} received as updates the very arrays passed as train_grads: it is first in the chain, "
+    "before the base optimiser. Before Adam (or any per-coordinate normalising optimiser) its "
+    "per-group factors are cancelled; place it after the base optimiser: "
+    "optax.chain(optax.adamw(lr), {name}(labels, ...)). (Before a linear optimiser such as SGD "
+    "this order is legitimate; filter this warning then.)"
+)
+
+
+def check_training_inputs(name: str, updates: PyTree, train_grads: PyTree, warned: list) -> None:
+    """The checks every controller's ``update`` starts with: the raw training gradient must be
+    given, and a controller placed before the base optimiser (it then receives the very arrays
+    of ``train_grads`` as ``updates``) warns once per transformation (``warned`` is its flag)."""
+    if train_grads is None:
+        raise ValueError(f"{name} needs the raw training gradient: update(..., train_grads=grads)")
+    if not warned and is_controller_first(updates, train_grads):
+        warned.append(True)
+        # stacklevel 3: the caller of the transformation's update, not update itself.
+        warnings.warn(FIRST_WARNING.format(name=name), UserWarning, stacklevel=3)
 
 
 def check_state_shape(name: str, value: jax.Array, shape: tuple[int, ...]) -> None:

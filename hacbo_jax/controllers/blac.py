@@ -6,7 +6,6 @@ The paper describes BLAC only in prose; this follows the reconstruction fixed in
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -15,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from hacbo_jax.controllers import _groups
-from hacbo_jax.controllers.hacbo import FIRST_WARNING
 
 PyTree = Any
 
@@ -158,11 +156,7 @@ def blac(
         **extra_args,
     ):
         del extra_args
-        if train_grads is None:
-            raise ValueError("blac needs the raw training gradient: update(..., train_grads=grads)")
-        if not warned_first and _groups.is_controller_first(updates, train_grads):
-            warned_first.append(True)
-            warnings.warn(FIRST_WARNING.format(name="blac"), UserWarning, stacklevel=2)
+        _groups.check_training_inputs("blac", updates, train_grads, warned_first)
         layout = _groups.resolve_layout(labels, updates, submodules, allow_stacked=True)
         _groups.check_state_shape("agreement", state.agreement, (layout.num_blocks,))
         state = _completed(state)

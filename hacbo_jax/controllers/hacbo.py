@@ -6,7 +6,6 @@ fine-tuning" (HACBO), Algorithm 1, in the precise reading of ``shared/spec/contr
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -273,13 +272,7 @@ def hacbo(
         **extra_args,
     ):
         del extra_args
-        if train_grads is None:
-            raise ValueError(
-                "hacbo needs the raw training gradient: update(..., train_grads=grads)"
-            )
-        if not warned_first and _groups.is_controller_first(updates, train_grads):
-            warned_first.append(True)
-            warnings.warn(FIRST_WARNING.format(name="hacbo"), UserWarning, stacklevel=2)
+        _groups.check_training_inputs("hacbo", updates, train_grads, warned_first)
         layout = _groups.resolve_layout(labels, updates, submodules, allow_stacked=True)
         num_b, num_m = layout.num_blocks, layout.num_submodules
         _groups.check_state_shape("agreement", state.agreement, (num_b,))
@@ -352,10 +345,4 @@ def hacbo(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-FIRST_WARNING = (
-    "{name} received as updates the very arrays passed as train_grads: it is first in the chain, "
-    "before the base optimiser. Before Adam (or any per-coordinate normalising optimiser) its "
-    "per-group factors are cancelled; place it after the base optimiser: "
-    "optax.chain(optax.adamw(lr), {name}(labels, ...)). (Before a linear optimiser such as SGD "
-    "this order is legitimate; filter this warning then.)"
-)
+FIRST_WARNING = _groups.FIRST_WARNING  # kept importable from here
