@@ -240,3 +240,11 @@ def test_export_checkpoint_equals_the_final_export(reference_run, tmp_path):
     state = np.load(out / "controller_state.npz")
     assert state["curvature"].shape == (2, 4) and int(state["count"]) == summary["steps"]
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+
+
+def test_export_checkpoint_bad_run_dir_exits_2_without_traceback(tmp_path, capsys):
+    from hacbo_jax.training.export import main as export_main
+
+    assert export_main([str(tmp_path / "no_run"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "config.yaml" in err and not (tmp_path / "x").exists()

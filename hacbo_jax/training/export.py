@@ -17,6 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
+from hacbo_jax.training.checkpoint import CheckpointError
+from hacbo_jax.training.cli_common import usage_error
+from hacbo_jax.training.config_fields import ConfigError
+
 __all__ = ["export_checkpoint", "main"]
 
 
@@ -54,5 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.run_dir, args.step, args.out))
+    try:
+        print(export_checkpoint(args.run_dir, args.step, args.out))
+    except (ConfigError, CheckpointError, OSError) as e:  # bad run directory or step
+        return usage_error(parser.prog, e)
     return 0
