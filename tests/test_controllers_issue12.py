@@ -17,6 +17,7 @@ import pytest
 
 from hacbo_jax import (
     BLACState,
+    adagradselect,
     accumulate_gradients,
     blac,
     blac_multipliers,
@@ -521,3 +522,38 @@ def test_stacked_labels_fix_the_number_of_blocks_and_check_it():
         hacbo(bad, interval=1).init(params_s)
     with pytest.raises(ValueError, match="stacked"):
         parse_labels(STACKED_LABELS)  # the layout needs the tree to know B
+
+
+@pytest.mark.parametrize("other_mode", ["unit", "always"])
+@pytest.mark.parametrize("moments", ["keep", "advance"])
+def test_adagradselect_stacked_labels_match_the_unrolled_tree(other_mode, moments):
+    """A scanned model's "*/sub" leaves: AdaGradSelect scores, selects and masks block i's
+    slice of a stacked leaf exactly as the unrolled tree's block i."""
+
+    def make(labels):
+        return adagradselect(
+            labels,
+            optax.adamw(1e-2),
+            pct=0.4,
+            steps_per_epoch=3,
+            seed=3,
+            other_mode=other_mode,
+            moments=moments,
+        )
+
+    params_s, params_u = _stacked_and_unrolled(0)
+    stacked_tx, unrolled_tx = make(STACKED_LABELS), make(UNROLLED_LABELS)
+    ss, su = stacked_tx.init(params_s), unrolled_tx.init(params_u)
+    run = jax.jit(lambda tx, g, st, p: tx.update(g, st, p), static_argnums=0)
+    selections = set()
+    for t in range(6):
+        grads_s, grads_u = _stacked_and_unrolled(10 + t)
+        out_s, ss = run(stacked_tx, grads_s, ss, params_s)
+        out_u, su = run(unrolled_tx, grads_u, su, params_u)
+        chex.assert_trees_all_close(_unstack(out_s), out_u, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(ss.selected, su.selected)
+        np.testing.assert_array_equal(ss.freq, su.freq)
+        np.testing.assert_allclose(ss.scores, su.scores, rtol=1e-6)
+        chex.assert_trees_all_close(_unstack(ss.inner[0].mu), su.inner[0].mu, rtol=1e-6)
+        selections.add(tuple(np.asarray(ss.selected).tolist()))
+    assert len(selections) > 1  # the selection moved between blocks

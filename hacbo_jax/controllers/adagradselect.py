@@ -150,7 +150,9 @@ def adagradselect(
     would have, so that its size does not decide the ranking; our reading).
 
     Args:
-      labels: pytree of strings matching the params (or callable params -> such a tree).
+      labels: pytree of strings matching the params (or callable params -> such a tree). A
+        scanned model's stacked leaf labelled ``"*/{submodule}"`` holds block i in slice i of
+        its leading axis: block i's slice is scored and masked as block i.
       inner: the base optimiser (any ``optax.GradientTransformation``); extra keyword arguments
         of ``update`` are passed on to it.
       pct: p in (0, 1], the fraction of units updated per step (the paper uses 0.1 to 0.3).
@@ -195,15 +197,24 @@ def adagradselect(
     inner = optax.with_extra_args_support(inner)
 
     def units_of(layout: _groups.GroupLayout) -> tuple[tuple[int, ...], int]:
-        """Per label leaf its unit (-1 for an "other" leaf outside the selection) and U."""
+        """Per label leaf its unit (-1 for an "other" leaf outside the selection, STACKED for
+        a "*/sub" leaf whose slice i along axis 0 is block i's) and U."""
         num_units = layout.num_blocks + (other_mode == "unit")
         other_unit = layout.num_blocks if other_mode == "unit" else _groups.UNCONTROLLED
         return tuple(other_unit if b == _groups.UNCONTROLLED else b for b in layout.leaf_block), (
             num_units
         )
 
+    def unit_mask(selected: jax.Array, unit: int, num_blocks: int, ndim: int) -> jax.Array:
+        """Whether a leaf (or, stacked, each block's slice of it) is updated this step."""
+        if unit == _groups.UNCONTROLLED:
+            return jnp.asarray(other_mode == "always")
+        if unit == _groups.STACKED:  # [B, 1, ..., 1]: broadcasts over the block's slice
+            return selected[:num_blocks].reshape((num_blocks,) + (1,) * (ndim - 1))
+        return selected[unit]
+
     def init_fn(params):
-        layout = _groups.resolve_layout(labels, params, None)
+        layout = _groups.resolve_layout(labels, params, None, allow_stacked=True)
         leaf_unit, num_units = units_of(layout)
         if other_mode == "unit" and num_units - 1 not in leaf_unit:
             raise ValueError(
@@ -226,8 +237,15 @@ def adagradselect(
         sq = jnp.zeros([num_units], jnp.float32)
         sizes = np.zeros(num_units)
         for g, u in zip(leaves, leaf_unit):
-            if u != _groups.UNCONTROLLED and _groups._is_array(g):
-                sq = sq.at[u].add(jnp.sum(jnp.square(g.astype(jnp.float32))))
+            if u == _groups.UNCONTROLLED or not _groups._is_array(g):
+                continue
+            squares = jnp.square(g.astype(jnp.float32))
+            if u == _groups.STACKED:  # block i's share is slice i of the leading axis
+                blocks = g.shape[0]
+                sq = sq.at[:blocks].add(jnp.sum(squares.reshape(blocks, -1), axis=1))
+                sizes[:blocks] += np.size(g) // blocks
+            else:
+                sq = sq.at[u].add(jnp.sum(squares))
                 sizes[u] += np.size(g)
         norms = jnp.sqrt(sq)
         if score == "rms":
@@ -239,7 +257,7 @@ def adagradselect(
         return norms
 
     def update_fn(updates, state, params=None, **extra_args):
-        layout = _groups.resolve_layout(labels, updates, None)
+        layout = _groups.resolve_layout(labels, updates, None, allow_stacked=True)
         leaf_unit, num_units = units_of(layout)
         _groups.check_state_shape("freq", state.freq, (num_units,))
         k = adagradselect_num_selected(pct, num_units)
@@ -264,9 +282,11 @@ def adagradselect(
         selected = jnp.zeros([num_units], bool).at[chosen].set(True)
 
         inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        always = other_mode == "always"
         mask_tree = layout.treedef.unflatten(
-            [jnp.asarray(always) if u == _groups.UNCONTROLLED else selected[u] for u in leaf_unit]
+            [
+                unit_mask(selected, u, layout.num_blocks, jnp.ndim(g) if _groups._is_array(g) else 1)
+                for u, g in zip(leaf_unit, grad_leaves)
+            ]
         )
         update_leaves = _groups.flatten_like(layout, inner_updates, "inner updates")
         masked = [
