@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
-from tests.tiny_checkpoint import make_tiny_checkpoint
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training import finetune
 from hacbo_jax.training.config import load_config
+from tests.tiny_checkpoint import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,3 +248,23 @@ def test_export_checkpoint_bad_run_dir_exits_2_without_traceback(tmp_path, capsy
     assert export_main([str(tmp_path / "no_run"), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "config.yaml" in err and not (tmp_path / "x").exists()
+
+
+def test_eval_every_steps_logs_train_time_across_a_resume(tiny_model_dir, tmp_path):
+    """eval.every = 4 scores steps 4, 8 and 12 (and the base at 0); every eval row carries the
+    run's training clock (evaluation excluded), which survives a resume and never goes back."""
+    out = tmp_path / "evals"
+    cfg = quick_config(tiny_model_dir, out, "eval.every=4", "eval.every_epoch=false")
+    assert finetune.run(cfg, show_progress=False, stop_after=6) == {"stopped_at": 6}
+    summary = finetune.run(cfg, resume=True, show_progress=False)
+    evals = read_jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [0, 4, 8, 12]
+    clocks = [e["train_time_s"] for e in evals]
+    assert clocks[0] == 0.0 and all(b > a for a, b in zip(clocks, clocks[1:]))
+    assert summary["train_time_s"] == pytest.approx(clocks[-1])
+    # evaluation time is not training time: the clock runs slower than the wall
+    assert 0 < summary["train_time_s"] < summary["wall_time_s"]
+    assert summary["eval_time_s"] > 0
+    cpu = [e["train_cpu_s"] for e in evals]
+    assert cpu[0] == 0.0 and all(b > a for a, b in zip(cpu, cpu[1:]))
+    assert summary["train_cpu_s"] == pytest.approx(cpu[-1])

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from hacbo_jax.training import data as data_lib
-from hacbo_jax.training.checkpoint import CheckpointError, Checkpointer
+from hacbo_jax.training.checkpoint import Checkpointer, CheckpointError
 from hacbo_jax.training.config import ConfigError
 from hacbo_jax.training.controller_registry import controller_stats, find_controller_state
 from hacbo_jax.training.energy import EnergyMeter
@@ -57,6 +58,14 @@ class TrainingLoop:
         self.state = parts.state
         self.counters: dict[str, Any] = {
             "wall_time_s": 0.0,
+            # the training clock: wall time minus evaluation and checkpoint writes (the same
+            # for every method), so exact match can be compared at equal compute time; it
+            # includes compilation, the controller's dev passes and micro-dev refreshes
+            "train_time_s": 0.0,
+            # the same interval in this process's CPU seconds (all threads): barely moved by
+            # other jobs on a shared machine, unlike the wall clock
+            "train_cpu_s": 0.0,
+            "eval_time_s": 0.0,
             "energy_kwh": 0.0,
             "refreshes": [],
             "initial_exact_match": None,
@@ -109,7 +118,13 @@ class TrainingLoop:
                 print(f"resume: continuing from checkpoint step {step}", file=sys.stderr)
             parts.sampler.position = data_lib.DataPosition(*meta["data_position"])
             parts.buffer.load_state_dict(meta["microdev"])
-            self.counters = meta["counters"]
+            # checkpoints written before the training clock existed resume with it at 0
+            self.counters = {
+                "train_time_s": 0.0,
+                "train_cpu_s": 0.0,
+                "eval_time_s": 0.0,
+                **meta["counters"],
+            }
             self.interval.carried_losses = list(meta.get("interval_losses", []))
             return step
         raise ConfigError(
@@ -176,6 +191,7 @@ class TrainingLoop:
         from hacbo_jax.models.generation import compiled_program_count
 
         parts = self.parts
+        started = time.perf_counter()
         programs_before = compiled_program_count()
         result = parts.evaluate(self.state.params, parts.task.eval)
         programs = compiled_program_count() - programs_before
@@ -191,7 +207,10 @@ class TrainingLoop:
             eval_loss=eval_loss,
             metric=parts.metric,
             programs_compiled=programs,
+            train_time_s=self.counters["train_time_s"],
+            train_cpu_s=self.counters["train_cpu_s"],
         )
+        self.counters["eval_time_s"] += time.perf_counter() - started
         return result, eval_loss
 
     # ---- the loop ----------------------------------------------------------------------
@@ -202,6 +221,7 @@ class TrainingLoop:
         found = find_controller_state(self.state.opt_state)
         controller_count = 0 if found is None else int(jax.device_get(found.count))
         for step in range(start_step + 1, total + 1):
+            step_started, step_cpu = time.perf_counter(), _process_cpu_seconds()
             batch, tokens = parts.device_batch(parts.sampler.next_indices())
             interval = self.interval
             interval.tokens += tokens
@@ -228,8 +248,11 @@ class TrainingLoop:
                 return None
             if parts.measures and cfg.microdev.refresh_every and parts.buffer.due(step):
                 self.refresh_microdev(step)
+            self.counters["train_time_s"] += time.perf_counter() - step_started
+            self.counters["train_cpu_s"] += _process_cpu_seconds() - step_cpu
             epoch_done = step % parts.sampler.batches_per_epoch == 0
-            if cfg.eval.every_epoch and epoch_done and step != total:
+            every_n = cfg.eval.every is not None and step % cfg.eval.every == 0
+            if ((cfg.eval.every_epoch and epoch_done) or every_n) and step != total:
                 self.evaluate(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.save_checkpoint(step)
@@ -321,6 +344,9 @@ class TrainingLoop:
             "train_truncated": parts.train_arrays.num_truncated,
             "microdev_refreshes": len(self.counters["refreshes"]),
             "wall_time_s": self.counters["wall_time_s"] + time.perf_counter() - self.wall_start,
+            "train_time_s": self.counters["train_time_s"],
+            "train_cpu_s": self.counters["train_cpu_s"],
+            "eval_time_s": self.counters["eval_time_s"],
             "energy_kwh": None if kwh is None else self.counters["energy_kwh"] + kwh,
             "energy_source": source,
             "mean_power_w": mean_watts,
@@ -329,6 +355,12 @@ class TrainingLoop:
         self.ckpt.wait()  # the final checkpoint is on disk before the run counts as finished
         self.logger.write_summary(summary)
         return summary
+
+
+def _process_cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
 
 
 def _controller_summary(stats: dict | None) -> dict | None:

@@ -114,6 +114,9 @@ class DataConfig:
     # positions): the same examples and loss as padding, far fewer computed token slots
     # (hacbo_jax.training.packed_data). Micro-dev and evaluation batches stay padded.
     packing: bool = False
+    # Packing: at most this many row counts per micro-batch (compiled shapes); each step takes
+    # the smallest that fits it (1 = one fixed shape that fits the run's fullest step).
+    packing_shapes: int = option(1, in_range(1, 4))
     # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
     # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
     # separate 'pool' stream (n_train is not reduced).
@@ -242,6 +245,9 @@ class EvalConfig:
     ignore_case: bool = False  # exact metric: compare case-folded
     batch_size: int = option(64, in_range(1))
     every_epoch: bool = True
+    # also evaluate every N optimiser steps (null = off): exact match over a run, e.g. against
+    # the training clock for equal-budget comparisons
+    every: Optional[int] = option(None, in_range(1))
     at_start: bool = False  # also evaluate the base model (step 0)
 
     def resolved_metric(self, data_format: str) -> str:
