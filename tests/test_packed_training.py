@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hacbo_jax.packing import pack_examples
+from hacbo_jax.packing import first_fit_decreasing, pack_examples
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training.config import load_config
-from hacbo_jax.training.packed_data import StepPacker, pack_split
+from hacbo_jax.training.packed_data import StepPacker, _best_buckets, pack_split
 from hacbo_jax.training.run_parts import arrays_of, build_run
 from hacbo_jax.training.step import Batch, PackedRows, _mean_gradient, make_loss_fn
 from tests.test_finetune import CONFIG, quick_overrides
@@ -159,6 +159,52 @@ def test_gsm8k_real_token_fraction_with_the_qwen3_tokenizer_is_at_least_90_perce
     )
     assert fraction >= 0.90
     assert steps.real_fraction > 2 * padded
+    # with the paper configs' data.packing_shapes = 4 row buckets, the steps themselves pass 90%
+    buckets = StepPacker.for_run(
+        arrays, batch_size=64, seed=0, total_steps=348, max_rows=16, max_shapes=4
+    )
+    print(
+        f"paper-config steps with 4 row buckets {buckets.real_fraction:.1%} "
+        f"({buckets.accumulation_steps} x {buckets.shapes} rows per step)"
+    )
+    assert len(buckets.shapes) <= 4 and buckets.shapes[-1] == steps.rows
+    assert buckets.real_fraction >= 0.90
+
+
+@pytest.mark.parametrize(
+    ("max_shapes", "buckets"),
+    [(1, (8,)), (2, (3, 8)), (3, (2, 5, 8)), (4, (2, 3, 5, 8)), (5, (2, 3, 5, 8))],
+)
+def test_row_buckets_by_hand(max_shapes, buckets):
+    # steps needing 2, 2, 3, 5, 5, 8 rows: one shape costs 6 x 8 = 48 slots; two: {3, 8} and
+    # {5, 8} both cost 33 (the tie goes to the smaller tuple); three: {2, 5, 8} and {3, 5, 8}
+    # cost 27 ({2, 3, 8}: 31); four: 2 + 2 + 3 + 5 + 5 + 8 = 25, and a fifth adds nothing.
+    assert _best_buckets([2, 2, 3, 5, 5, 8], 8, max_shapes) == buckets
+
+
+def test_each_step_takes_the_smallest_bucket_that_fits():
+    # 16 examples, 8 of 6 tokens and 8 of 2, rows of 10, steps of 4: a step needs 1 to 4 rows
+    lengths = np.array([6] * 8 + [2] * 8)
+    mask = (np.arange(10)[None] < lengths[:, None]).astype(np.int32)
+    ids = mask * np.arange(1, 17)[:, None]
+    arrays = data_lib.SFTArrays(ids, mask, ids, mask.astype(np.float32), 0)
+    single = StepPacker.for_run(arrays, batch_size=4, seed=0, total_steps=8, max_rows=8)
+    packer = StepPacker.for_run(
+        arrays, batch_size=4, seed=0, total_steps=8, max_rows=8, max_shapes=2
+    )
+    assert len(packer.shapes) == 2 and packer.rows == single.rows
+    assert packer.real_fraction > single.real_fraction
+    sampler = data_lib.EpochSampler(16, 4, seed=0)
+    seen = set()
+    for _ in range(8):
+        indices = sampler.next_indices()
+        needed = len(first_fit_decreasing(lengths[indices], 10))
+        packed = packer.pack(indices)
+        rows = packed["segment_ids"].shape[1]
+        assert rows == min(b for b in packer.shapes if b >= needed)
+        assert np.count_nonzero(packed["segment_ids"]) == lengths[indices].sum()
+        seen.add(rows)
+    assert seen == set(packer.shapes)
 
 
 def _uniform_arrays(n: int, length: int, max_len: int) -> data_lib.SFTArrays:
@@ -188,5 +234,5 @@ def test_step_layout_by_hand(length, max_rows, multiple, layout):
     packed = packer.pack(np.arange(8))
     assert packed["segment_ids"].shape == (*layout, 10)
     assert np.count_nonzero(packed["segment_ids"]) == 8 * length
-    with pytest.raises(ValueError, match="max_rows=3 and row_multiple=2"):
+    with pytest.raises(ValueError, match="max_rows=3, row_multiple=2"):
         StepPacker.for_run(arrays, batch_size=8, seed=0, total_steps=1, max_rows=3, row_multiple=2)

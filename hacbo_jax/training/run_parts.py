@@ -195,9 +195,13 @@ class RunParts:
         accum, micro = self.cfg.optim.accumulation_steps, self.micro_batch_size
         if self.packer is not None:
             packed = self.packer.pack(indices)
-            batch = PackedRows(*(packed[k][:, self.local_rows] for k in PackedRows._fields))
+            micro = packed["input_ids"].shape[1]  # one of packer.shapes (row buckets)
+            local = self.local_rows
+            if self.shardings is not None and micro != self.packer.rows:
+                shape = (self.packer.accumulation_steps, micro, self.packer.max_len)
+                local = distributed.local_rows(self.shardings.batch, shape, axis=1)
+            batch = PackedRows(*(packed[k][:, local] for k in PackedRows._fields))
             tokens = int(np.count_nonzero(batch.segment_ids))
-            micro = self.packer.rows
         else:
             rows = np.asarray(indices).reshape(accum, micro)[:, self.local_rows].reshape(-1)
             arrays = self.train_arrays.take(rows)
@@ -313,6 +317,7 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
             max_rows=micro,
             row_multiple=mesh.size,
             pad_id=tokenizer.pad_token_id,
+            max_shapes=cfg.data.packing_shapes,
         )
         accum, micro = packer.accumulation_steps, packer.rows
         padded = float(train_arrays.attention_mask.mean())
