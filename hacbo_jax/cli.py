@@ -56,3 +56,10 @@ def autolrs() -> int:
     from hacbo_jax.training.autolrs_method import main
 
     return main(sys.argv[1:], prog="hacbo-autolrs")
+
+
+def evidence() -> int:
+    """``hacbo-evidence tune|budget|stability|report [--out DIR] ...``."""
+    from hacbo_jax.training.evidence import main
+
+    return main(sys.argv[1:], prog="hacbo-evidence")

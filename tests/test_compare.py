@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny_checkpoint import make_tiny_checkpoint
 from hacbo_jax.training import compare
 from hacbo_jax.training.config import config_to_dict, save_config
 from hacbo_jax.training.finetune import run as finetune_run
 from hacbo_jax.training.logs import read_jsonl
 from hacbo_jax.training.stats import mean_ci, paired_ttest
+from tests.tiny_checkpoint import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "hacbo_jax" / "configs" / "compare_cpu.yaml"
@@ -69,6 +69,7 @@ EXPECTED_CHANGE = {  # method -> the keys (other than 'method') that differ from
     "blac": {"controller.kind": "blac"},
     "adagradselect": {"controller.kind": "adagradselect"},
     "hacbo_gamma0": {"controller.hacbo.gamma": 0.0},
+    "hacbo_share_uniform": {"controller.hacbo.probation_share": "uniform"},
     "hacbo_no_curvature": {"controller.hacbo.curvature_weighting": False},
     "hacbo_no_refresh": {"microdev.refresh_every": 0},
     "hacbo_no_probation": {"controller.hacbo.probation": False},

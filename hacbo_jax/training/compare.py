@@ -16,10 +16,11 @@ learning rate changed) is deleted and run afresh. JAX's persistent compilation c
 
 Methods (:data:`METHODS`, each a list of config overrides): the five compared methods ``adamw``
 (no controller), ``blac``, ``hacbo``, ``hacbo_gamma0`` (probation blocks get no update),
-``adagradselect`` (AdamW wrapped by AdaGradSelect, ``controller.adagradselect``), and the
+``adagradselect`` (AdamW wrapped by AdaGradSelect, ``controller.adagradselect``),
+``hacbo_share_uniform`` (HACBO with ``controller.hacbo.probation_share=uniform``), and the
 paper's ablations of HACBO: ``hacbo_no_curvature`` (v uniform 1/M), ``hacbo_no_refresh``
 (micro-dev buffer never refreshed), ``hacbo_no_probation`` (no block ever enters probation),
-``hacbo_debias`` (bias-corrected EMAs). ``--methods all`` runs all nine.
+``hacbo_debias`` (bias-corrected EMAs). ``--methods all`` runs all ten.
 
 Learning rates: ``--lrs FILE`` (written by ``hacbo_jax.training.sweep``) maps method -> base learning rate;
 a method missing from it uses the rate of the method it ablates (:data:`LR_FALLBACK`, e.g. every
@@ -40,8 +41,8 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import yaml
 
@@ -69,21 +70,22 @@ from hacbo_jax.training.methods import (
 )
 
 __all__ = [
-    "METHODS",
-    "COMPARED_METHODS",
     "ABLATIONS",
+    "COMPARED_METHODS",
     "LR_FALLBACK",
+    "METHODS",
     "RunSpec",
-    "method_overrides",
-    "parse_methods",
+    "enable_compilation_cache",
+    "execute_runs",
     "load_lrs",
     "lr_for",
-    "plan_runs",
-    "run_state",
-    "run_comparison",
-    "write_comparison_report",
-    "enable_compilation_cache",
     "main",
+    "method_overrides",
+    "parse_methods",
+    "plan_runs",
+    "run_comparison",
+    "run_state",
+    "write_comparison_report",
 ]
 
 
@@ -186,36 +188,18 @@ def _record_timing(
     return timing
 
 
-def run_comparison(
-    base_config: str | Path,
-    methods: Sequence[str],
-    seeds: Sequence[int],
-    out_dir: str | Path,
+def execute_runs(
+    specs: Sequence[RunSpec],
     *,
-    overrides: Sequence[str] = (),
-    lrs: Mapping[str, float] | None = None,
-    report_dir: str | Path | None = None,
     run_fn: Callable[..., dict] | None = None,
     show_progress: bool = False,
-    command: str | None = None,
     log: Callable[[str], None] = print,
-    base_eval: bool = True,
-) -> Path:
-    """Runs the missing (method, seed) runs, then writes the report; returns report.md.
-
-    ``base_eval``: also measure the base model's exact match before fine-tuning (once; kept in
-    ``OUT/base_model_eval.json``) as the report's reference line.
-
-    ``run_fn(cfg, resume=bool, show_progress=bool) -> summary`` defaults to
-    ``hacbo_jax.training.finetune.run``.
-    """
+) -> tuple[int, int, int]:
+    """Runs every spec not finished before (see :func:`run_state`), one after another;
+    returns (executed, skipped, failed). A run that raises is recorded in its directory's
+    ``FAILED_FILE`` and the others go on."""
     run_fn = run_fn or _default_run_fn
-    out_dir = Path(out_dir)
-    specs = plan_runs(base_config, methods, seeds, out_dir, overrides, lrs)
-    started = time.perf_counter()
     executed = skipped = failed = 0
-    if base_eval and specs:
-        ensure_base_eval(specs[0].config, out_dir, log)
     for i, spec in enumerate(specs, 1):
         state = run_state(spec)
         tag = f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}"
@@ -245,6 +229,40 @@ def run_comparison(
             f"{summary['final_train_loss']:.4f}{', DIVERGED' if summary['diverged'] else ''} "
             f"({time.perf_counter() - t0:.0f} s)"
         )
+    return executed, skipped, failed
+
+
+def run_comparison(
+    base_config: str | Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    lrs: Mapping[str, float] | None = None,
+    report_dir: str | Path | None = None,
+    run_fn: Callable[..., dict] | None = None,
+    show_progress: bool = False,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+    base_eval: bool = True,
+) -> Path:
+    """Runs the missing (method, seed) runs, then writes the report; returns report.md.
+
+    ``base_eval``: also measure the base model's exact match before fine-tuning (once; kept in
+    ``OUT/base_model_eval.json``) as the report's reference line.
+
+    ``run_fn(cfg, resume=bool, show_progress=bool) -> summary`` defaults to
+    ``hacbo_jax.training.finetune.run``.
+    """
+    out_dir = Path(out_dir)
+    specs = plan_runs(base_config, methods, seeds, out_dir, overrides, lrs)
+    started = time.perf_counter()
+    if base_eval and specs:
+        ensure_base_eval(specs[0].config, out_dir, log)
+    executed, skipped, failed = execute_runs(
+        specs, run_fn=run_fn, show_progress=show_progress, log=log
+    )
     elapsed = time.perf_counter() - started
     timing = _record_timing(out_dir, specs, command, elapsed, executed, skipped)
     report = write_comparison_report(

@@ -30,6 +30,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     # AdaGradSelect wraps AdamW over the same labels as HACBO (qwen3_labels: a unit is a block).
     "adagradselect": ("controller.kind=adagradselect",),
     "hacbo_gamma0": ("controller.kind=hacbo", "controller.hacbo.gamma=0"),
+    # the controller issue's option: a block in probation gets the uniform share 1/M of the
+    # curvature weights instead of its own (near-zero) weight, so gamma has something to scale
+    "hacbo_share_uniform": ("controller.kind=hacbo", "controller.hacbo.probation_share=uniform"),
     "hacbo_no_curvature": ("controller.kind=hacbo", "controller.hacbo.curvature_weighting=false"),
     "hacbo_no_refresh": ("controller.kind=hacbo", "microdev.refresh_every=0"),
     "hacbo_no_probation": ("controller.kind=hacbo", "controller.hacbo.probation=false"),
@@ -37,7 +40,7 @@ METHODS: dict[str, tuple[str, ...]] = {
 }
 COMPARED_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "adagradselect")
 ABLATIONS = ("hacbo_no_curvature", "hacbo_no_refresh", "hacbo_no_probation", "hacbo_debias")
-LR_FALLBACK = {name: "hacbo" for name in ("hacbo_gamma0", *ABLATIONS)}
+LR_FALLBACK = {name: "hacbo" for name in ("hacbo_gamma0", "hacbo_share_uniform", *ABLATIONS)}
 REFERENCE_METHOD = "hacbo"
 ALPHA = 0.05
 
