@@ -148,6 +148,8 @@ def test_cli_bad_input_exits_2_before_any_run(tmp_path, capsys):
     assert "--seeds 0" in capsys.readouterr().err
     assert evidence.main(["tune", "--out", str(tmp_path), "optim.batch_size=0"], run_fn=never) == 2
     assert "optim.batch_size" in capsys.readouterr().err
+    assert evidence.main(["stability", "--out", str(tmp_path), "--shard", "2/2"], run_fn=never) == 2
+    assert "--shard '2/2'" in capsys.readouterr().err
 
 
 # ---- a whole (fake) evidence: resumable parts, summary.json by hand ---------------------------
@@ -236,7 +238,11 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "STABILITY_METHODS", ("adamw", "hacbo"))
     monkeypatch.setattr(evidence, "STABILITY_LRS", (1e-3, 6.4e-2))
     assert evidence.main(["budget", "--seeds", "3", *common], run_fn=fake) == 0
+    for shard in ("0/2", "1/2"):  # two processes side by side split the part between them
+        assert evidence.main(["stability", "--seeds", "2", "--shard", shard, *common], run_fn=fake) == 0
+    fake.calls.clear()
     assert evidence.main(["stability", "--seeds", "2", *common], run_fn=fake) == 0
+    assert fake.calls == []  # the two shards covered every run
     assert (out / "budget" / "base_model_eval.json").is_file()
 
     summary = build_summary(out)

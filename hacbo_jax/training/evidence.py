@@ -254,6 +254,7 @@ class Args:
     lrs: str | None
     report_dir: Path
     overrides: list[str]
+    shard: str = "0/1"
 
 
 def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentParser, Args]:
@@ -273,6 +274,12 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
     parser.add_argument(
         "--report-dir", default="results/evidence", help="report: summary.json, report.md, figures"
     )
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: run only every N-th run of the part, from the K-th (N processes side by "
+        "side, e.g. one per core with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false)",
+    )
     add_overrides_argument(parser, "dotted overrides applied to every run")
     ns = parser.parse_intermixed_args(argv)  # overrides may follow the options
     return parser, Args(
@@ -284,7 +291,19 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
         ns.lrs,
         Path(ns.report_dir),
         list(ns.overrides),
+        ns.shard,
     )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N); ValueError unless 0 <= K < N."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {text!r}: must be K/N with integers 0 <= K < N, e.g. 0/2")
+    return k, n
 
 
 def _check_seeds(seeds: int | None, default: int) -> list[int]:
@@ -298,6 +317,7 @@ def plan(args: Args) -> list[RunSpec]:
     """The runs of ``args.part`` (validated configs; ValueError/ConfigError on bad input)."""
     if args.eval_every < 1:
         raise ValueError(f"--eval-every {args.eval_every}: must be >= 1")
+    parse_shard(args.shard)
     if args.part == "tune":
         return tune_specs(
             args.config, args.out, args.overrides, methods=TUNED_METHODS, grid=TUNE_GRID
@@ -370,12 +390,13 @@ def main(
         return 0
     enable_compilation_cache(args.out / "jax_cache")
     started = time.perf_counter()
-    if args.part == "budget":
+    k, n = parse_shard(args.shard)
+    if args.part == "budget" and k == 0:
         ensure_base_eval(specs[0].config, args.out / "budget")
-    counts = execute_runs(specs, run_fn=run_fn)
+    counts = execute_runs(specs[k::n], run_fn=run_fn)
     elapsed = time.perf_counter() - started
     _record_part_time(args.out, args.part, command, elapsed, counts)
-    if args.part == "tune":
+    if args.part == "tune" and all((s.run_dir / "summary.json").is_file() for s in specs):
         lrs = write_tuned_lrs(specs, args.out / "lrs.yaml", command)
         fallback = {m: lrs[b] for m, b in LR_FALLBACK.items() if b in lrs and m in BUDGET_METHODS}
         print(
