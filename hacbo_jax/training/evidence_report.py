@@ -237,6 +237,16 @@ COLORS = {
 }
 
 
+def _save(fig, path: Path) -> Path:
+    """Like report.save_figure, but the saved area grows to hold a legend outside the axes."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
 def _color(name: str) -> str:
     return COLORS.get(name, "tab:gray")
 
@@ -280,7 +290,7 @@ def plot_final(summary: dict[str, Any], path: Path) -> Path:
     )
     ax.set_xlabel("final exact match (%): seeds (dots), mean (|), 95% CI (bar)")
     ax.set_ylim(-0.6, len(names) - 0.4)
-    return report_lib.save_figure(fig, path)
+    return _save(fig, path)
 
 
 def _curves(
@@ -334,7 +344,7 @@ def plot_over_budget(out_dir: Path, summary: dict[str, Any], path: Path) -> Path
         bbox_to_anchor=(1.0, 0.5),
         fontsize=8,
     )
-    return report_lib.save_figure(fig, path)
+    return _save(fig, path)
 
 
 def plot_loss(out_dir: Path, path: Path) -> Path:
@@ -360,7 +370,7 @@ def plot_loss(out_dir: Path, path: Path) -> Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    return report_lib.save_figure(fig, path)
+    return _save(fig, path)
 
 
 def plot_stability(summary: dict[str, Any], path: Path) -> Path:
@@ -409,7 +419,7 @@ def plot_stability(summary: dict[str, Any], path: Path) -> Path:
         bbox_to_anchor=(1.0, 0.5),
         fontsize=8,
     )
-    return report_lib.save_figure(fig, path)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,9 +484,10 @@ def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, t
             "",
             "## Equal training time",
             "",
-            f"Exact match of each method at {eq['budget_s']:.1f} training seconds (the median "
-            "time AdamW took for its whole run), from each run's last evaluation at or "
-            "before that time:",
+            f"Exact match of each method at {eq['budget_s']:.1f} training CPU seconds (the "
+            "median AdamW took for its whole run; the controllers' dev passes and micro-dev "
+            "refreshes count, evaluation does not), from each run's last evaluation at or "
+            "before that time (the base model's score if none):",
             "",
             "| method | mean (%) | 95% CI | per seed |",
             "| --- | ---: | --- | --- |",
