@@ -5,11 +5,13 @@ own subprocess (its peak RSS, ``resource.getrusage``, is the figure):
 
 - ``jax-adamw``: one jitted step = loss and gradient (chunked vocabulary cross-entropy), AdamW,
   params and optimiser state donated.
-- ``jax-hacbo``: ``optax.chain(optax.adamw, hacbo)`` compiled as TWO functions: the ordinary
-  step passes no dev source (the controller then traces no measurement, so the program reserves
-  nothing for a second backward), the measurement step passes ``dev_grad_fn`` (one more
-  forward/backward of the dev batch). With K = 2 the two alternate, so every measurement call
-  is due.
+- ``jax-hacbo``: ``optax.chain(optax.adamw, hacbo)`` as the trainer runs it: the ordinary step
+  passes no dev source (the controller then traces no measurement, so the program reserves
+  nothing for a second backward); a measurement is two programs, the dev gradient's
+  ``dev_sign_sketch`` (one more forward/backward of the dev batch, one byte per coordinate out)
+  and then the step with the signs as ``dev_grads`` (``--dev-pass in-step``: one program, the
+  dev gradient inside the controller's ``lax.cond`` via ``dev_grad_fn``). With K = 2 the
+  ordinary and measurement steps alternate, so every measurement call is due.
 - ``jax-adagradselect``: AdaGradSelect (10% of blocks per step) wrapping AdamW: the dense JAX
   form, which computes every block's gradient and masks the update.
 - ``torch``: transformers' Qwen3ForCausalLM with gradient checkpointing and
@@ -21,6 +23,7 @@ a step above 5% of the cores is repeated (up to 3 times). Each side reports min 
 ``--steps`` (>= 7) timed steps; the parent prints the load average before and after.
 
     python benchmarks/qwen3_full_memory.py [--scan] [--remat full|dots|none] [--steps 7] [--memory-only]
+        [--dev-pass separate|in-step]
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def run_jax(args, side: str) -> dict:
     import optax
     from flax import nnx
 
-    from hacbo_jax import adagradselect, hacbo
+    from hacbo_jax import adagradselect, dev_sign_sketch, hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
     from hacbo_jax.training.recipes import qwen3_labels
     from hacbo_jax.training.step import Batch, answer_nll, chunked_answer_nll
@@ -118,28 +121,42 @@ def run_jax(args, side: str) -> dict:
             )
         return total / count
 
+    separate = args.dev_pass == "separate"
+
     def make_step(measure: bool):
-        def step(params, opt_state, train_ids, dev_ids):
+        def step(params, opt_state, train_ids, dev):
             loss, grads = jax.value_and_grad(loss_fn)(params, train_ids)
             extra = {}
             if with_hacbo:
                 extra["train_grads"] = grads
-                if measure:
-                    extra["dev_grad_fn"] = lambda p: jax.grad(loss_fn)(p, dev_ids)
+                if measure and separate:
+                    extra["dev_grads"] = dev  # the signs from the dev program
+                elif measure:
+                    extra["dev_grad_fn"] = lambda p: jax.grad(loss_fn)(p, dev)
             updates, opt_state = tx.update(grads, opt_state, params, **extra)
             return optax.apply_updates(params, updates), opt_state, loss
 
         return jax.jit(step, donate_argnums=(0, 1))
 
+    def dev_signs(params, dev_ids):
+        return dev_sign_sketch(jax.grad(loss_fn)(params, dev_ids))
+
     kinds = ["ordinary", "measurement"] if with_hacbo else ["ordinary"]
     compiled, compile_s, temp_gib = {}, {}, {}
+    signs_shape = jax.eval_shape(dev_signs, params, dev_ids)
     for kind in kinds:
         start = time.perf_counter()
+        dev_arg = signs_shape if kind == "measurement" and separate else dev_ids
         compiled[kind] = (
-            make_step(kind == "measurement").lower(params, opt_state, train_ids, dev_ids).compile()
+            make_step(kind == "measurement").lower(params, opt_state, train_ids, dev_arg).compile()
         )
         compile_s[kind] = time.perf_counter() - start
         temp_gib[kind] = compiled[kind].memory_analysis().temp_size_in_bytes / 2**30
+    if with_hacbo and separate:
+        start = time.perf_counter()
+        compiled["dev_signs"] = jax.jit(dev_signs).lower(params, dev_ids).compile()
+        compile_s["dev_signs"] = time.perf_counter() - start
+        temp_gib["dev_signs"] = compiled["dev_signs"].memory_analysis().temp_size_in_bytes / 2**30
     state = [params, opt_state]
     del params, opt_state
     cycle = iter(kinds * (2 * args.steps + 4))
@@ -148,7 +165,10 @@ def run_jax(args, side: str) -> dict:
     def one_step():
         kind = next(cycle)
         start = time.perf_counter()
-        state[0], state[1], loss = compiled[kind](state[0], state[1], train_ids, dev_ids)
+        dev = dev_ids
+        if kind == "measurement" and separate:  # timed with the step: it is the step's cost
+            dev = compiled["dev_signs"](state[0], dev_ids)
+        state[0], state[1], loss = compiled[kind](state[0], state[1], train_ids, dev)
         jax.block_until_ready((state[0], loss))
         samples[kind].append(time.perf_counter() - start)
 
@@ -208,6 +228,13 @@ def main():
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     ap.add_argument("--loss-chunk", type=int, default=128, help="JAX: 0 = full logits")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {SIDES}")
+    ap.add_argument(
+        "--dev-pass",
+        default="separate",
+        choices=["separate", "in-step"],
+        help="jax-hacbo: the dev gradient's signs in their own program (as the trainer), or the "
+        "dev gradient inside the step's lax.cond",
+    )
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument(
         "--memory-only",
@@ -231,6 +258,7 @@ def main():
         cmd += ["--steps", str(args.steps), "--remat", args.remat]
         cmd += ["--loss-chunk", str(args.loss_chunk)] + (["--scan"] if args.scan else [])
         cmd += ["--memory-only"] if args.memory_only else []
+        cmd += ["--dev-pass", args.dev_pass]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -247,7 +275,8 @@ def main():
         sys.exit("every side failed")
     print(
         f"Qwen3-0.6B (596M params, fp32), batch 1 x {args.seq}, AdamW; JAX: remat={args.remat}, "
-        f"scan_layers={args.scan}, loss chunk {args.loss_chunk}; {os.cpu_count()} CPU threads"
+        f"scan_layers={args.scan}, loss chunk {args.loss_chunk}; HACBO dev pass {args.dev_pass}; "
+        f"{os.cpu_count()} CPU threads"
     )
     print(f"{'side / step kind':34}{'peak RSS GiB':>13}{'min s':>8}{'median s':>9}{'n':>4}")
     for side, r in results.items():

@@ -10,6 +10,7 @@ analysis (deterministic, no timing): the temporaries must stay below one leaf's 
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,3 +68,50 @@ def test_all_finite_sees_nan_and_inf_in_every_position():
                 bad[i][pos] = value
                 controlled = layout.leaf_block[i] != UNCONTROLLED
                 assert bool(all_finite(layout, bad)) is not controlled, (i, pos, value)
+
+
+def _concrete_tree(seed, scale=1.0):
+    k = jax.random.split(jax.random.key(seed), 4)
+    return {
+        "embed": scale * jax.random.normal(k[0], (16, 4)),
+        "layers": {
+            "attn": scale * jax.random.normal(k[1], (3, 4, 5)),
+            "mlp": scale * jax.random.normal(k[2], (3, 5)),
+        },
+        "head": scale * jax.random.normal(k[3], (16, 4)),
+    }
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: hacbo(LABELS, interval=1, patience=1, theta_neg=0.3, rho=0.5),
+        lambda: blac(LABELS, interval=1, freeze_after=2, rho=0.5),
+    ],
+    ids=["hacbo", "blac"],
+)
+def test_dev_sign_sketch_measures_exactly_as_the_dev_gradient(make, bad):
+    from hacbo_jax import dev_sign_sketch
+
+    tx = optax.chain(optax.adamw(1e-2), make())
+    params = _concrete_tree(0)
+    state_full = state_sketch = tx.init(params)
+    update = jax.jit(
+        lambda st, train, dev: tx.update(train, st, params, train_grads=train, dev_grads=dev)
+    )
+    for t in range(4):
+        train = _concrete_tree(10 + t)
+        # tiny values too: their signs must survive the sketch
+        dev = _concrete_tree(100 + t, scale=1e-30 if t == 1 else 1.0)
+        dev["layers"]["mlp"] = dev["layers"]["mlp"].at[1, 2].set(0.0)  # sign(0) = 0 kept
+        if bad is not None and t == 2:
+            dev["layers"]["attn"] = dev["layers"]["attn"].at[2, 1, 3].set(bad)
+        sketch = dev_sign_sketch(dev)
+        assert all(x.dtype == jnp.int8 for x in jax.tree.leaves(sketch))
+        out_full, state_full = update(state_full, train, dev)
+        out_sketch, state_sketch = update(state_sketch, train, sketch)
+        chex.assert_trees_all_equal(out_sketch, out_full)
+        chex.assert_trees_all_equal(state_sketch, state_full)
+    skipped = int(state_full[1].skipped_measurements)
+    assert skipped == (0 if bad is None else 1)

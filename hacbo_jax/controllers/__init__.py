@@ -1,7 +1,11 @@
 """HACBO and BLAC as optax transformations (spec: shared/spec/controllers.md)."""
 
 from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
-from hacbo_jax.controllers.compose import accumulate_gradients, train_grads_from_updates
+from hacbo_jax.controllers.compose import (
+    accumulate_gradients,
+    dev_sign_sketch,
+    train_grads_from_updates,
+)
 from hacbo_jax.controllers.hacbo import HACBOState, hacbo, hacbo_multipliers
 from hacbo_jax.controllers.labels import label_by_rules
 
@@ -15,4 +19,5 @@ __all__ = [
     "label_by_rules",
     "accumulate_gradients",
     "train_grads_from_updates",
+    "dev_sign_sketch",
 ]

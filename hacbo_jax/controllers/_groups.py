@@ -221,6 +221,8 @@ def check_groups_present(layout: GroupLayout, leaves: Sequence[Any]) -> np.ndarr
     return sizes
 
 
+# A sign sketch's (int8) marker of a non-finite coordinate (compose.dev_sign_sketch).
+NONFINITE_SIGN = -128
 # An unstacked leaf at least this large is reduced in chunks (see _row_sums).
 _CHUNKED_MIN_SIZE = 2**16
 _MAX_CHUNKS = 32
@@ -311,13 +313,20 @@ def all_finite(layout: GroupLayout, leaves: Sequence[Any]) -> jax.Array:
 
 
 def leaf_is_finite(x: jax.Array) -> jax.Array:
-    """bool scalar: no NaN or +-inf in ``x`` (integer arrays always are).
+    """bool scalar: no NaN or +-inf in ``x``. An int8 leaf is a sign sketch
+    (:func:`~hacbo_jax.controllers.compose.dev_sign_sketch`): finite unless it holds
+    :data:`NONFINITE_SIGN`; other integer arrays always are.
 
     ``max|x| < inf`` rather than ``all(isfinite(x))``: XLA's CPU backend does not fuse the pred
     array of ``isfinite`` into the reduction and keeps it as a leaf-sized buffer, while the max
     fuses (its NaN propagates: NaN < inf is False).
     """
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact) or jnp.size(x) == 0:
+    dtype = jnp.result_type(x)
+    if jnp.size(x) == 0:
+        return jnp.asarray(True)
+    if dtype == jnp.int8:
+        return jnp.min(x) > NONFINITE_SIGN
+    if not jnp.issubdtype(dtype, jnp.inexact):
         return jnp.asarray(True)
     return jnp.max(jnp.abs(jnp.asarray(x).astype(jnp.float32))) < jnp.inf
 

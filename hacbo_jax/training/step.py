@@ -4,9 +4,10 @@ The step is a pure function ``(TrainState, batch, dev_buffer) -> (TrainState, St
 gradient accumulation over micro-batches (``lax.scan``), the base optimiser
 (global-norm clip, AdamW with warm-up + cosine decay), the controller chained after it, and
 ``optax.apply_if_finite`` around the whole chain so that a non-finite loss or gradient leaves
-params and optimiser state untouched. The micro-dev buffer lives on device; the controller draws
-a dev batch from it and back-propagates it only on measurement steps (inside its ``lax.cond``).
-Nothing in the step talks to the host.
+params and optimiser state untouched. The micro-dev buffer lives on device; on measurement steps
+only, a dev batch drawn from it is back-propagated, by default in a program of its own that
+returns the gradient's signs (:func:`make_dev_signs_fn`, handed to the step as ``dev_grads``),
+or inside the controller's ``lax.cond``. Nothing in the step talks to the host.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.controllers.compose import dev_sign_sketch
 from hacbo_jax.training.controller_registry import find_controller_state
 from hacbo_jax.training.recipes import QWEN3_RULES
 
@@ -306,13 +308,18 @@ def make_train_step(
     donate: bool = True,
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
-) -> Callable[[TrainState, Batch, Batch], tuple[TrainState, StepMetrics]]:
+    dev_signs_argument: bool = False,
+) -> Callable[..., tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
     ``uses_dev_grads``: the controller gets a ``dev_grad_fn`` (a dev batch drawn from the buffer
     and back-propagated inside the controller's ``lax.cond``, on its measurement steps); False:
     no dev gradient is traced (a controller that reaches a measurement step counts it as
     missed). :func:`make_train_steps` compiles both and lets the loop pick.
+    ``dev_signs_argument`` (with ``uses_dev_grads``): the step takes a fourth argument, the dev
+    gradient's :func:`~hacbo_jax.controllers.compose.dev_sign_sketch` from
+    :func:`make_dev_signs_fn`, and gives it to the controller as ``dev_grads`` (no dev backward
+    in this program).
 
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
     :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
@@ -321,34 +328,19 @@ def make_train_step(
     (None: JAX's default single-device placement, no constraints).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
-    if shardings is None:
-        constrain_grads = constrain_dev = lambda tree: tree
-    else:
-        constrain_grads = lambda grads: jax.lax.with_sharding_constraint(
-            grads, shardings.state.params
-        )
-        constrain_dev = (
-            (lambda dev: dev)
-            if shardings.dev_batch is None
-            else (lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
-        )
+    constrain_grads, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
 
-    def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch):
+    def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
         rng, dev_key = jax.random.split(state.rng)
         loss, count, grads = _mean_gradient(loss_fn, state.params, batch, constrain_grads)
         # A non-finite loss must skip the step even if its gradient happens to be finite.
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
 
         extra = {"train_grads": grads}
-        if uses_dev_grads:
-
-            def dev_grad_fn(params):
-                n_dev = dev_buffer.input_ids.shape[0]
-                idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
-                dev = constrain_dev(jax.tree.map(lambda x: x[idx][None], dev_buffer))
-                return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
-
-            extra["dev_grad_fn"] = dev_grad_fn
+        if uses_dev_grads and dev_signs_argument:
+            extra["dev_grads"] = dev_signs
+        elif uses_dev_grads:
+            extra["dev_grad_fn"] = lambda params: dev_grad(params, dev_key, dev_buffer)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
@@ -372,11 +364,71 @@ def make_train_step(
     donate_argnums = (0,) if donate else ()
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=donate_argnums)
+    in_shardings = (shardings.state, shardings.batch, shardings.dev_buffer)
+    if uses_dev_grads and dev_signs_argument:
+        in_shardings += (shardings.state.params,)
     return jax.jit(
         step_fn,
         donate_argnums=donate_argnums,
-        in_shardings=(shardings.state, shardings.batch, shardings.dev_buffer),
+        in_shardings=in_shardings,
         out_shardings=(shardings.state, shardings.metrics),
+    )
+
+
+def _dev_gradient(loss_fn, dev_batch_size: int, shardings: StepShardings | None):
+    """(constrain_grads, dev_grad): ``dev_grad(params, dev_key, dev_buffer)`` draws
+    ``dev_batch_size`` distinct examples of the buffer with ``dev_key`` and returns their mean
+    gradient (on a mesh: the batch and the gradient constrained like the training ones)."""
+    if shardings is None:
+        constrain_grads = constrain_dev = lambda tree: tree
+    else:
+        constrain_grads = lambda grads: jax.lax.with_sharding_constraint(
+            grads, shardings.state.params
+        )
+        constrain_dev = (
+            (lambda dev: dev)
+            if shardings.dev_batch is None
+            else (lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
+        )
+
+    def dev_grad(params, dev_key, dev_buffer):
+        n_dev = dev_buffer.input_ids.shape[0]
+        idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
+        dev = constrain_dev(jax.tree.map(lambda x: x[idx][None], dev_buffer))
+        return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
+
+    return constrain_grads, dev_grad
+
+
+def make_dev_signs_fn(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    *,
+    dev_batch_size: int,
+    shardings: StepShardings | None = None,
+    logits_chunk: int | None = None,
+) -> Callable[[TrainState, Batch], Any]:
+    """The jitted ``(state, dev_buffer) -> dev_sign_sketch(dev gradient)`` of the next step.
+
+    It draws the same dev batch as the step's own ``dev_grad_fn`` would (the key of
+    ``jax.random.split(state.rng)``) and back-propagates it at ``state.params``. As a program of
+    its own it never holds the training gradient, and the measurement step that receives its
+    output holds one byte per coordinate instead of a second fp32 gradient (issue 10: on
+    Qwen3-0.6B the measurement step's peak comes down to the ordinary step's plus the sketch).
+    """
+    loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
+    _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
+
+    def dev_signs_fn(state: TrainState, dev_buffer: Batch):
+        _, dev_key = jax.random.split(state.rng)
+        return dev_sign_sketch(dev_grad(state.params, dev_key, dev_buffer))
+
+    if shardings is None:
+        return jax.jit(dev_signs_fn)
+    return jax.jit(
+        dev_signs_fn,
+        in_shardings=(shardings.state, shardings.dev_buffer),
+        out_shardings=shardings.state.params,
     )
 
 
@@ -421,10 +473,17 @@ def make_train_steps(
     donate: bool = True,
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
+    separate_dev_pass: bool = True,
 ) -> TrainSteps:
     """:class:`TrainSteps` of a run: ``interval`` = the measuring controller's K, or None (no
-    controller, or one that takes no dev gradient: one compiled step serves as both)."""
-    make = lambda uses_dev_grads: make_train_step(
+    controller, or one that takes no dev gradient: one compiled step serves as both).
+
+    ``separate_dev_pass`` (default): the measurement is two programs, :func:`make_dev_signs_fn`
+    and then the step with the signs as its fourth argument, so a full fp32 dev gradient and the
+    training gradient never coexist. False: one program, the dev gradient inside the
+    controller's ``lax.cond`` (the same numbers; a higher peak).
+    """
+    make = lambda uses_dev_grads, dev_signs_argument=False: make_train_step(
         graphdef,
         rest,
         tx,
@@ -434,11 +493,27 @@ def make_train_steps(
         donate=donate,
         shardings=shardings,
         logits_chunk=logits_chunk,
+        dev_signs_argument=dev_signs_argument,
     )
     ordinary = make(False)
     if interval is None:
         return TrainSteps(ordinary, ordinary, None)
-    return TrainSteps(ordinary, make(True), int(interval))
+    if not separate_dev_pass:
+        return TrainSteps(ordinary, make(True), int(interval))
+    dev_signs_fn = make_dev_signs_fn(
+        graphdef,
+        rest,
+        dev_batch_size=dev_batch_size,
+        shardings=shardings,
+        logits_chunk=logits_chunk,
+    )
+    measuring_step = make(True, dev_signs_argument=True)
+
+    def measurement(state: TrainState, batch: Batch, dev_buffer: Batch):
+        # the signs first: this program's dev gradient is gone before the step's gradient exists
+        return measuring_step(state, batch, dev_buffer, dev_signs_fn(state, dev_buffer))
+
+    return TrainSteps(ordinary, measurement, int(interval))
 
 
 def step_shardings(
