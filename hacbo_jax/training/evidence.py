@@ -78,7 +78,10 @@ TUNE_GRID = (3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3)
 STABILITY_LRS = (1e-4, 2e-3, 4e-2)
 # The stability grid's runs are shorter (divergence is an early event, the paper's "early
 # divergence"): 40 steps of 16 problems, a measurement every 5 steps and probation after 2
-# negative ones (so probation is reachable), exact match on 100 problems.
+# negative ones (so probation is reachable), exact match on 100 problems. The micro-dev buffer
+# is refreshed at the paper's R = 500 steps, i.e. never within a run: a refresh decodes a batch
+# of candidates (a third of a controlled run's CPU time at R = 20) and does not bear on early
+# divergence.
 STABILITY_OVERRIDES = (
     "optim.batch_size=16",
     "optim.max_steps=40",
@@ -87,7 +90,7 @@ STABILITY_OVERRIDES = (
     "controller.hacbo.patience=2",
     "controller.blac.interval=5",
     "controller.blac.freeze_after=20",
-    "microdev.refresh_every=20",
+    "microdev.refresh_every=500",
     "microdev.batch_size=16",
     "eval.limit=100",
 )
