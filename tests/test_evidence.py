@@ -136,6 +136,9 @@ def test_stability_plan_budget_on_off_and_adamw_once(model_dir, tmp_path):
             assert budget == "budget_off" and hacbo_budget is None and blac_budget is None
     uniform = [s for s in specs if s.method == "hacbo_share_uniform"]
     assert all(s.config.controller.hacbo.probation_share == "uniform" for s in uniform)
+    # budget on before off; within each, the largest rate first (a stopped part has them)
+    order = [(s.run_dir.parent.parent.name != "budget_off", s.config.optim.lr) for s in specs]
+    assert order == sorted(order, reverse=True)
 
 
 def test_cli_bad_input_exits_2_before_any_run(tmp_path, capsys):

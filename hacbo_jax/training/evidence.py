@@ -224,10 +224,14 @@ def stability_specs(
     methods: Sequence[str] = STABILITY_METHODS,
     lrs: Sequence[float] = STABILITY_LRS,
 ) -> list[RunSpec]:
-    """(budget on/off) x rate x seed x method; AdamW once per (rate, seed) under 'none'."""
+    """(budget on/off) x rate x seed x method; AdamW once per (rate, seed) under 'none'.
+
+    Rates run from the largest down within each budget setting: the large rates, where runs
+    diverge, are the grid's point, so a part stopped early has them first.
+    """
     specs = []
     for budget, extra in (("on", ()), ("off", BUDGET_OFF)):
-        for lr in lrs:
+        for lr in sorted(lrs, reverse=True):
             for seed in seeds:
                 for method in methods:
                     if method == "adamw" and budget == "off":
