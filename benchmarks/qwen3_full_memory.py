@@ -143,10 +143,11 @@ def run_jax(args, side: str) -> dict:
 
     kinds = ["ordinary", "measurement"] if with_hacbo else ["ordinary"]
     compiled, compile_s, temp_gib = {}, {}, {}
-    signs_shape = jax.eval_shape(dev_signs, params, dev_ids)
     for kind in kinds:
         start = time.perf_counter()
-        dev_arg = signs_shape if kind == "measurement" and separate else dev_ids
+        dev_arg = dev_ids
+        if kind == "measurement" and separate:  # only jax-hacbo has a measurement step
+            dev_arg = jax.eval_shape(dev_signs, params, dev_ids)
         compiled[kind] = (
             make_step(kind == "measurement").lower(params, opt_state, train_ids, dev_arg).compile()
         )

@@ -237,16 +237,6 @@ COLORS = {
 }
 
 
-def _save(fig, path: Path) -> Path:
-    """Like report.save_figure, but the saved area grows to hold a legend outside the axes."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
-
-
 def _color(name: str) -> str:
     return COLORS.get(name, "tab:gray")
 
@@ -290,7 +280,7 @@ def plot_final(summary: dict[str, Any], path: Path) -> Path:
     )
     ax.set_xlabel("final exact match (%): seeds (dots), mean (|), 95% CI (bar)")
     ax.set_ylim(-0.6, len(names) - 0.4)
-    return _save(fig, path)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
 
 
 def _curves(
@@ -344,7 +334,7 @@ def plot_over_budget(out_dir: Path, summary: dict[str, Any], path: Path) -> Path
         bbox_to_anchor=(1.0, 0.5),
         fontsize=8,
     )
-    return _save(fig, path)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
 
 
 def plot_loss(out_dir: Path, path: Path) -> Path:
@@ -370,7 +360,7 @@ def plot_loss(out_dir: Path, path: Path) -> Path:
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-    return _save(fig, path)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
 
 
 def plot_stability(summary: dict[str, Any], path: Path) -> Path:
@@ -419,7 +409,7 @@ def plot_stability(summary: dict[str, Any], path: Path) -> Path:
         bbox_to_anchor=(1.0, 0.5),
         fontsize=8,
     )
-    return _save(fig, path)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
 
 
 # ---------------------------------------------------------------------------------------------

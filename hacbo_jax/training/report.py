@@ -368,11 +368,13 @@ def plot_autolrs_schedule(driver: dict[str, Any], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
-def save_figure(fig, path) -> Path:
+def save_figure(fig, path, *, fit_outside_legend: bool = False) -> Path:
+    """Saves and closes ``fig``; ``fit_outside_legend``: the saved area grows to hold a legend
+    placed outside the axes (``bbox_inches="tight"``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight" if fit_outside_legend else None)
     plt.close(fig)
     return path
 

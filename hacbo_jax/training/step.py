@@ -329,6 +329,7 @@ def make_train_step(
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
     constrain_grads, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
+    takes_dev_signs = uses_dev_grads and dev_signs_argument
 
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
         rng, dev_key = jax.random.split(state.rng)
@@ -337,7 +338,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
 
         extra = {"train_grads": grads}
-        if uses_dev_grads and dev_signs_argument:
+        if takes_dev_signs:
             extra["dev_grads"] = dev_signs
         elif uses_dev_grads:
             extra["dev_grad_fn"] = lambda params: dev_grad(params, dev_key, dev_buffer)
@@ -365,7 +366,7 @@ def make_train_step(
     if shardings is None:
         return jax.jit(step_fn, donate_argnums=donate_argnums)
     in_shardings = (shardings.state, shardings.batch, shardings.dev_buffer)
-    if uses_dev_grads and dev_signs_argument:
+    if takes_dev_signs:
         in_shardings += (shardings.state.params,)
     return jax.jit(
         step_fn,
