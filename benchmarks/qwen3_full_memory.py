@@ -8,7 +8,7 @@ own subprocess (its peak RSS, ``resource.getrusage``, is the figure):
 - ``jax-hacbo``: ``optax.chain(optax.adamw, hacbo)`` as the trainer runs it: the ordinary step
   passes no dev source (the controller then traces no measurement, so the program reserves
   nothing for a second backward); a measurement is two programs, the dev gradient's
-  ``dev_sign_sketch`` (one more forward/backward of the dev batch, one byte per coordinate out)
+  ``dev_sign_sketch`` (one more forward/backward of the dev batch, two bits per coordinate out)
   and then the step with the signs as ``dev_grads`` (``--dev-pass in-step``: one program, the
   dev gradient inside the controller's ``lax.cond`` via ``dev_grad_fn``). With K = 2 the
   ordinary and measurement steps alternate, so every measurement call is due.

@@ -9,6 +9,7 @@ checks and the measurement cadence. Spec: ``shared/spec/controllers.md``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -221,8 +222,46 @@ def check_groups_present(layout: GroupLayout, leaves: Sequence[Any]) -> np.ndarr
     return sizes
 
 
-# A sign sketch's (int8) marker of a non-finite coordinate (compose.dev_sign_sketch).
-NONFINITE_SIGN = -128
+# The 2-bit sign sketch (compose.dev_sign_sketch): a code per coordinate, four to a byte, the
+# first coordinate in the low bits. Code 3 (both bits set) marks NaN or +-inf.
+SKETCH_ZERO, SKETCH_POSITIVE, SKETCH_NEGATIVE, SKETCH_NONFINITE = 0, 1, 2, 3
+_CODES_PER_BYTE = 4
+_CODE_SHIFTS = (0, 2, 4, 6)
+
+
+def sketch_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """The sketch's uint8 shape for a leaf of ``shape``: the leading (block) axis kept, the rest
+    flattened and packed four coordinates a byte (a scalar is one row of one coordinate)."""
+    rows = shape[0] if len(shape) else 1
+    return rows, -(-math.prod(shape[1:]) // _CODES_PER_BYTE)
+
+
+def pack_sign_codes(x: jax.Array) -> jax.Array:
+    """``x``'s sign codes (0, +1 -> 1, -1 -> 2, NaN/+-inf -> 3) packed as :func:`sketch_shape`."""
+    x32 = jnp.asarray(x).astype(jnp.float32)
+    rows, packed = sketch_shape(x32.shape)
+    x2 = x32.reshape(rows, math.prod(x32.shape[1:]))
+    code = jnp.where(
+        jnp.abs(x2) < jnp.inf,
+        jnp.where(x2 > 0, SKETCH_POSITIVE, jnp.where(x2 < 0, SKETCH_NEGATIVE, SKETCH_ZERO)),
+        SKETCH_NONFINITE,
+    ).astype(jnp.uint8)
+    code = jnp.pad(code, ((0, 0), (0, packed * _CODES_PER_BYTE - x2.shape[1])))
+    shifted = code.reshape(rows, packed, _CODES_PER_BYTE) << jnp.asarray(_CODE_SHIFTS, jnp.uint8)
+    return jnp.sum(shifted, axis=-1, dtype=jnp.uint8)  # the bits do not overlap: sum = or
+
+
+def _unpack_signs(packed: jax.Array, count: int) -> jax.Array:
+    """f32 signs (-1, 0, +1; a non-finite code gives 0) of the first ``count`` coordinates of
+    each packed row, flattened: ``packed`` holds whole rows of ``ceil(count / 4)`` bytes."""
+    rows = packed.reshape(-1, -(-count // _CODES_PER_BYTE))  # a chunk may hold several rows
+    code = (rows[..., None] >> jnp.asarray(_CODE_SHIFTS, jnp.uint8)) & 3
+    code = code.reshape(rows.shape[0], -1)[:, :count].reshape(-1)
+    return (code == SKETCH_POSITIVE).astype(jnp.float32) - (code == SKETCH_NEGATIVE).astype(
+        jnp.float32
+    )
+
+
 # An unstacked leaf at least this large is reduced in chunks (see _row_sums).
 _CHUNKED_MIN_SIZE = 2**16
 _MAX_CHUNKS = 32
@@ -247,10 +286,16 @@ def _row_sums(fn: Callable[..., tuple], xs: Sequence[jax.Array], stacked: bool) 
     return tuple(jnp.sum(v) for v in per_chunk)
 
 
-def _sign_statistics(gt: jax.Array, gd: jax.Array) -> tuple:
-    """(sum sign(gt) sign(gd), nnz(gt), nnz(gd), sum gt^2) of one slice, in float32."""
-    gt32, gd32 = gt.astype(jnp.float32), gd.astype(jnp.float32)
-    st, sd = jnp.sign(gt32), jnp.sign(gd32)
+def _sign_statistics(gt: jax.Array, gd: jax.Array, row_length: int | None = None) -> tuple:
+    """(sum sign(gt) sign(gd), nnz(gt), nnz(gd), sum gt^2) of one slice, in float32. With
+    ``row_length``, ``gd`` is the slice's packed sign sketch (rows of ``row_length`` codes)."""
+    gt32 = gt.astype(jnp.float32)
+    st = jnp.sign(gt32)
+    if row_length is None:
+        sd = jnp.sign(gd.astype(jnp.float32))
+    else:
+        st, gt32 = st.reshape(-1), gt32.reshape(-1)
+        sd = _unpack_signs(gd, row_length)
     return tuple(jnp.sum(v) for v in (st * sd, st * st, sd * sd, gt32 * gt32))
 
 
@@ -274,12 +319,17 @@ def sign_cosine_and_sq_norms(
     for gt, gd, b, m in zip(train_leaves, dev_leaves, layout.leaf_block, layout.leaf_submodule):
         if b == UNCONTROLLED or not _is_array(gt):
             continue
-        if not _is_array(gd) or jnp.shape(gd) != jnp.shape(gt):
+        sketched = _is_array(gd) and jnp.result_type(gd) == jnp.uint8
+        want = sketch_shape(jnp.shape(gt)) if sketched else jnp.shape(gt)
+        if not _is_array(gd) or jnp.shape(gd) != want:
             raise ValueError(
                 f"dev gradient leaf {gd!r} does not match train gradient shape {jnp.shape(gt)}"
+                + (f" (its sign sketch: uint8{list(want)})" if sketched else "")
             )
         stacked = b == STACKED
-        sums = _row_sums(_sign_statistics, (gt, gd), stacked)
+        row_length = math.prod(jnp.shape(gt)[1:]) if sketched else None
+        stats = functools.partial(_sign_statistics, row_length=row_length)
+        sums = _row_sums(stats, (gt, gd), stacked)
         if stacked:
             dot_b, nt_b, nd_b = dot_b + sums[0], nt_b + sums[1], nd_b + sums[2]
             sq_bm = sq_bm.at[:, m].add(sums[3])
@@ -313,22 +363,24 @@ def all_finite(layout: GroupLayout, leaves: Sequence[Any]) -> jax.Array:
 
 
 def leaf_is_finite(x: jax.Array) -> jax.Array:
-    """bool scalar: no NaN or +-inf in ``x``. An int8 leaf is a sign sketch
-    (:func:`~hacbo_jax.controllers.compose.dev_sign_sketch`): finite unless it holds
-    :data:`NONFINITE_SIGN`; other integer arrays always are.
+    """bool scalar: no NaN or +-inf in ``x``. A uint8 leaf is a sign sketch
+    (:func:`~hacbo_jax.controllers.compose.dev_sign_sketch`): finite unless a code has both
+    bits set (:data:`SKETCH_NONFINITE`); other integer arrays always are.
 
-    ``max|x| < inf`` rather than ``all(isfinite(x))``: XLA's CPU backend does not fuse the pred
-    array of ``isfinite`` into the reduction and keeps it as a leaf-sized buffer, while the max
-    fuses (its NaN propagates: NaN < inf is False).
+    ``sum(x * 0) == 0`` rather than ``all(isfinite(x))``: XLA's CPU backend does not fuse the
+    pred array of ``isfinite`` into the reduction and keeps it as a leaf-sized buffer, while the
+    sum fuses. ``x * 0`` is 0 for a finite ``x`` and NaN for NaN or +-inf, and a sum keeps a NaN.
+    (Not ``max|x| < inf``: XLA's CPU max-reduction drops NaN from arrays of 2^16 elements and
+    more, as ``tests/test_controller_memory.py`` shows.)
     """
     dtype = jnp.result_type(x)
     if jnp.size(x) == 0:
         return jnp.asarray(True)
-    if dtype == jnp.int8:
-        return jnp.min(x) > NONFINITE_SIGN
+    if dtype == jnp.uint8:
+        return jnp.max(x & (x >> 1) & 0b01010101) == 0
     if not jnp.issubdtype(dtype, jnp.inexact):
         return jnp.asarray(True)
-    return jnp.max(jnp.abs(jnp.asarray(x).astype(jnp.float32))) < jnp.inf
+    return jnp.sum(jnp.asarray(x).astype(jnp.float32) * 0.0) == 0.0
 
 
 def fake_int8(x: jax.Array, per_slice: bool = False) -> jax.Array:
