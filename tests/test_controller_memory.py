@@ -30,44 +30,27 @@ def _abstract_tree():
     return {"embed": flat, "layers": {"attn": stacked, "mlp": stacked}, "head": flat}
 
 
+@pytest.mark.parametrize("dev_form", ["fp32", "sketch"])
 @pytest.mark.parametrize(
     "make",
     [lambda: hacbo(LABELS, interval=1), lambda: blac(LABELS, interval=1)],
     ids=["hacbo", "blac"],
 )
-def test_measurement_statistics_keep_no_full_size_temporaries(make):
-    tx = make()
-    tree = _abstract_tree()
-    state = jax.eval_shape(tx.init, tree)
-
-    def measurement(updates, state, params, train, dev):
-        return tx.update(updates, state, params, train_grads=train, dev_grads=dev)
-
-    compiled = jax.jit(measurement).lower(tree, state, tree, tree, tree).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
-    # The updates (scaled, output) may need one leaf-sized buffer; the statistics need none.
-    assert temp <= LEAF_BYTES, f"{temp / 2**20:.1f} MiB of XLA temporaries"
-
-
-@pytest.mark.parametrize(
-    "make",
-    [lambda: hacbo(LABELS, interval=1), lambda: blac(LABELS, interval=1)],
-    ids=["hacbo", "blac"],
-)
-def test_measurement_from_a_sign_sketch_unpacks_slice_by_slice(make):
-    """Unpacking the 2-bit sketch must not rebuild a full-size sign array of a leaf."""
+def test_measurement_statistics_keep_no_full_size_temporaries(make, dev_form):
+    """With the dev gradient as fp32 or as its 2-bit sign sketch (unpacked slice by slice)."""
     from hacbo_jax import dev_sign_sketch
 
     tx = make()
     tree = _abstract_tree()
     state = jax.eval_shape(tx.init, tree)
-    sketch = jax.eval_shape(dev_sign_sketch, tree)
+    dev = jax.eval_shape(dev_sign_sketch, tree) if dev_form == "sketch" else tree
 
     def measurement(updates, state, params, train, dev):
         return tx.update(updates, state, params, train_grads=train, dev_grads=dev)
 
-    compiled = jax.jit(measurement).lower(tree, state, tree, tree, sketch).compile()
+    compiled = jax.jit(measurement).lower(tree, state, tree, tree, dev).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
+    # The updates (scaled, output) may need one leaf-sized buffer; the statistics need none.
     assert temp <= LEAF_BYTES, f"{temp / 2**20:.1f} MiB of XLA temporaries"
 
 

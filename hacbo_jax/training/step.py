@@ -367,7 +367,7 @@ def make_train_step(
         return jax.jit(step_fn, donate_argnums=donate_argnums)
     in_shardings = (shardings.state, shardings.batch, shardings.dev_buffer)
     if takes_dev_signs:
-        in_shardings += (shardings.state.params,)
+        in_shardings += (sketch_shardings(shardings.state.params),)
     return jax.jit(
         step_fn,
         donate_argnums=donate_argnums,
@@ -429,8 +429,21 @@ def make_dev_signs_fn(
     return jax.jit(
         dev_signs_fn,
         in_shardings=(shardings.state, shardings.dev_buffer),
-        out_shardings=shardings.state.params,
+        out_shardings=sketch_shardings(shardings.state.params),
     )
+
+
+def sketch_shardings(param_shardings: Any) -> Any:
+    """Shardings of :func:`~hacbo_jax.controllers.compose.dev_sign_sketch`'s uint8 [rows, bytes]
+    leaves: each parameter's leading-axis sharding on the rows (a stacked leaf's block axis),
+    the packed bytes replicated. (A parameter sharded on a later axis gets a replicated sketch:
+    a sixteenth of its fp32 size on every device.)"""
+
+    def one(sharding: NamedSharding) -> NamedSharding:
+        lead = sharding.spec[0] if len(sharding.spec) else None
+        return NamedSharding(sharding.mesh, PartitionSpec(lead, None))
+
+    return jax.tree.map(one, param_shardings)
 
 
 def _controller_count(opt_state: Any) -> jax.Array:
