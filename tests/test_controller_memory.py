@@ -10,6 +10,8 @@ analysis (deterministic, no timing): the temporaries must stay below one leaf's 
 
 from __future__ import annotations
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -63,7 +65,7 @@ def test_dev_sign_sketch_holds_two_bits_per_coordinate(shape):
     x = jnp.zeros(shape, jnp.float32)
     (packed,) = jax.tree.leaves(dev_sign_sketch([x]))
     rows = shape[0] if shape else 1
-    per_row = int(np.prod(shape[1:], dtype=int)) if shape else 1
+    per_row = math.prod(shape[1:])  # 1 for a scalar
     assert packed.dtype == jnp.uint8
     assert packed.shape == (rows, -(-per_row // 4))  # the leading (block) axis is kept
 

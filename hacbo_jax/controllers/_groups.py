@@ -229,11 +229,16 @@ _CODES_PER_BYTE = 4
 _CODE_SHIFTS = (0, 2, 4, 6)
 
 
+def _packed_bytes(count: int) -> int:
+    """Bytes holding ``count`` codes: ceil(count / 4)."""
+    return -(-count // _CODES_PER_BYTE)
+
+
 def sketch_shape(shape: Sequence[int]) -> tuple[int, int]:
     """The sketch's uint8 shape for a leaf of ``shape``: the leading (block) axis kept, the rest
     flattened and packed four coordinates a byte (a scalar is one row of one coordinate)."""
     rows = shape[0] if len(shape) else 1
-    return rows, -(-math.prod(shape[1:]) // _CODES_PER_BYTE)
+    return rows, _packed_bytes(math.prod(shape[1:]))
 
 
 def pack_sign_codes(x: jax.Array) -> jax.Array:
@@ -254,7 +259,7 @@ def pack_sign_codes(x: jax.Array) -> jax.Array:
 def _unpack_signs(packed: jax.Array, count: int) -> jax.Array:
     """f32 signs (-1, 0, +1; a non-finite code gives 0) of the first ``count`` coordinates of
     each packed row, flattened: ``packed`` holds whole rows of ``ceil(count / 4)`` bytes."""
-    rows = packed.reshape(-1, -(-count // _CODES_PER_BYTE))  # a chunk may hold several rows
+    rows = packed.reshape(-1, _packed_bytes(count))  # a chunk may hold several rows
     code = (rows[..., None] >> jnp.asarray(_CODE_SHIFTS, jnp.uint8)) & 3
     code = code.reshape(rows.shape[0], -1)[:, :count].reshape(-1)
     return (code == SKETCH_POSITIVE).astype(jnp.float32) - (code == SKETCH_NEGATIVE).astype(
