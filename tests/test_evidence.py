@@ -77,15 +77,22 @@ def model_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("evidence_model"))
 
 
-def test_tuning_runs_on_other_problems_at_a_common_grid(model_dir, tmp_path):
+def test_tuning_runs_on_other_problems_at_each_methods_grid(model_dir, tmp_path):
     specs = evidence.tune_specs(evidence.DEFAULT_CONFIG, tmp_path, [f"model.path={model_dir}"])
-    assert len(specs) == len(evidence.TUNE_GRID) * len(evidence.TUNED_METHODS)
+    assert len(specs) == sum(len(evidence.TUNE_GRIDS[m]) for m in evidence.TUNED_METHODS)
     for spec in specs:
         assert spec.config.data.synthetic.seed == 1  # not the evaluation problems (seed 0)
     grids = {
         m: sorted(s.config.optim.lr for s in specs if s.method == m) for m in evidence.TUNED_METHODS
     }
-    assert all(g == sorted(evidence.TUNE_GRID) for g in grids.values())
+    assert grids == {m: sorted(evidence.TUNE_GRIDS[m]) for m in evidence.TUNED_METHODS}
+    # each shard of two gets every method: the plan goes candidate by candidate
+    for k in (0, 1):
+        assert {s.method for s in specs[k::2]} == set(evidence.TUNED_METHODS)
+    with pytest.raises(ValueError, match="no learning-rate grid for \\['adamw'\\]"):
+        evidence.tune_specs(
+            evidence.DEFAULT_CONFIG, tmp_path, methods=("adamw", "blac"), grids={"blac": (1e-3,)}
+        )
 
 
 def test_pick_best_breaks_ties_by_loss_then_rate():
@@ -173,8 +180,8 @@ class FakeRun:
         in_stability = "stability" in run_dir.parts
         diverged = in_stability and cfg.optim.lr > 1e-2 and cfg.method == "adamw"
         em = FAKE_EM.get(cfg.method, [0.5] * 3)[cfg.seed % 3]
-        if "tune" in run_dir.parts:  # the best rate: 6e-4 for every method
-            em = 0.8 if cfg.optim.lr == 6e-4 else 0.4
+        if "tune" in run_dir.parts:  # the best rate: the middle of each method's grid
+            em = 0.8 if cfg.optim.lr == evidence.TUNE_GRIDS[cfg.method][1] else 0.4
         probation = [cfg.seed == 0, False]  # the tiny checkpoint has 2 layers
         controller = (
             None
@@ -230,9 +237,9 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     common = ["--out", str(out), f"model.path={model_dir}", "eval.limit=4", "eval.max_new_tokens=2"]
     fake = FakeRun()
     assert evidence.main(["tune", *common], run_fn=fake) == 0
-    assert len(fake.calls) == len(evidence.TUNE_GRID) * len(evidence.TUNED_METHODS)
+    assert len(fake.calls) == sum(len(evidence.TUNE_GRIDS[m]) for m in evidence.TUNED_METHODS)
     lrs = evidence.load_lrs(out / "lrs.yaml")
-    assert lrs == {m: 6e-4 for m in evidence.TUNED_METHODS}
+    assert lrs == {m: evidence.TUNE_GRIDS[m][1] for m in evidence.TUNED_METHODS}
     fake.calls.clear()
     assert evidence.main(["tune", *common], run_fn=fake) == 0
     assert fake.calls == []  # finished runs are not run again
@@ -257,7 +264,7 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     assert hacbo["mean"] == pytest.approx(ci.mean) and hacbo["ci95"] == pytest.approx(
         [ci.low, ci.high]
     )
-    assert hacbo["tuned_lr"] == 6e-4
+    assert hacbo["tuned_lr"] == evidence.TUNE_GRIDS["hacbo"][1]
     pairs = {(c["a"], c["b"]): c for c in summary["comparisons"]}
     assert set(pairs) == {("adamw", "blac"), ("adamw", "hacbo"), ("blac", "hacbo")}
     c = pairs["adamw", "hacbo"]
