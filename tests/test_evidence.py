@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from hacbo_jax.training import evidence
 from hacbo_jax.training.config import save_config
-from hacbo_jax.training.evidence_report import build_summary, write_evidence_report
+from hacbo_jax.training.evidence_report import build_summary, evidence_span, write_evidence_report
 from hacbo_jax.training.stats import (
     adjust_p_values,
     mean_ci,
@@ -314,3 +314,18 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     ):
         assert (tmp_path / "results" / name).is_file() and f"({name})" in text
     assert "| adamw | none |" in text and "no controller" in text
+
+
+def test_evidence_span_runs_from_the_first_start_to_the_last_finish():
+    # two shards side by side, then one part later: start = finish - elapsed
+    timing = [
+        {"part": "tune", "elapsed_s": 600.0, "finished_utc": "2026-11-29 09:10:00"},
+        {"part": "tune", "elapsed_s": 500.0, "finished_utc": "2026-11-29 09:09:00"},
+        {"part": "budget", "elapsed_s": 1200.0, "finished_utc": "2026-11-29 09:30:30"},
+    ]
+    span = evidence_span(timing)
+    assert span["start_utc"] == "2026-11-29 09:00:00"
+    assert span["end_utc"] == "2026-11-29 09:30:30"
+    assert span["elapsed_s"] == 1830.0
+    assert span["parts"] == {"tune": 600.0, "budget": 1200.0}  # a part: its slowest shard
+    assert evidence_span([]) is None

@@ -20,6 +20,7 @@ Reads the run directories ``train.evidence`` wrote under ``OUT/`` (whatever has 
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import math
@@ -42,7 +43,7 @@ from hacbo_jax.training.stats import (
     seeds_for_power,
 )
 
-__all__ = ["build_summary", "write_evidence_report"]
+__all__ = ["build_summary", "evidence_span", "write_evidence_report"]
 
 SUMMARY_FILE = "summary.json"
 ALPHA = 0.05
@@ -427,6 +428,33 @@ def _fmt_ci(ci: Sequence[float | None] | None, fmt: str = "{:.1f}") -> str:
     return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
+_UTC_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The whole evidence's wall time from ``timing.yaml``: first start to last finish (each
+    invocation started at ``finished_utc - elapsed_s``), and each part's own span (shards run
+    side by side, so a part takes as long as its slowest shard). ``None`` with no entries.
+    Gaps between invocations count, so this is an upper bound on the evidence's cost."""
+    if not timing:
+        return None
+    intervals = []
+    for t in timing:
+        end = datetime.datetime.strptime(t["finished_utc"], _UTC_FORMAT)
+        intervals.append((t["part"], end - datetime.timedelta(seconds=t["elapsed_s"]), end))
+    parts: dict[str, float] = {}
+    for part in dict.fromkeys(p for p, _, _ in intervals):
+        mine = [(a, b) for p, a, b in intervals if p == part]
+        parts[part] = (max(b for _, b in mine) - min(a for a, _ in mine)).total_seconds()
+    start, end = min(a for _, a, _ in intervals), max(b for _, _, b in intervals)
+    return {
+        "start_utc": start.strftime(_UTC_FORMAT),
+        "end_utc": end.strftime(_UTC_FORMAT),
+        "elapsed_s": (end - start).total_seconds(),
+        "parts": parts,
+    }
+
+
 def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, timing) -> str:
     lines = ["# Evidence: can the methods be told apart?", ""]
     lines += [f"Regenerate this report from the runs: `{command}`", ""]
@@ -527,6 +555,16 @@ def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, t
                 f"| {t['part']} | `{t['command']}` | {t['elapsed_s']:.0f} | "
                 f"{t['executed']} / {t['skipped']} / {t['failed']} |"
             )
+        span = evidence_span(timing)
+        per_part = ", ".join(f"{p} {secs / 60:.1f} min" for p, secs in span["parts"].items())
+        lines += [
+            "",
+            (
+                f"All parts: from {span['start_utc']} to {span['end_utc']} UTC, "
+                f"**{span['elapsed_s'] / 60:.1f} min** ({per_part}; waits between invocations "
+                "count, the report part itself is not in `timing.yaml`)."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
