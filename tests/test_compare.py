@@ -3,6 +3,7 @@ steps) that the ablation switches change what they claim to change."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -198,6 +199,25 @@ def test_comparison_skips_finished_runs_and_resumes_interrupted_ones(model_dir, 
     )
     # one of two equal blocks in probation at seed 1 only: 1/6 of the time, mean over seeds
     assert "16.7%, 16.7%" in text
+
+
+def test_execute_runs_leaves_alone_a_run_that_another_process_holds(model_dir, tmp_path):
+    specs = compare.plan_runs(
+        CONFIG, ["adamw", "hacbo"], [0], tmp_path, [f"model.path={model_dir}"]
+    )
+    fake, held = FakeRun(), specs[0].run_dir
+    held.parent.mkdir(parents=True)
+    with open(compare.run_lock_path(held), "a") as f:  # another process running adamw seed 0
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        counts = compare.execute_runs(specs, run_fn=fake, log=lambda _: None, lock=True)
+        assert fake.calls == [("hacbo", 0, False)] and counts == (1, 1, 0)
+        assert not held.exists()  # not mistaken for a stale run and deleted
+        # without locking, the old behaviour: every unfinished run runs
+        compare.execute_runs(specs, run_fn=fake, log=lambda _: None)
+        assert fake.calls[-1] == ("adamw", 0, False)
+    (held / "summary.json").unlink()
+    # its holder exited (the kernel drops the lock): the run is free again
+    assert compare.execute_runs(specs, run_fn=fake, log=lambda _: None, lock=True) == (1, 1, 0)
 
 
 # ---- the switches, in real runs of a tiny model ---------------------------------------------

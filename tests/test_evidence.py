@@ -316,6 +316,19 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     assert "| adamw | none |" in text and "no controller" in text
 
 
+def test_a_shard_runs_its_own_runs_first_then_takes_the_others_not_started(model_dir, tmp_path):
+    out = tmp_path / "ev"
+    common = ["--out", str(out), f"model.path={model_dir}", "eval.limit=4", "eval.max_new_tokens=2"]
+    specs = evidence.tune_specs(evidence.DEFAULT_CONFIG, out, [f"model.path={model_dir}"])
+    fake = FakeRun()
+    assert evidence.main(["tune", "--shard", "1/3", *common], run_fn=fake) == 0
+    order = [*specs[1::3], *(s for i, s in enumerate(specs) if i % 3 != 1)]
+    assert fake.calls == [(s.method, s.seed, float(s.config.optim.lr)) for s in order]
+    fake.calls.clear()
+    assert evidence.main(["tune", "--shard", "0/3", *common], run_fn=fake) == 0
+    assert fake.calls == []  # nothing left: the first shard took every run
+
+
 def test_evidence_span_runs_from_the_first_start_to_the_last_finish():
     # two shards side by side, then one part later: start = finish - elapsed
     timing = [

@@ -36,12 +36,14 @@ every other method over the seeds both completed (``scipy.stats.ttest_rel``, alp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -188,48 +190,98 @@ def _record_timing(
     return timing
 
 
+def run_lock_path(run_dir: Path) -> Path:
+    """The lock file of a run: beside its directory, not in it (a stale run's directory is
+    deleted and made again while the lock is held)."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, enabled: bool) -> Iterator[bool]:
+    """Holds an exclusive ``flock`` on the run's lock file while the run executes; yields
+    False if another live process holds it. The kernel drops a lock when its holder exits, so
+    an interrupted run leaves no lock behind to clean up."""
+    if not enabled:
+        yield True
+        return
+    path = run_lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def execute_runs(
     specs: Sequence[RunSpec],
     *,
     run_fn: Callable[..., dict] | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] = print,
+    lock: bool = False,
 ) -> tuple[int, int, int]:
     """Runs every spec not finished before (see :func:`run_state`), one after another;
     returns (executed, skipped, failed). A run that raises is recorded in its directory's
-    ``FAILED_FILE`` and the others go on."""
+    ``FAILED_FILE`` and the others go on. With ``lock``, a run is taken only under an
+    exclusive lock (:func:`run_lock_path`), and one that another process holds is skipped:
+    several processes can then walk the same grid side by side, each taking the runs no other
+    has started."""
     run_fn = run_fn or _default_run_fn
     executed = skipped = failed = 0
     for i, spec in enumerate(specs, 1):
-        state = run_state(spec)
         tag = f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}"
-        if state == "done":
-            skipped += 1
-            log(f"{tag}: finished before, skipped")
-            continue
-        if state == "stale":
-            log(f"{tag}: {spec.run_dir} holds a run of another config; starting it afresh")
-            shutil.rmtree(spec.run_dir)
-        log(f"{tag}: {'resuming' if state == 'resume' else 'running'}")
-        t0 = time.perf_counter()
-        failed_path = spec.run_dir / FAILED_FILE
-        failed_path.unlink(missing_ok=True)
-        try:
-            summary = run_fn(spec.config, resume=state == "resume", show_progress=show_progress)
-        except Exception as e:  # one broken run must not stop the grid: record it, go on
-            error = f"{type(e).__name__}: {e}"
-            spec.run_dir.mkdir(parents=True, exist_ok=True)
-            failed_path.write_text(json.dumps({"error": error}) + "\n")
-            failed += 1
-            log(f"{tag}: FAILED ({error}); recorded in {failed_path}, the grid goes on")
-            continue
-        executed += 1
-        log(
-            f"{tag}: exact match {100 * summary['final_exact_match']:.1f}%, final loss "
-            f"{summary['final_train_loss']:.4f}{', DIVERGED' if summary['diverged'] else ''} "
-            f"({time.perf_counter() - t0:.0f} s)"
-        )
+        with _run_lock(spec.run_dir, lock) as mine:
+            if not mine:
+                skipped += 1
+                log(f"{tag}: running in another process, skipped")
+                continue
+            outcome = _execute_one(spec, tag, run_fn, show_progress, log)
+        executed += outcome == "executed"
+        skipped += outcome == "skipped"
+        failed += outcome == "failed"
     return executed, skipped, failed
+
+
+def _execute_one(
+    spec: RunSpec,
+    tag: str,
+    run_fn: Callable[..., dict],
+    show_progress: bool,
+    log: Callable[[str], None],
+) -> str:
+    """One run of :func:`execute_runs`: ``executed``, ``skipped`` (finished before) or
+    ``failed``."""
+    state = run_state(spec)
+    if state == "done":
+        log(f"{tag}: finished before, skipped")
+        return "skipped"
+    if state == "stale":
+        log(f"{tag}: {spec.run_dir} holds a run of another config; starting it afresh")
+        shutil.rmtree(spec.run_dir)
+    log(f"{tag}: {'resuming' if state == 'resume' else 'running'}")
+    t0 = time.perf_counter()
+    failed_path = spec.run_dir / FAILED_FILE
+    failed_path.unlink(missing_ok=True)
+    try:
+        summary = run_fn(spec.config, resume=state == "resume", show_progress=show_progress)
+    except Exception as e:  # one broken run must not stop the grid: record it, go on
+        error = f"{type(e).__name__}: {e}"
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        failed_path.write_text(json.dumps({"error": error}) + "\n")
+        log(f"{tag}: FAILED ({error}); recorded in {failed_path}, the grid goes on")
+        return "failed"
+    log(
+        f"{tag}: exact match {100 * summary['final_exact_match']:.1f}%, final loss "
+        f"{summary['final_train_loss']:.4f}{', DIVERGED' if summary['diverged'] else ''} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return "executed"
 
 
 def run_comparison(

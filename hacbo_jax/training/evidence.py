@@ -305,8 +305,9 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
     parser.add_argument(
         "--shard",
         default="0/1",
-        help="K/N: run only every N-th run of the part, from the K-th (N processes side by "
-        "side, e.g. one per core with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false)",
+        help="K/N: run every N-th run of the part, from the K-th, then any run of the part that "
+        "no other process has started (a lock file beside each run directory); for N processes "
+        "side by side, e.g. one per core with XLA_FLAGS=--xla_cpu_multi_thread_eigen=false",
     )
     add_overrides_argument(parser, "dotted overrides applied to every run")
     ns = parser.parse_intermixed_args(argv)  # overrides may follow the options
@@ -421,7 +422,10 @@ def main(
     k, n = parse_shard(args.shard)
     if args.part == "budget" and k == 0:
         ensure_base_eval(specs[0].config, args.out / "budget")
-    counts = execute_runs(specs[k::n], run_fn=run_fn)
+    # This shard's own runs first (every N-th), then any other shard's run that no process has
+    # started: shards that run out of work early help the others instead of waiting for them.
+    order = [*specs[k::n], *(spec for i, spec in enumerate(specs) if i % n != k)]
+    counts = execute_runs(order, run_fn=run_fn, lock=n > 1)
     elapsed = time.perf_counter() - started
     _record_part_time(args.out, args.part, command, elapsed, counts)
     if args.part == "tune" and all((s.run_dir / "summary.json").is_file() for s in specs):
