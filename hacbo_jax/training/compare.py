@@ -76,6 +76,7 @@ __all__ = [
     "COMPARED_METHODS",
     "LR_FALLBACK",
     "METHODS",
+    "UTC_TIME_FORMAT",
     "RunSpec",
     "enable_compilation_cache",
     "execute_runs",
@@ -154,6 +155,11 @@ def _default_run_fn(cfg: Config, *, resume: bool, show_progress: bool) -> dict:
     return run(cfg, resume=resume, show_progress=show_progress)
 
 
+# How the timing files (OUT/timing.json here, train.evidence's OUT/timing.yaml) write
+# ``finished_utc``, and how the evidence report reads it back.
+UTC_TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
 def _record_timing(
     out_dir: Path, specs: Sequence[RunSpec], command, elapsed: float, executed: int, skipped: int
 ) -> dict[str, str]:
@@ -167,7 +173,7 @@ def _record_timing(
             "executed": executed,
             "skipped": skipped,
             "elapsed_s": round(elapsed, 1),
-            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "finished_utc": time.strftime(UTC_TIME_FORMAT, time.gmtime()),
         }
     )
     timing_path.parent.mkdir(parents=True, exist_ok=True)

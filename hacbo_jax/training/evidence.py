@@ -42,7 +42,7 @@ from typing import Any
 import yaml
 
 from hacbo_jax.training.cli_common import add_overrides_argument, command_line, usage_error
-from hacbo_jax.training.compare import RunSpec, execute_runs
+from hacbo_jax.training.compare import UTC_TIME_FORMAT, RunSpec, execute_runs
 from hacbo_jax.training.compare_base import enable_compilation_cache, ensure_base_eval
 from hacbo_jax.training.config import ConfigError, load_config
 from hacbo_jax.training.methods import LR_FALLBACK, load_lrs, lr_for, method_overrides
@@ -392,7 +392,7 @@ def _record_part_time(out_dir: Path, part: str, command: str, elapsed: float, co
             "executed": executed,
             "skipped": skipped,
             "failed": failed,
-            "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+            "finished_utc": time.strftime(UTC_TIME_FORMAT, time.gmtime()),
         }
     )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ import numpy as np
 import yaml
 
 from hacbo_jax.training import report as report_lib
+from hacbo_jax.training.compare import UTC_TIME_FORMAT
 from hacbo_jax.training.compare_report import BASE_EVAL_FILE
 from hacbo_jax.training.compare_stats import block_parameter_counts, controlled_fraction
 from hacbo_jax.training.methods import load_lrs, lr_for
@@ -428,9 +429,6 @@ def _fmt_ci(ci: Sequence[float | None] | None, fmt: str = "{:.1f}") -> str:
     return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
 
 
-_UTC_FORMAT = "%Y-%m-%d %H:%M:%S"
-
-
 def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The whole evidence's wall time from ``timing.yaml``: first start to last finish (each
     invocation started at ``finished_utc - elapsed_s``), and each part's own span (shards run
@@ -440,7 +438,7 @@ def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     intervals = []
     for t in timing:
-        end = datetime.datetime.strptime(t["finished_utc"], _UTC_FORMAT)
+        end = datetime.datetime.strptime(t["finished_utc"], UTC_TIME_FORMAT)
         intervals.append((t["part"], end - datetime.timedelta(seconds=t["elapsed_s"]), end))
     parts: dict[str, float] = {}
     for part in dict.fromkeys(p for p, _, _ in intervals):
@@ -448,8 +446,8 @@ def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         parts[part] = (max(b for _, b in mine) - min(a for a, _ in mine)).total_seconds()
     start, end = min(a for _, a, _ in intervals), max(b for _, _, b in intervals)
     return {
-        "start_utc": start.strftime(_UTC_FORMAT),
-        "end_utc": end.strftime(_UTC_FORMAT),
+        "start_utc": start.strftime(UTC_TIME_FORMAT),
+        "end_utc": end.strftime(UTC_TIME_FORMAT),
         "elapsed_s": (end - start).total_seconds(),
         "parts": parts,
     }
