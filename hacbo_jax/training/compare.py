@@ -203,13 +203,10 @@ def run_lock_path(run_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Path, enabled: bool) -> Iterator[bool]:
+def _run_lock(run_dir: Path) -> Iterator[bool]:
     """Holds an exclusive ``flock`` on the run's lock file while the run executes; yields
     False if another live process holds it. The kernel drops a lock when its holder exits, so
     an interrupted run leaves no lock behind to clean up."""
-    if not enabled:
-        yield True
-        return
     path = run_lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -242,7 +239,7 @@ def execute_runs(
     executed = skipped = failed = 0
     for i, spec in enumerate(specs, 1):
         tag = f"[{i}/{len(specs)}] {spec.method} seed {spec.seed}"
-        with _run_lock(spec.run_dir, lock) as mine:
+        with _run_lock(spec.run_dir) if lock else contextlib.nullcontext(True) as mine:
             if not mine:
                 skipped += 1
                 log(f"{tag}: running in another process, skipped")
