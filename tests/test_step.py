@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -75,3 +76,40 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert float(schedule(100)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="warmup_steps=100"):
         learning_rate_schedule(1e-3, 100, 100)
+
+
+def test_runs_that_differ_only_in_their_rate_compile_one_program():
+    """The peak rate is a value in the optimiser state, not a constant of the compiled update,
+    so the cells of a learning-rate grid share compiled programs (JAX's persistent cache keys
+    on the program text); the updates and the step metric's rate still follow each run's rate
+    exactly as plain ``optax.adamw(schedule)`` does."""
+    from hacbo_jax.training.config.schema import OptimConfig
+    from hacbo_jax.training.step import applied_learning_rate
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones([4])}
+    grads = jax.tree.map(lambda p: 0.3 * p + 0.1, params)
+
+    def lowered_and_run(lr):
+        tx, schedule = OptimConfig(lr=lr, warmup_steps=2, clip_norm=None).build(10)
+        update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+        state = tx.init(params)
+        text = update.lower(grads, state, params).as_text()
+        rates, all_updates = [], []
+        for _ in range(4):
+            rates.append(float(applied_learning_rate(state, schedule)))
+            updates, state = update(grads, state, params)
+            all_updates.append(updates)
+        return text, rates, all_updates
+
+    text_a, rates_a, updates_a = lowered_and_run(1e-3)
+    text_b, rates_b, updates_b = lowered_and_run(4e-3)
+    assert text_a == text_b
+    reference = optax.adamw(learning_rate_schedule(4e-3, 2, 10), b1=0.9, b2=0.95, weight_decay=0.1)
+    state = reference.init(params)
+    for step, updates in enumerate(updates_b):
+        expected, state = reference.update(grads, state, params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            rates_b[step], float(learning_rate_schedule(4e-3, 2, 10)(step)), rtol=1e-6
+        )
+    np.testing.assert_allclose(rates_a, np.array(rates_b) / 4, rtol=1e-6)

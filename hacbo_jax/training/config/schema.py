@@ -145,10 +145,13 @@ class OptimConfig:
     ) -> tuple[Any, Any]:
         """``(optimiser, schedule)``: :func:`hacbo_jax.training.step.build_optimizer` with
         ``controller`` chained after AdamW (or wrapping it: a function ``adamw ->
-        transformation``), and the warm-up + cosine schedule over the run."""
+        transformation``), and the warm-up + cosine schedule over the run with peak 1: the peak
+        ``lr`` is a value in the optimiser state (``peak_lr``), so runs that differ only in
+        ``lr`` share compiled programs. Read the rate with
+        :func:`hacbo_jax.training.step.applied_learning_rate`."""
         from hacbo_jax.training.step import build_optimizer, learning_rate_schedule
 
-        schedule = learning_rate_schedule(self.lr, self.warmup_steps, total_steps)
+        schedule = learning_rate_schedule(1.0, self.warmup_steps, total_steps)
         if inject_lr:  # a driver (AutoLRS) sets the rate in the state: constant until it does
             schedule = lambda step: self.lr  # noqa: E731 (what the step metrics report)
         tx = build_optimizer(
@@ -159,6 +162,7 @@ class OptimConfig:
             clip_norm=self.clip_norm,
             controller=controller,
             inject_lr=inject_lr,
+            peak_lr=None if inject_lr else self.lr,
         )
         return tx, schedule
 
