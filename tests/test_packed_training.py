@@ -236,3 +236,21 @@ def test_step_layout_by_hand(length, max_rows, multiple, layout):
     assert np.count_nonzero(packed["segment_ids"]) == 8 * length
     with pytest.raises(ValueError, match="max_rows=3, row_multiple=2"):
         StepPacker.for_run(arrays, batch_size=8, seed=0, total_steps=1, max_rows=3, row_multiple=2)
+
+
+def test_runs_at_two_rates_lower_to_the_same_step_programs(tmp_path):
+    """A learning-rate grid's cells (here HACBO's) compile the same training step, so JAX's
+    persistent cache serves every cell after the first: the rate lives in the optimiser state
+    (``build_optimizer(peak_lr=...)``), not in the program."""
+    model_dir = make_tiny_checkpoint(tmp_path / "tiny_model")
+
+    def step_texts(lr):
+        overrides = quick_overrides(model_dir, tmp_path / f"run_{lr}", f"optim.lr={lr!r}")
+        parts = build_run(load_config(CONFIG, overrides))
+        indices = data_lib.EpochSampler(len(parts.task.train), 8, seed=0).next_indices()
+        batch, _ = parts.device_batch(indices)
+        dev_buffer = parts.device_dev_buffer()
+        assert parts.cfg.controller.kind == "hacbo"
+        return parts.train_steps.ordinary.lower(parts.state, batch, dev_buffer).as_text()
+
+    assert step_texts(1e-3) == step_texts(3e-3)

@@ -101,7 +101,7 @@ def test_runs_that_differ_only_in_their_rate_compile_one_program():
             all_updates.append(updates)
         return text, rates, all_updates
 
-    text_a, rates_a, updates_a = lowered_and_run(1e-3)
+    text_a, rates_a, _ = lowered_and_run(1e-3)
     text_b, rates_b, updates_b = lowered_and_run(4e-3)
     assert text_a == text_b
     reference = optax.adamw(learning_rate_schedule(4e-3, 2, 10), b1=0.9, b2=0.95, weight_decay=0.1)
