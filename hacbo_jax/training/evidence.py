@@ -87,7 +87,7 @@ STABILITY_LRS = (1e-4, 2e-3, 4e-2)
 # divergence"): 20 steps of 16 problems, a measurement every 5 steps, probation after 2
 # negative ones and BLAC's freezing from step 10 (so both are reachable: measurements at steps
 # 5, 10, 15 and 20), exact match on 100 problems. 20 steps, not 40, for the two hours of the
-# whole evidence: 81 runs of 20 steps took 39 minutes on two cores. The micro-dev buffer
+# whole evidence: 81 runs of 20 steps took 33 minutes on two cores. The micro-dev buffer
 # is refreshed at the paper's R = 500 steps, i.e. never within a run: a refresh decodes a batch
 # of candidates (a third of a controlled run's CPU time at R = 20) and does not bear on early
 # divergence.
