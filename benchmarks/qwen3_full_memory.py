@@ -10,8 +10,10 @@ own subprocess (its peak RSS, ``resource.getrusage``, is the figure):
   nothing for a second backward); a measurement is two programs, the dev gradient's
   ``dev_sign_sketch`` (one more forward/backward of the dev batch, two bits per coordinate out)
   and then the step with the signs as ``dev_grads`` (``--dev-pass in-step``: one program, the
-  dev gradient inside the controller's ``lax.cond`` via ``dev_grad_fn``). With K = 2 the
-  ordinary and measurement steps alternate, so every measurement call is due.
+  dev gradient inside the controller's ``lax.cond`` via ``dev_grad_fn``). The dev program
+  back-propagates to the controlled leaves only, as the trainer does (``--dev-grad all``: to
+  every parameter, the tied embedding too). With K = 2 the ordinary and measurement steps
+  alternate, so every measurement call is due.
 - ``jax-adagradselect``: AdaGradSelect (10% of blocks per step) wrapping AdamW: the dense JAX
   form, which computes every block's gradient and masks the update.
 - ``torch``: transformers' Qwen3ForCausalLM with gradient checkpointing and
@@ -23,7 +25,7 @@ a step above 5% of the cores is repeated (up to 3 times). Each side reports min 
 ``--steps`` (>= 7) timed steps; the parent prints the load average before and after.
 
     python benchmarks/qwen3_full_memory.py [--scan] [--remat full|dots|none] [--steps 7] [--memory-only]
-        [--dev-pass separate|in-step]
+        [--dev-pass separate|in-step] [--dev-grad controlled|all]
 """
 
 from __future__ import annotations
@@ -76,10 +78,15 @@ def run_jax(args, side: str) -> dict:
     import optax
     from flax import nnx
 
-    from hacbo_jax import adagradselect, dev_sign_sketch, hacbo
+    from hacbo_jax import adagradselect, controlled_leaves, dev_sign_sketch, hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
     from hacbo_jax.training.recipes import qwen3_labels
-    from hacbo_jax.training.step import Batch, answer_nll, chunked_answer_nll
+    from hacbo_jax.training.step import (
+        Batch,
+        answer_nll,
+        chunked_answer_nll,
+        restrict_to_controlled,
+    )
 
     config = Qwen3Config.qwen3_0_6b()
     # Initialised inside one jitted program, so no eager per-op temporaries.
@@ -139,7 +146,12 @@ def run_jax(args, side: str) -> dict:
         return jax.jit(step, donate_argnums=(0, 1))
 
     def dev_signs(params, dev_ids):
-        return dev_sign_sketch(jax.grad(loss_fn)(params, dev_ids))
+        if args.dev_grad == "all":
+            return dev_sign_sketch(jax.grad(loss_fn)(params, dev_ids))
+        # as the trainer: back-propagate to the leaves the controller reads (no embedding grad)
+        controlled = controlled_leaves(qwen3_labels(params), params)
+        loss_of_part, part = restrict_to_controlled(loss_fn, params, controlled)
+        return dev_sign_sketch(jax.grad(loss_of_part)(part, dev_ids), controlled)
 
     kinds = ["ordinary", "measurement"] if with_hacbo else ["ordinary"]
     compiled, compile_s, temp_gib = {}, {}, {}
@@ -236,6 +248,13 @@ def main():
         help="jax-hacbo: the dev gradient's signs in their own program (as the trainer), or the "
         "dev gradient inside the step's lax.cond",
     )
+    ap.add_argument(
+        "--dev-grad",
+        default="controlled",
+        choices=["controlled", "all"],
+        help="jax-hacbo, separate dev pass: back-propagate the dev batch to the controlled "
+        "leaves only (as the trainer), or to every parameter (the embedding too)",
+    )
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     ap.add_argument(
         "--memory-only",
@@ -259,7 +278,7 @@ def main():
         cmd += ["--steps", str(args.steps), "--remat", args.remat]
         cmd += ["--loss-chunk", str(args.loss_chunk)] + (["--scan"] if args.scan else [])
         cmd += ["--memory-only"] if args.memory_only else []
-        cmd += ["--dev-pass", args.dev_pass]
+        cmd += ["--dev-pass", args.dev_pass, "--dev-grad", args.dev_grad]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
@@ -276,7 +295,8 @@ def main():
         sys.exit("every side failed")
     print(
         f"Qwen3-0.6B (596M params, fp32), batch 1 x {args.seq}, AdamW; JAX: remat={args.remat}, "
-        f"scan_layers={args.scan}, loss chunk {args.loss_chunk}; HACBO dev pass {args.dev_pass}; "
+        f"scan_layers={args.scan}, loss chunk {args.loss_chunk}; HACBO dev pass {args.dev_pass} "
+        f"(dev gradient of {args.dev_grad} leaves); "
         f"{os.cpu_count()} CPU threads"
     )
     print(f"{'side / step kind':34}{'peak RSS GiB':>13}{'min s':>8}{'median s':>9}{'n':>4}")

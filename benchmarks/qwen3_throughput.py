@@ -9,11 +9,13 @@ analysis), the fp32 matmul rate of both libraries measured in the same run, and 
 that rate the step achieves.
 
     python benchmarks/qwen3_throughput.py [--layers 4 --hidden 256 --batch 8 --seq 256 --steps 7]
+        [--model-kw '{"scan_layers": true}']
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -80,6 +82,11 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=protocol.MIN_STEPS)
+    ap.add_argument(
+        "--model-kw",
+        default="{}",
+        help="JSON keyword arguments of our model, e.g. '{\"scan_layers\": true}'",
+    )
     args = ap.parse_args()
     watch = protocol.LoadWatch("qwen3_throughput")
     torch.set_num_threads(os.cpu_count() or 1)
@@ -98,7 +105,7 @@ def main():
     hf = transformers.Qwen3ForCausalLM(cfg).train()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = Qwen3ForCausalLM.from_pretrained(d)
+        model = Qwen3ForCausalLM.from_pretrained(d, **json.loads(args.model_kw))
     ids = np.random.RandomState(0).randint(0, args.vocab, (args.batch, args.seq))
     tokens = args.batch * args.seq
 
@@ -134,7 +141,7 @@ def main():
         f"x{args.head_dim}, intermediate {args.intermediate}, vocab {args.vocab}; "
         f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side, "
         f"interleaved; {os.cpu_count()} CPU threads; jax {jax.__version__}, "
-        f"torch {torch.__version__}"
+        f"torch {torch.__version__}; our model options {args.model_kw}"
     )
     print("\n".join(result.summary_lines()))
     print(f"{'':14}{'tokens/s (min)':>16}{'tokens/s (median)':>19}")

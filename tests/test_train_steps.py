@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hacbo_jax.controllers import controlled_leaves, dev_sign_sketch
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.training.controller_registry import (
     HACBOConfig,
@@ -23,6 +24,7 @@ from hacbo_jax.training.step import (
     TrainState,
     build_optimizer,
     learning_rate_schedule,
+    make_dev_signs_fn,
     make_train_step,
     make_train_steps,
 )
@@ -35,7 +37,7 @@ STEPS = 7
 
 
 @pytest.fixture(scope="module")
-def setup():
+def tiny():
     config = Qwen3Config(
         vocab_size=53,
         hidden_size=16,
@@ -77,7 +79,19 @@ def setup():
     )
     plain = make_train_step(graphdef, rest, plain_tx, schedule, uses_dev_grads=False, **common)
     plain_state = state._replace(opt_state=plain_tx.init(params))
-    return steps, single, state, batches, dev_buffer, (plain, plain_state)
+    setup = steps, single, state, batches, dev_buffer, (plain, plain_state)
+    return setup, {
+        "graphdef": graphdef,
+        "rest": rest,
+        "tx": tx,
+        "schedule": schedule,
+        "common": common,
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    return tiny[0]
 
 
 def _run_two_functions(steps, state, batches, dev_buffer):
@@ -157,3 +171,50 @@ def test_the_ordinary_step_traces_no_dev_backward(setup):
     # forward and one backward); the measurement step adds the dev forward and backward.
     assert ordinary == without_controller
     assert measurement == 2 * without_controller
+
+
+def test_a_dev_program_of_the_controlled_leaves_skips_the_head_gradient(tiny):
+    # The controllers read the dev gradient of controlled leaves only: the dev program that
+    # differentiates just those computes no gradient of the tied embedding / LM head (one matrix
+    # product fewer: on Qwen3-0.6B 0.58 GiB of fp32 gradient and 2 x 512 x 1024 x 151936 FLOPs
+    # a row), returns an empty sketch there, and the run measures exactly as before.
+    (_, single, state, batches, dev_buffer, _), parts = tiny
+    controlled = controlled_leaves(qwen3_labels(state.params), state.params)
+    assert not controlled["model"]["embed_tokens"]["weight"]
+    assert controlled["model"]["layers"][0]["mlp"]["up_proj"]["kernel"]
+    g, r = parts["graphdef"], parts["rest"]
+    full = make_dev_signs_fn(g, r, dev_batch_size=2)
+    restricted = make_dev_signs_fn(g, r, dev_batch_size=2, controlled=controlled)
+    assert _dot_count(restricted, state, dev_buffer) == _dot_count(full, state, dev_buffer) - 1
+
+    sketch, full_sketch = restricted(state, dev_buffer), full(state, dev_buffer)
+    for mask, got, want in zip(
+        jax.tree.leaves(controlled), jax.tree.leaves(sketch), jax.tree.leaves(full_sketch)
+    ):
+        assert got.dtype == jnp.uint8
+        if mask:
+            np.testing.assert_array_equal(got, want)
+        else:
+            assert got.shape == (0, 0)
+    # dev_sign_sketch with the same mask gives the same tree from a full gradient
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        dev_sign_sketch(grads, controlled), jax.eval_shape(lambda: sketch)
+    )
+
+    steps_c = make_train_steps(
+        g,
+        r,
+        parts["tx"],
+        parts["schedule"],
+        interval=K,
+        controlled=controlled,
+        **parts["common"],
+    )
+    reference = state
+    for batch in batches:
+        reference, _ = single(reference, batch, dev_buffer)
+    new, _ = _run_two_functions(steps_c, state, batches, dev_buffer)
+    chex.assert_trees_all_close(new.params, reference.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(new.opt_state, reference.opt_state, rtol=1e-6, atol=1e-7)
+    assert int(find_controller_state(new.opt_state).skipped_measurements) == 0

@@ -3,6 +3,7 @@
 from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
 from hacbo_jax.controllers.compose import (
     accumulate_gradients,
+    controlled_leaves,
     dev_sign_sketch,
     train_grads_from_updates,
 )
@@ -20,4 +21,5 @@ __all__ = [
     "accumulate_gradients",
     "train_grads_from_updates",
     "dev_sign_sketch",
+    "controlled_leaves",
 ]

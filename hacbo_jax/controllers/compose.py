@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from hacbo_jax.controllers._groups import pack_sign_codes
+from hacbo_jax.controllers._groups import UNCONTROLLED, pack_sign_codes, resolve_layout
 
 PyTree = Any
 
@@ -76,7 +77,26 @@ def accumulate_gradients(
     return optax.GradientTransformationExtraArgs(multi.init, update_fn)
 
 
-def dev_sign_sketch(dev_grads: PyTree) -> PyTree:
+def controlled_leaves(labels: Any, params: PyTree) -> PyTree:
+    """A tree like ``params`` with True at every leaf that HACBO or BLAC over ``labels``
+    controls (``"{block}/{submodule}"`` or ``"*/{submodule}"``) and False elsewhere (for example
+    the embeddings and the final norm of :func:`~hacbo_jax.training.recipes.qwen3_labels`).
+
+    The controllers read nothing of the other leaves' gradients: a dev gradient taken with
+    respect to the controlled leaves only (``make_dev_signs_fn(..., controlled=...)``) measures
+    exactly as the full one does and skips, on a model with tied embeddings, the vocabulary
+    projection's weight gradient.
+    """
+    layout = resolve_layout(labels, params, None, allow_stacked=True)
+    return layout.treedef.unflatten([b != UNCONTROLLED for b in layout.leaf_block])
+
+
+# The sketch of a leaf no controller reads (dev_sign_sketch with ``controlled``).
+def _empty_sketch() -> jax.Array:
+    return jnp.zeros((0, 0), jnp.uint8)
+
+
+def dev_sign_sketch(dev_grads: PyTree, controlled: PyTree | None = None) -> PyTree:
     """The dev gradient as its signs, two bits per coordinate: each leaf becomes
     ``uint8[rows, ceil(n / 4)]`` (:func:`~hacbo_jax.controllers._groups.sketch_shape`: the
     leading, block, axis kept, the rest flattened), codes 0 for zero, 1 for positive, 2 for
@@ -89,8 +109,14 @@ def dev_sign_sketch(dev_grads: PyTree) -> PyTree:
     measurement is skipped just the same. Its use: compute the sketch in its own jitted program
     before the training step, which then holds a sixteenth of an fp32 gradient instead of a
     second one (the two programs' peaks do not add up). The statistics unpack it slice by slice.
+    With ``controlled`` (:func:`controlled_leaves`), the leaves marked False become an empty
+    ``uint8[0, 0]`` (the controllers never read them) and may be None in ``dev_grads``.
     (Packed bits rather than one int8 a coordinate: on Qwen3-0.6B the int8 sketch was 0.55 GiB,
     6.7% of the HACBO run's peak above plain AdamW's; float8, which could hold NaN, is worse:
     XLA's CPU backend converts a float8 array to float32 whole.)
     """
-    return jax.tree.map(pack_sign_codes, dev_grads)
+    if controlled is None:
+        return jax.tree.map(pack_sign_codes, dev_grads)
+    return jax.tree.map(
+        lambda keep, g: pack_sign_codes(g) if keep else _empty_sketch(), controlled, dev_grads
+    )

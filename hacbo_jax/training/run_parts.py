@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hacbo_jax.controllers import controlled_leaves
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
 from hacbo_jax.training import data as data_lib
 from hacbo_jax.training import distributed
@@ -277,8 +278,9 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
     del model
+    labels = qwen3_labels(params)
     controller = cfg.controller.build(
-        qwen3_labels(params), steps_per_epoch=cfg.steps_per_epoch(len(task.train)), seed=cfg.seed
+        labels, steps_per_epoch=cfg.steps_per_epoch(len(task.train)), seed=cfg.seed
     )
     tx, schedule = cfg.optim.build(total_steps, controller, inject_lr=inject_lr)
     rng = jax.random.key_data(jax.random.key(cfg.seed))
@@ -289,15 +291,18 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
         shardings = step_shardings(mesh, abstract, dev_batch_size=cfg.microdev.batch_size)
     state = _initial_state(tx, params, rng, shardings)
+    interval = cfg.controller.interval if measures(cfg.controller.kind) else None
     train_steps = make_train_steps(
         graphdef,
         rest,
         tx,
         schedule,
-        interval=cfg.controller.interval if measures(cfg.controller.kind) else None,
+        interval=interval,
         dev_batch_size=cfg.microdev.batch_size,  # <= microdev.size, checked by the config
         shardings=shardings,
         logits_chunk=cfg.model.logits_chunk,
+        # the dev program back-propagates only to what the controller reads
+        controlled=None if interval is None else controlled_leaves(labels, params),
     )
     eval_loss = make_eval_loss(
         make_loss_fn(graphdef, rest, logits_chunk=cfg.model.logits_chunk),

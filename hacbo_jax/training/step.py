@@ -332,6 +332,7 @@ def make_train_step(
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
     dev_signs_argument: bool = False,
+    controlled: Any = None,
 ) -> Callable[..., tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
@@ -342,7 +343,8 @@ def make_train_step(
     ``dev_signs_argument`` (with ``uses_dev_grads``): the step takes a fourth argument, the dev
     gradient's :func:`~hacbo_jax.controllers.compose.dev_sign_sketch` from
     :func:`make_dev_signs_fn`, and gives it to the controller as ``dev_grads`` (no dev backward
-    in this program).
+    in this program); ``controlled``: the mask that program was made with (its empty sketches
+    are placed replicated on a mesh).
 
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
     :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
@@ -390,7 +392,7 @@ def make_train_step(
         return jax.jit(step_fn, donate_argnums=donate_argnums)
     in_shardings = (shardings.state, shardings.batch, shardings.dev_buffer)
     if takes_dev_signs:
-        in_shardings += (sketch_shardings(shardings.state.params),)
+        in_shardings += (sketch_shardings(shardings.state.params, controlled),)
     return jax.jit(
         step_fn,
         donate_argnums=donate_argnums,
@@ -399,16 +401,26 @@ def make_train_step(
     )
 
 
-def _dev_gradient(loss_fn, dev_batch_size: int, shardings: StepShardings | None):
+def _dev_gradient(
+    loss_fn,
+    dev_batch_size: int,
+    shardings: StepShardings | None,
+    controlled: Any = None,
+):
     """(constrain_grads, dev_grad): ``dev_grad(params, dev_key, dev_buffer)`` draws
     ``dev_batch_size`` distinct examples of the buffer with ``dev_key`` and returns their mean
-    gradient (on a mesh: the batch and the gradient constrained like the training ones)."""
+    gradient (on a mesh: the batch and the gradient constrained like the training ones).
+
+    With ``controlled`` (a bool tree like the params), only the leaves marked True are
+    differentiated; the others are constants of the loss and are None in the returned gradient.
+    """
+    param_shardings = None if shardings is None else shardings.state.params
+    if controlled is not None and param_shardings is not None:
+        param_shardings = _controlled_part(param_shardings, controlled)
     if shardings is None:
         constrain_grads = constrain_dev = lambda tree: tree
     else:
-        constrain_grads = lambda grads: jax.lax.with_sharding_constraint(
-            grads, shardings.state.params
-        )
+        constrain_grads = lambda grads: jax.lax.with_sharding_constraint(grads, param_shardings)
         constrain_dev = (
             (lambda dev: dev)
             if shardings.dev_batch is None
@@ -419,9 +431,33 @@ def _dev_gradient(loss_fn, dev_batch_size: int, shardings: StepShardings | None)
         n_dev = dev_buffer.input_ids.shape[0]
         idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
         dev = constrain_dev(jax.tree.map(lambda x: x[idx][None], dev_buffer))
-        return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
+        if controlled is None:
+            return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
+        loss_of_part, part = restrict_to_controlled(loss_fn, params, controlled)
+        return _mean_gradient(loss_of_part, part, dev, constrain_grads)[2]
 
     return constrain_grads, dev_grad
+
+
+def _controlled_part(tree: Any, controlled: Any) -> Any:
+    """``tree`` with None at the leaves ``controlled`` marks False (JAX skips None subtrees)."""
+    return jax.tree.map(lambda x, keep: x if keep else None, tree, controlled)
+
+
+def restrict_to_controlled(
+    fn: Callable[..., Any], params: Any, controlled: Any
+) -> tuple[Callable[..., Any], Any]:
+    """``(fn_of_part, part)``: ``part`` is ``params`` with None at the leaves ``controlled``
+    marks False, and ``fn_of_part(part, *args) = fn(params with part's leaves, *args)``. The
+    other leaves are constants of ``fn_of_part``, so ``jax.grad(fn_of_part)(part, ...)`` computes
+    no gradient for them (a tree with None there, as
+    :func:`~hacbo_jax.controllers.compose.dev_sign_sketch` with ``controlled`` takes it)."""
+
+    def fn_of_part(part: Any, *args: Any) -> Any:
+        merged = jax.tree.map(lambda keep, p, q: q if keep else p, controlled, params, part)
+        return fn(merged, *args)
+
+    return fn_of_part, _controlled_part(params, controlled)
 
 
 def make_dev_signs_fn(
@@ -431,6 +467,7 @@ def make_dev_signs_fn(
     dev_batch_size: int,
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
+    controlled: Any = None,
 ) -> Callable[[TrainState, Batch], Any]:
     """The jitted ``(state, dev_buffer) -> dev_sign_sketch(dev gradient)`` of the next step.
 
@@ -439,34 +476,43 @@ def make_dev_signs_fn(
     its own it never holds the training gradient, and the measurement step that receives its
     output holds two bits per coordinate instead of a second fp32 gradient (issue 10: on
     Qwen3-0.6B the measurement step's peak comes down to the ordinary step's plus the sketch).
+
+    ``controlled`` (:func:`~hacbo_jax.controllers.compose.controlled_leaves` of the controller's
+    labels): back-propagate to the controlled leaves only; the others' sketches are empty. The
+    controllers read nothing else, so the measurement is the same, and no gradient of the
+    embeddings is computed: with tied embeddings that is the vocabulary projection's weight
+    gradient (on Qwen3-0.6B a 0.58 GiB fp32 leaf and a third of the head's backward FLOPs).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
-    _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
+    _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings, controlled)
 
     def dev_signs_fn(state: TrainState, dev_buffer: Batch):
         _, dev_key = jax.random.split(state.rng)
-        return dev_sign_sketch(dev_grad(state.params, dev_key, dev_buffer))
+        return dev_sign_sketch(dev_grad(state.params, dev_key, dev_buffer), controlled)
 
     if shardings is None:
         return jax.jit(dev_signs_fn)
     return jax.jit(
         dev_signs_fn,
         in_shardings=(shardings.state, shardings.dev_buffer),
-        out_shardings=sketch_shardings(shardings.state.params),
+        out_shardings=sketch_shardings(shardings.state.params, controlled),
     )
 
 
-def sketch_shardings(param_shardings: Any) -> Any:
+def sketch_shardings(param_shardings: Any, controlled: Any = None) -> Any:
     """Shardings of :func:`~hacbo_jax.controllers.compose.dev_sign_sketch`'s uint8 [rows, bytes]
     leaves: each parameter's leading-axis sharding on the rows (a stacked leaf's block axis),
     the packed bytes replicated. (A parameter sharded on a later axis gets a replicated sketch:
-    a sixteenth of its fp32 size on every device.)"""
+    a sixteenth of its fp32 size on every device.) With ``controlled``, the empty sketches of
+    the uncontrolled leaves are replicated."""
 
-    def one(sharding: NamedSharding) -> NamedSharding:
-        lead = sharding.spec[0] if len(sharding.spec) else None
+    def one(sharding: NamedSharding, keep: bool = True) -> NamedSharding:
+        lead = sharding.spec[0] if len(sharding.spec) and keep else None
         return NamedSharding(sharding.mesh, PartitionSpec(lead, None))
 
-    return jax.tree.map(one, param_shardings)
+    if controlled is None:
+        return jax.tree.map(one, param_shardings)
+    return jax.tree.map(one, param_shardings, controlled)
 
 
 def _controller_count(opt_state: Any) -> jax.Array:
@@ -511,6 +557,7 @@ def make_train_steps(
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
     separate_dev_pass: bool = True,
+    controlled: Any = None,
 ) -> TrainSteps:
     """:class:`TrainSteps` of a run: ``interval`` = the measuring controller's K, or None (no
     controller, or one that takes no dev gradient: one compiled step serves as both).
@@ -518,7 +565,9 @@ def make_train_steps(
     ``separate_dev_pass`` (default): the measurement is two programs, :func:`make_dev_signs_fn`
     and then the step with the signs as its fourth argument, so a full fp32 dev gradient and the
     training gradient never coexist. False: one program, the dev gradient inside the
-    controller's ``lax.cond`` (the same numbers; a higher peak).
+    controller's ``lax.cond`` (the same numbers; a higher peak). ``controlled`` (a bool tree
+    like the params, :func:`~hacbo_jax.controllers.compose.controlled_leaves`): the separate
+    dev program back-propagates to the controlled leaves only (the same measurement, less work).
     """
     make = lambda uses_dev_grads, dev_signs_argument=False: make_train_step(
         graphdef,
@@ -531,6 +580,7 @@ def make_train_steps(
         shardings=shardings,
         logits_chunk=logits_chunk,
         dev_signs_argument=dev_signs_argument,
+        controlled=controlled,
     )
     ordinary = make(False)
     if interval is None:
@@ -543,6 +593,7 @@ def make_train_steps(
         dev_batch_size=dev_batch_size,
         shardings=shardings,
         logits_chunk=logits_chunk,
+        controlled=controlled,
     )
     measuring_step = make(True, dev_signs_argument=True)
 
