@@ -2,7 +2,8 @@
 
 One training step = forward, next-token cross-entropy, backward, AdamW update. Both sides use
 the same small config, the same weights (ours are loaded from the checkpoint transformers
-wrote) and the same batch. Timed by the protocol of ``benchmarks/protocol.py`` (load average
+wrote) and the same batch; ours is the step as the trainer compiles it (the library's loss,
+state donated), and the script prints both sides' loss at the shared weights. Timed by the protocol of ``benchmarks/protocol.py`` (load average
 before and after, sides interleaved, min and median of >= 7 steps, contaminated rounds retried).
 Prints tokens/s of each side, the ratio (ours / PyTorch), the step's FLOPs (XLA's cost
 analysis), the fp32 matmul rate of both libraries measured in the same run, and the fraction of
@@ -30,26 +31,33 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
+from hacbo_jax.training.step import Batch, make_loss_fn  # noqa: E402
 
 import protocol  # noqa: E402  (benchmarks/protocol.py)
 
 
 def jax_step_fn(model, lr):
+    """The step as the trainer compiles it: the library's loss (:func:`make_loss_fn`: targets
+    shifted, the last position weighted 0, the mean over the counted positions, which is what
+    transformers' ``labels=ids`` loss computes; it shifts the labels, not the logits), AdamW,
+    and params and optimiser state donated (PyTorch updates in place)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(lr, weight_decay=0.0)
     opt_state = tx.init(params)
+    nll = make_loss_fn(graphdef, rest)
 
     def loss_fn(params, ids):
-        logits = nnx.merge(graphdef, params, rest)(ids)
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+        weights = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
+        total, count = nll(params, Batch(ids, jnp.ones_like(ids), targets, weights))
+        return total / count
 
-    @jax.jit
     def step(params, opt_state, ids):
         loss, grads = jax.value_and_grad(loss_fn)(params, ids)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return step, params, opt_state
+    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state
 
 
 def matmul_rates(m: int, k: int, n: int, steps: int) -> dict[str, float]:
@@ -132,6 +140,11 @@ def main():
     flops = (
         step.lower(state[0], state[1], j_ids).compile().cost_analysis().get("flops", float("nan"))
     )
+    # The same loss on both sides before any update (same weights, same batch); the JAX step
+    # gets a copy of the state, which it donates.
+    jax_loss = float(step(*jax.tree.map(jnp.copy, (state[0], state[1])), j_ids)[2])
+    with torch.no_grad():
+        torch_loss = float(hf(t_ids, labels=t_ids).loss)
     result = protocol.interleaved({"jax (ours)": jax_step, "pytorch": torch_step}, steps=args.steps)
     rates = matmul_rates(tokens, args.hidden, args.vocab, args.steps)
     clean = watch.finish()
@@ -142,6 +155,10 @@ def main():
         f"batch {args.batch} x {args.seq} tokens; {args.steps} timed steps per side, "
         f"interleaved; {os.cpu_count()} CPU threads; jax {jax.__version__}, "
         f"torch {torch.__version__}; our model options {args.model_kw}"
+    )
+    print(
+        f"loss at the shared initial weights: ours {jax_loss:.6f}, pytorch {torch_loss:.6f} "
+        f"(|diff| {abs(jax_loss - torch_loss):.1e})"
     )
     print("\n".join(result.summary_lines()))
     print(f"{'':14}{'tokens/s (min)':>16}{'tokens/s (median)':>19}")
