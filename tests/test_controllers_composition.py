@@ -284,3 +284,49 @@ def test_flax_nnx_state_params():
     chex.assert_trees_all_equal_structs(updates, params)
     new_params = optax.apply_updates(params, updates)
     chex.assert_tree_all_finite(new_params)
+
+
+@pytest.mark.parametrize("controller", [hacbo, blac])
+def test_a_dev_gradient_of_the_controlled_leaves_measures_like_the_full_one(controller):
+    # controlled_leaves marks what the controller reads; the dev gradient taken with respect to
+    # those leaves only (the others constants: None in the gradient, an empty sketch) measures
+    # exactly as the full dev gradient does.
+    from hacbo_jax import controlled_leaves, dev_sign_sketch
+    from hacbo_jax.training.step import restrict_to_controlled
+
+    params = init_params()
+    labels = label_by_rules(params, RULES)
+    controlled = controlled_leaves(labels, params)
+    assert controlled["emb"] is False
+    assert all(block["w"] and block["ln"] for block in controlled["blocks"])
+
+    tx = controller(labels, interval=1)
+    state = tx.init(params)
+    grads = jax.grad(loss)(params, batch(0))
+    full_dev = jax.grad(loss)(params, batch(1))
+    loss_of_part, part = restrict_to_controlled(loss, params, controlled)
+    assert part["emb"] is None
+    part_dev = jax.grad(loss_of_part)(part, batch(1))
+    assert part_dev["emb"] is None
+    chex.assert_trees_all_close(part_dev["blocks"], full_dev["blocks"])
+    sketch = dev_sign_sketch(part_dev, controlled)
+    assert sketch["emb"].shape == (0, 0) and sketch["emb"].dtype == jnp.uint8
+
+    update = jax.jit(lambda d: tx.update(grads, state, params, train_grads=grads, dev_grads=d))
+    want_updates, want_state = update(full_dev)
+    got_updates, got_state = update(sketch)
+    chex.assert_trees_all_equal(got_updates, want_updates)
+    chex.assert_trees_all_equal(got_state, want_state)
+
+
+def test_controlled_leaves_of_a_stacked_label_tree():
+    from hacbo_jax import controlled_leaves
+
+    params = {"emb": jnp.zeros(3), "layers": {"w": jnp.zeros((4, 3, 3)), "ln": jnp.zeros((4, 3))}}
+    labels = {"emb": "other", "layers": {"w": "*/w", "ln": "*/ln"}}
+    assert controlled_leaves(labels, params) == {
+        "emb": False,
+        "layers": {"w": True, "ln": True},
+    }
+    with pytest.raises(ValueError, match="nothing to control"):
+        controlled_leaves({"emb": "other", "layers": {"w": "x", "ln": "y"}}, params)
