@@ -31,29 +31,28 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
-from hacbo_jax.training.step import Batch, make_loss_fn  # noqa: E402
+from hacbo_jax.training.pretrain_base import lm_batch  # noqa: E402
+from hacbo_jax.training.step import make_loss_fn  # noqa: E402
 
 import protocol  # noqa: E402  (benchmarks/protocol.py)
 
 
 def jax_step_fn(model, lr):
-    """The step as the trainer compiles it: the library's loss (:func:`make_loss_fn`: targets
-    shifted, the last position weighted 0, the mean over the counted positions, which is what
-    transformers' ``labels=ids`` loss computes; it shifts the labels, not the logits), AdamW,
-    and params and optimiser state donated (PyTorch updates in place)."""
+    """The step as the trainer compiles it: the library's loss (:func:`make_loss_fn` of an
+    :func:`lm_batch`: targets shifted, the last position weighted 0, the mean over the counted
+    positions, which is what transformers' ``labels=ids`` loss computes; it shifts the labels,
+    not the logits), AdamW, and params and optimiser state donated (PyTorch updates in place)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optax.adamw(lr, weight_decay=0.0)
     opt_state = tx.init(params)
     nll = make_loss_fn(graphdef, rest)
 
-    def loss_fn(params, ids):
-        targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-        weights = jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0.0)
-        total, count = nll(params, Batch(ids, jnp.ones_like(ids), targets, weights))
+    def loss_fn(params, batch):
+        total, count = nll(params, batch)
         return total / count
 
-    def step(params, opt_state, ids):
-        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -129,20 +128,21 @@ def main():
         return loss
 
     step, params, opt_state = jax_step_fn(model, 1e-4)
-    j_ids = jnp.asarray(ids, jnp.int32)
+    # every position counts but the last (no next token): one micro-batch of lm_batch
+    j_batch = jax.tree.map(lambda x: x[0], lm_batch(ids.astype(np.int32), np.ones_like(ids)))
     state = [params, opt_state]
 
     def jax_step():
-        state[0], state[1], loss = step(state[0], state[1], j_ids)
+        state[0], state[1], loss = step(state[0], state[1], j_batch)
         jax.block_until_ready(loss)
 
     # FLOPs of one step as XLA counts them (forward + backward + AdamW).
     flops = (
-        step.lower(state[0], state[1], j_ids).compile().cost_analysis().get("flops", float("nan"))
+        step.lower(state[0], state[1], j_batch).compile().cost_analysis().get("flops", float("nan"))
     )
     # The same loss on both sides before any update (same weights, same batch); the JAX step
     # gets a copy of the state, which it donates.
-    jax_loss = float(step(*jax.tree.map(jnp.copy, (state[0], state[1])), j_ids)[2])
+    jax_loss = float(step(*jax.tree.map(jnp.copy, (state[0], state[1])), j_batch)[2])
     with torch.no_grad():
         torch_loss = float(hf(t_ids, labels=t_ids).loss)
     result = protocol.interleaved({"jax (ours)": jax_step, "pytorch": torch_step}, steps=args.steps)
