@@ -104,10 +104,11 @@ def run_jax(args, side: str) -> dict:
     del model
     with_hacbo = side == "jax-hacbo"
     adamw = optax.adamw(1e-5, weight_decay=0.0)
+    labels = qwen3_labels(params)
     if with_hacbo:
-        tx = optax.chain(adamw, hacbo(qwen3_labels(params), interval=2))
+        tx = optax.chain(adamw, hacbo(labels, interval=2))
     elif side == "jax-adagradselect":  # the paper's 10% of blocks per step, wrapping AdamW
-        tx = adagradselect(qwen3_labels(params), adamw, pct=0.1, steps_per_epoch=100, seed=0)
+        tx = adagradselect(labels, adamw, pct=0.1, steps_per_epoch=100, seed=0)
     else:
         tx = adamw
     opt_state = tx.init(params)
@@ -149,7 +150,7 @@ def run_jax(args, side: str) -> dict:
         if args.dev_grad == "all":
             return dev_sign_sketch(jax.grad(loss_fn)(params, dev_ids))
         # as the trainer: back-propagate to the leaves the controller reads (no embedding grad)
-        controlled = controlled_leaves(qwen3_labels(params), params)
+        controlled = controlled_leaves(labels, params)
         loss_of_part, part = restrict_to_controlled(loss_fn, params, controlled)
         return dev_sign_sketch(jax.grad(loss_of_part)(part, dev_ids), controlled)
 

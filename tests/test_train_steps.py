@@ -104,15 +104,19 @@ def _run_two_functions(steps, state, batches, dev_buffer):
     return state, picked
 
 
+def _run_single_step(single, state, batches, dev_buffer):
+    for batch in batches:
+        state, _ = single(state, batch, dev_buffer)
+    return state
+
+
 def _nan_batch(batch):
     return batch._replace(loss_mask=batch.loss_mask.at[0, 0, 4].set(jnp.nan))
 
 
 def test_two_functions_equal_the_single_step_when_no_step_is_skipped(setup):
     steps, single, state, batches, dev_buffer, _ = setup
-    reference = state
-    for batch in batches:
-        reference, _ = single(reference, batch, dev_buffer)
+    reference = _run_single_step(single, state, batches, dev_buffer)
     new, picked = _run_two_functions(steps, state, batches, dev_buffer)
     assert picked == [t % K == 0 for t in range(1, STEPS + 1)]
     chex.assert_trees_all_close(new.params, reference.params, rtol=1e-6, atol=1e-7)
@@ -211,9 +215,7 @@ def test_a_dev_program_of_the_controlled_leaves_skips_the_head_gradient(tiny):
         controlled=controlled,
         **parts["common"],
     )
-    reference = state
-    for batch in batches:
-        reference, _ = single(reference, batch, dev_buffer)
+    reference = _run_single_step(single, state, batches, dev_buffer)
     new, _ = _run_two_functions(steps_c, state, batches, dev_buffer)
     chex.assert_trees_all_close(new.params, reference.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(new.opt_state, reference.opt_state, rtol=1e-6, atol=1e-7)
