@@ -16,6 +16,7 @@ that rate the step achieves.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import tempfile
@@ -59,6 +60,29 @@ def jax_step_fn(model, lr):
     return jax.jit(step, donate_argnums=(0, 1)), params, opt_state
 
 
+def parse_model_kw(ap: argparse.ArgumentParser, text: str) -> dict:
+    """``--model-kw`` as a dict of ``Qwen3ForCausalLM.from_pretrained`` keywords, or an
+    argparse error (exit 2) naming what is wrong and what is allowed."""
+    allowed = sorted(
+        name
+        for name in inspect.signature(Qwen3ForCausalLM.from_pretrained).parameters
+        if name not in ("cls", "path_or_hub_id")
+    )
+    try:
+        kw = json.loads(text)
+    except json.JSONDecodeError as err:
+        ap.error(
+            f"--model-kw {text!r} is not JSON ({err}); give an object such as "
+            "'{\"scan_layers\": true}'"
+        )
+    if not isinstance(kw, dict):
+        ap.error(f"--model-kw {text!r} must be a JSON object of keywords, one of {allowed}")
+    unknown = sorted(set(kw) - set(allowed))
+    if unknown:
+        ap.error(f"--model-kw has unknown keys {unknown}; allowed: {allowed}")
+    return kw
+
+
 def matmul_rates(m: int, k: int, n: int, steps: int) -> dict[str, float]:
     """GFLOP/s of one [m, k] x [k, n] fp32 matmul on each side (the step's matmul-bound limit)."""
     a = np.random.RandomState(1).standard_normal((m, k)).astype(np.float32)
@@ -95,6 +119,7 @@ def main():
         help="JSON keyword arguments of our model, e.g. '{\"scan_layers\": true}'",
     )
     args = ap.parse_args()
+    model_kw = parse_model_kw(ap, args.model_kw)
     watch = protocol.LoadWatch("qwen3_throughput")
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -112,7 +137,7 @@ def main():
     hf = transformers.Qwen3ForCausalLM(cfg).train()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = Qwen3ForCausalLM.from_pretrained(d, **json.loads(args.model_kw))
+        model = Qwen3ForCausalLM.from_pretrained(d, **model_kw)
     ids = np.random.RandomState(0).randint(0, args.vocab, (args.batch, args.seq))
     tokens = args.batch * args.seq
 
