@@ -3,11 +3,16 @@
 One training step = forward, next-token cross-entropy, backward, AdamW update. Both sides use
 the same small config, the same weights (ours are loaded from the checkpoint transformers
 wrote) and the same batch; ours is the step as the trainer compiles it (the library's loss,
-state donated), and the script prints both sides' loss at the shared weights. Timed by the protocol of ``benchmarks/protocol.py`` (load average
-before and after, sides interleaved, min and median of >= 7 steps, contaminated rounds retried).
+state donated), and the script prints both sides' loss at the shared weights. Timed by the
+protocol of ``benchmarks/protocol.py`` (load average before and after, sides interleaved, min
+and median of >= 7 steps, contaminated rounds retried).
+
 Prints tokens/s of each side, the ratio (ours / PyTorch), the step's FLOPs (XLA's cost
-analysis), the fp32 matmul rate of both libraries measured in the same run, and the fraction of
-that rate the step achieves.
+analysis), the fp32 matmul rate of both libraries on one [tokens, hidden] x [hidden, vocab]
+product, and the step's matmul-bound time: every ``dot_general`` of the step's forward and
+backward (read from its jaxpr), each run alone in XLA and in PyTorch, as two more interleaved
+sides. That time is the limit a step can approach with each library's matmul kernels; the script
+prints the share of each step it takes and what 1.2x PyTorch's tokens/s would need.
 
     python benchmarks/qwen3_throughput.py [--layers 4 --hidden 256 --batch 8 --seq 256 --steps 7]
         [--model-kw '{"scan_layers": true}']
@@ -57,7 +62,7 @@ def jax_step_fn(model, lr):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state
+    return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, loss_fn
 
 
 def parse_model_kw(ap: argparse.ArgumentParser, text: str) -> dict:
@@ -99,6 +104,81 @@ def matmul_rates(m: int, k: int, n: int, steps: int) -> dict[str, float]:
     )
     flops = 2.0 * m * k * n
     return {name: flops / t.min / 1e9 for name, t in result.timings.items()}
+
+
+def step_matmuls(fn, *args) -> list[tuple[tuple, tuple, tuple, int]]:
+    """Every ``dot_general`` of ``fn(*args)`` as ``(lhs shape, rhs shape, dimension_numbers,
+    count)``, read from its jaxpr (sub-jaxprs included; a scan's body counts ``length`` times)."""
+    counts: dict[tuple, int] = {}
+
+    def walk(jaxpr, times):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (v.aval.shape for v in eqn.invars)
+                key = (tuple(lhs), tuple(rhs), eqn.params["dimension_numbers"])
+                counts[key] = counts.get(key, 0) + times
+            inner = times * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else times
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                    if hasattr(sub, "eqns"):
+                        walk(sub, inner)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+    return [(*key, n) for key, n in counts.items()]
+
+
+def dot_flops(lhs: tuple, rhs: tuple, dims) -> float:
+    (lhs_contract, _), (lhs_batch, _) = dims
+    free_rhs = np.prod(rhs) / np.prod([lhs[i] for i in (*lhs_contract, *lhs_batch)])
+    return 2.0 * np.prod(lhs) * free_rhs
+
+
+def torch_einsum_spec(lhs: tuple, rhs: tuple, dims) -> str:
+    """The ``torch.einsum`` equation of a ``dot_general`` (output: batch, lhs free, rhs free)."""
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dims
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    a, b = [None] * len(lhs), [None] * len(rhs)
+    batch = []
+    for i, j in zip(lhs_batch, rhs_batch):
+        a[i] = b[j] = next(letters)
+        batch.append(a[i])
+    for i, j in zip(lhs_contract, rhs_contract):
+        a[i] = b[j] = next(letters)
+    free = []
+    for side in (a, b):
+        for i, letter in enumerate(side):
+            if letter is None:
+                side[i] = next(letters)
+                free.append(side[i])
+    return f"{''.join(a)},{''.join(b)}->{''.join(batch + free)}"
+
+
+def matmul_sides(matmuls) -> dict:
+    """Two benchmark sides that run every matmul of a step once, one after another, each alone:
+    in XLA (one jitted ``dot_general`` per shape, waited for) and in PyTorch (``einsum``). Their
+    time is the step's matmul-bound time in each library on the step's own shapes."""
+    rng = np.random.RandomState(3)
+    xla, torch_ops = [], []
+    for lhs, rhs, dims, count in matmuls:
+        a = rng.standard_normal(lhs).astype(np.float32)
+        b = rng.standard_normal(rhs).astype(np.float32)
+        dot = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims))
+        xla.append((dot, jnp.asarray(a), jnp.asarray(b), count))
+        spec = torch_einsum_spec(lhs, rhs, dims)
+        torch_ops.append((spec, torch.from_numpy(a), torch.from_numpy(b), count))
+
+    def run_xla():
+        for dot, a, b, count in xla:
+            for _ in range(count):
+                jax.block_until_ready(dot(a, b))
+
+    def run_torch():
+        for spec, a, b, count in torch_ops:
+            for _ in range(count):
+                torch.einsum(spec, a, b)
+
+    return {"xla matmuls": run_xla, "torch matmuls": run_torch}
 
 
 def main():
@@ -152,7 +232,7 @@ def main():
         opt.step()
         return loss
 
-    step, params, opt_state = jax_step_fn(model, 1e-4)
+    step, params, opt_state, loss_fn = jax_step_fn(model, 1e-4)
     # every position counts but the last (no next token): one micro-batch of lm_batch
     j_batch = jax.tree.map(lambda x: x[0], lm_batch(ids.astype(np.int32), np.ones_like(ids)))
     state = [params, opt_state]
@@ -170,7 +250,11 @@ def main():
     jax_loss = float(step(*jax.tree.map(jnp.copy, (state[0], state[1])), j_batch)[2])
     with torch.no_grad():
         torch_loss = float(hf(t_ids, labels=t_ids).loss)
-    result = protocol.interleaved({"jax (ours)": jax_step, "pytorch": torch_step}, steps=args.steps)
+    # The step's own matmuls, each run alone in each library: the matmul-bound step time.
+    matmuls = step_matmuls(jax.value_and_grad(loss_fn), state[0], j_batch)
+    matmul_flops = sum(dot_flops(lhs, rhs, dims) * n for lhs, rhs, dims, n in matmuls)
+    sides = {"jax (ours)": jax_step, "pytorch": torch_step, **matmul_sides(matmuls)}
+    result = protocol.interleaved(sides, steps=args.steps)
     rates = matmul_rates(tokens, args.hidden, args.vocab, args.steps)
     clean = watch.finish()
     t_jax, t_torch = result.timings["jax (ours)"], result.timings["pytorch"]
@@ -202,6 +286,23 @@ def main():
     print(
         f"ours: {flops / 1e9:.1f} GFLOP/step (XLA cost analysis) -> {achieved:.0f} GFLOP/s = "
         f"{100 * achieved / rates['xla matmul']:.0f}% of the XLA matmul rate"
+    )
+    t_xla_mm, t_torch_mm = result.timings["xla matmuls"], result.timings["torch matmuls"]
+    fastest_mm = min(t_xla_mm.min, t_torch_mm.min)
+    print(
+        f"the step's matmuls ({sum(n for *_, n in matmuls)} dot_generals, "
+        f"{matmul_flops / 1e9:.1f} GFLOP of the forward and backward), each run alone, min: "
+        f"xla {t_xla_mm.min:.3f} s ({matmul_flops / t_xla_mm.min / 1e9:.0f} GFLOP/s), torch "
+        f"{t_torch_mm.min:.3f} s ({matmul_flops / t_torch_mm.min / 1e9:.0f} GFLOP/s)"
+    )
+    print(
+        f"share of each step that its library's matmuls alone take (min / min): ours "
+        f"{100 * t_xla_mm.min / t_jax.min:.0f}%, pytorch {100 * t_torch_mm.min / t_torch.min:.0f}%"
+    )
+    print(
+        f"1.2x pytorch's tokens/s = {t_torch.min / 1.2:.3f} s per step = "
+        f"{t_torch.min / 1.2 / fastest_mm:.2f}x the faster library's matmuls alone "
+        f"({fastest_mm:.3f} s)"
     )
     print(f"clean (idle machine, contamination <= 5%): {'yes' if clean and result.clean else 'NO'}")
 
