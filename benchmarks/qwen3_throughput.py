@@ -130,6 +130,7 @@ def step_matmuls(fn, *args) -> list[tuple[tuple, tuple, tuple, int]]:
 
 
 def dot_flops(lhs: tuple, rhs: tuple, dims) -> float:
+    """FLOPs of a ``dot_general``: 2 x (lhs elements) x (rhs elements not contracted or batched)."""
     (lhs_contract, _), (lhs_batch, _) = dims
     free_rhs = np.prod(rhs) / np.prod([lhs[i] for i in (*lhs_contract, *lhs_batch)])
     return 2.0 * np.prod(lhs) * free_rhs
@@ -162,7 +163,7 @@ def matmul_sides(matmuls) -> dict:
     to a matrix product, without batch axes). Their time is the step's matmul-bound time with
     each library's kernels on the step's own shapes."""
     rng = np.random.RandomState(3)
-    xla, torch_ops = [], []
+    xla, torch_ops, numpy_ops = [], [], []
     for lhs, rhs, dims, count in matmuls:
         a = rng.standard_normal(lhs).astype(np.float32)
         b = rng.standard_normal(rhs).astype(np.float32)
@@ -170,6 +171,7 @@ def matmul_sides(matmuls) -> dict:
         xla.append((dot, jnp.asarray(a), jnp.asarray(b), count))
         spec = torch_einsum_spec(lhs, rhs, dims)
         torch_ops.append((spec, torch.from_numpy(a), torch.from_numpy(b), count))
+        numpy_ops.append((spec, a, b, count))
 
     def run_xla():
         for dot, a, b, count in xla:
@@ -182,9 +184,9 @@ def matmul_sides(matmuls) -> dict:
                 torch.einsum(spec, a, b)
 
     def run_numpy():
-        for spec, a, b, count in torch_ops:
+        for spec, a, b, count in numpy_ops:
             for _ in range(count):
-                np.einsum(spec, a.numpy(), b.numpy(), optimize=True)
+                np.einsum(spec, a, b, optimize=True)
 
     return {"xla matmuls": run_xla, "torch matmuls": run_torch, "numpy matmuls": run_numpy}
 
