@@ -1,11 +1,11 @@
 """Real-token training throughput with packed rows against padded rows, same model, same run.
 
-Both sides run the training stack's own step (``hacbo_jax.training.step.make_train_step``: loss
+Both sides run the training stack's own step (``hacbo_jax.trainer.step.make_train_step``: loss
 over answer tokens, backward, clipping, AdamW; no controller) on the SAME examples: GSM8K
 training examples in the project's prompt format, tokenised with the shipped Qwen3 tokenizer,
 drawn by the training sampler (``EpochSampler``). The padded side gets them right-padded to
 ``--max-len`` ([1, batch, L]); the packed side gets them packed by
-``hacbo_jax.training.packed_data.StepPacker`` (fixed [accum, rows, L] for all the measured
+``hacbo_jax.data.packing.StepPacker`` (fixed [accum, rows, L] for all the measured
 steps, micro-batches of at most ``--batch`` rows). Timed by ``benchmarks/protocol.py`` (load
 average before and after, sides interleaved, min and median of >= 7 steps, contaminated rounds
 retried). Prints real tokens/s of each side (answer and prompt tokens, padding excluded), the
@@ -35,9 +35,9 @@ from transformers import AutoTokenizer
 
 import hacbo_jax
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from hacbo_jax.training import data as data_lib
-from hacbo_jax.training.packed_data import StepPacker
-from hacbo_jax.training.step import (
+from hacbo_jax.data import gsm8k as data_lib
+from hacbo_jax.data.packing import StepPacker
+from hacbo_jax.trainer.step import (
     Batch,
     PackedRows,
     TrainState,

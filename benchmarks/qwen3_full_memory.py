@@ -80,8 +80,8 @@ def run_jax(args, side: str) -> dict:
 
     from hacbo_jax import adagradselect, controlled_leaves, dev_sign_sketch, hacbo
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-    from hacbo_jax.training.recipes import qwen3_labels
-    from hacbo_jax.training.step import (
+    from hacbo_jax.trainer.recipes import qwen3_labels
+    from hacbo_jax.trainer.step import (
         Batch,
         answer_nll,
         chunked_answer_nll,

@@ -38,8 +38,8 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from hacbo_jax.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
-from hacbo_jax.training.pretrain_base import lm_batch  # noqa: E402
-from hacbo_jax.training.step import make_loss_fn  # noqa: E402
+from hacbo_jax.trainer.pretrain_base import lm_batch  # noqa: E402
+from hacbo_jax.trainer.step import make_loss_fn  # noqa: E402
 
 import protocol  # noqa: E402  (benchmarks/protocol.py)
 

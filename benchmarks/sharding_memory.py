@@ -1,9 +1,9 @@
 """Per-device memory of Qwen3-0.6B params + optimiser state under 1, 2, 4 and 8 FSDP shards.
 
 No training and no devices: the model and ``apply_if_finite(chain(clip, adamw, hacbo))`` (the
-training job's optimiser, ``hacbo_jax.training.step.build_optimizer``) are initialised abstractly
+training job's optimiser, ``hacbo_jax.trainer.step.build_optimizer``) are initialised abstractly
 (``nnx.eval_shape`` / ``jax.eval_shape``), the training job's partition rules
-(``hacbo_jax.training.step.step_shardings``: ``hacbo_jax.training.recipes.QWEN3_RULES`` + FSDP fallback) are applied
+(``hacbo_jax.trainer.step.step_shardings``: ``hacbo_jax.trainer.recipes.QWEN3_RULES`` + FSDP fallback) are applied
 on an abstract ``(data=1, fsdp=N)`` mesh, and each leaf counts with its shard shape. The data
 axis does not change these figures (params and optimiser state are replicated over it).
 
@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from hacbo_jax import sharding as sharding_lib
+from hacbo_jax.trainer import sharding as sharding_lib
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from hacbo_jax.training.recipes import qwen3_labels
-from hacbo_jax.training.controller_registry import build_controller
-from hacbo_jax.training.step import (
+from hacbo_jax.trainer.recipes import qwen3_labels
+from hacbo_jax.trainer.controller_registry import build_controller
+from hacbo_jax.trainer.step import (
     TrainState,
     build_optimizer,
     learning_rate_schedule,

@@ -1,10 +1,29 @@
-"""hacbo-jax: budget-controlled full fine-tuning of language models in JAX."""
+"""hacbo-jax: budget-controlled fine-tuning of language models in JAX.
 
-from hacbo_jax.autolrs import AutoLRSConfig, AutoLRSResult, AutoLRSState, autolrs_run
+The top level is the optax transformations and their helpers; it needs only jax, optax and
+numpy. The rest of the package is organised by concern and pulls in its own dependencies:
+
+- :mod:`hacbo_jax.controllers`: HACBO, BLAC and AdaGradSelect (this namespace re-exports them).
+- :mod:`hacbo_jax.models`: the Flax NNX Qwen3 / Qwen2 / Llama 3 port (extra ``models``).
+- :mod:`hacbo_jax.data`: GSM8K and other formats, synthetic tasks, packing, the micro-dev
+  buffer, the tokenizer (extra ``train``).
+- :mod:`hacbo_jax.trainer`: config, jitted step, loop, checkpoints, logs, sharding (extra
+  ``train``).
+- :mod:`hacbo_jax.experiments`: compare, sweep, evidence, AutoLRS, curvature probe, lr·wd sweep
+  (extra ``research``).
+
+The algorithms are defined in ``docs/algorithm.md``.
+"""
+
 from hacbo_jax.controllers import (
+    AdaGradSelectState,
     BLACState,
     HACBOState,
     accumulate_gradients,
+    adagradselect,
+    adagradselect_epsilon,
+    adagradselect_num_selected,
+    adagradselect_stats,
     blac,
     blac_multipliers,
     controlled_leaves,
@@ -13,13 +32,6 @@ from hacbo_jax.controllers import (
     hacbo_multipliers,
     label_by_rules,
     train_grads_from_updates,
-)
-from hacbo_jax.controllers.adagradselect import (
-    AdaGradSelectState,
-    adagradselect,
-    adagradselect_epsilon,
-    adagradselect_num_selected,
-    adagradselect_stats,
 )
 
 __all__ = [
@@ -39,8 +51,4 @@ __all__ = [
     "train_grads_from_updates",
     "dev_sign_sketch",
     "controlled_leaves",
-    "autolrs_run",
-    "AutoLRSConfig",
-    "AutoLRSState",
-    "AutoLRSResult",
 ]

@@ -1,2 +1,2 @@
 """Entry-point scripts of a checkout (``python -m train.finetune`` ...). Everything they run lives
-in :mod:`hacbo_jax.training`; an installed package offers the same as ``hacbo-*`` commands."""
+in :mod:`hacbo_jax.trainer`; an installed package offers the same as ``hacbo-*`` commands."""

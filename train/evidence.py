@@ -1,8 +1,8 @@
-"""``python -m train.evidence`` from a checkout; see :mod:`hacbo_jax.training.evidence`."""
+"""``python -m train.evidence`` from a checkout; see :mod:`hacbo_jax.experiments.evidence.run`."""
 
 import sys
 
-from hacbo_jax.training.evidence import main
+from hacbo_jax.experiments.evidence.run import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="python -m train.evidence"))

@@ -1,5 +1,17 @@
-"""HACBO and BLAC as optax transformations (spec: shared/spec/controllers.md)."""
+"""HACBO, BLAC and AdaGradSelect as optax transformations, chained after a base optimiser.
 
+Each transformation reads a label tree (one label per parameter, ``"other"`` = not controlled)
+and rescales the base optimiser's updates per block. Only jax, optax and numpy are needed.
+The algorithms, every hyper-parameter and the readings chosen are in ``docs/algorithm.md``.
+"""
+
+from hacbo_jax.controllers.adagradselect import (
+    AdaGradSelectState,
+    adagradselect,
+    adagradselect_epsilon,
+    adagradselect_num_selected,
+    adagradselect_stats,
+)
 from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
 from hacbo_jax.controllers.compose import (
     accumulate_gradients,
@@ -13,10 +25,15 @@ from hacbo_jax.controllers.labels import label_by_rules
 __all__ = [
     "hacbo",
     "blac",
+    "adagradselect",
     "HACBOState",
     "BLACState",
+    "AdaGradSelectState",
     "hacbo_multipliers",
     "blac_multipliers",
+    "adagradselect_epsilon",
+    "adagradselect_num_selected",
+    "adagradselect_stats",
     "label_by_rules",
     "accumulate_gradients",
     "train_grads_from_updates",

@@ -80,7 +80,7 @@ def accumulate_gradients(
 def controlled_leaves(labels: Any, params: PyTree) -> PyTree:
     """A tree like ``params`` with True at every leaf that HACBO or BLAC over ``labels``
     controls (``"{block}/{submodule}"`` or ``"*/{submodule}"``) and False elsewhere (for example
-    the embeddings and the final norm of :func:`~hacbo_jax.training.recipes.qwen3_labels`).
+    the embeddings and the final norm of :func:`~hacbo_jax.trainer.recipes.qwen3_labels`).
 
     The controllers read nothing of the other leaves' gradients: a dev gradient taken with
     respect to the controlled leaves only (``make_dev_signs_fn(..., controlled=...)``) measures

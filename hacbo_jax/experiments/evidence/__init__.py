@@ -1,0 +1,2 @@
+"""The evidence pipeline: tuning, equal-budget comparison and stability grid (``run``), and
+its summary and report (``report``)."""

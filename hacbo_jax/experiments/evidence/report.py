@@ -1,0 +1,592 @@
+"""``results/evidence/``: ``summary.json`` first, then ``report.md`` and the figures from it.
+
+Reads the run directories ``train.evidence`` wrote under ``OUT/`` (whatever has finished):
+
+- ``methods``: final exact match (%) per seed of every budget-part method, its mean and 95% t
+  interval, and its tuned rate;
+- ``comparisons``: paired t-tests over the seeds, every pair of the budget-part methods, with
+  Benjamini-Hochberg adjusted p-values over the whole family
+  (``scipy.stats.false_discovery_control``), the mean difference with scipy's 95% interval, the
+  paired effect size d_z with its exact 95% interval and the seeds a test would need to detect
+  the observed d_z with 80% power at alpha 0.05;
+- ``gains``: each method minus the base model (one-sample t over the seeds);
+- ``equal_time``: exact match of every method at the training CPU time of the longest AdamW
+  run (each run's last evaluation at or before it);
+- ``stability``: per (method, lr, budget) the seeds, diverged runs (a non-finite loss that
+  stopped the run, or a non-finite final loss), runs whose final training loss ended above its
+  first logged loss ("blew up"), mean final exact match and the time-averaged fraction of the
+  controlled parameters in probation (HACBO) or frozen (BLAC).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from hacbo_jax.experiments import report as report_lib
+from hacbo_jax.experiments.compare.run import UTC_TIME_FORMAT
+from hacbo_jax.experiments.compare.report import BASE_EVAL_FILE
+from hacbo_jax.experiments.compare.stats import block_parameter_counts, controlled_fraction
+from hacbo_jax.experiments.methods import load_lrs, lr_for
+from hacbo_jax.experiments.stats import (
+    adjust_p_values,
+    mean_ci,
+    paired_effect_size,
+    paired_ttest,
+    seeds_for_power,
+)
+
+__all__ = ["build_summary", "evidence_span", "write_evidence_report"]
+
+SUMMARY_FILE = "summary.json"
+ALPHA = 0.05
+# The clock of the equal-time comparison: the process's CPU seconds spent training (all
+# threads; evaluation and checkpoints excluded). Other jobs on a shared machine stretch the
+# wall clock of whichever run they overlap but barely move its CPU time; the wall clock
+# (train_time_s) is reported beside it.
+EQUAL_CLOCK = "train_cpu_s"
+
+
+def _finished_runs(root: Path) -> list[report_lib.Run]:
+    """Every run directory under ``root`` that has a summary.json."""
+    if not root.is_dir():
+        return []
+    return [report_lib.load_run(p.parent) for p in sorted(root.rglob("summary.json"))]
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _ci(values: Sequence[float]) -> dict[str, Any]:
+    ci = mean_ci(values)
+    return {"mean": ci.mean, "ci95": [_nan_to_none(ci.low), _nan_to_none(ci.high)]}
+
+
+def _time_at(
+    run: report_lib.Run, budget_s: float, base: float | None, clock: str = "train_time_s"
+) -> float | None:
+    """Exact match (%) of the run's last evaluation whose training clock is <= budget_s; the
+    base model's (%) when none is (a run that has not trained yet is the base model)."""
+    rows = [e for e in run.evals if e.get(clock) is not None]
+    before = [e for e in rows if e[clock] <= budget_s]
+    return 100 * before[-1]["exact_match"] if before else base
+
+
+def _fraction(run: report_lib.Run, weights: np.ndarray | None) -> float | None:
+    found = controlled_fraction(run, weights)
+    return None if found is None or not found[1].size else float(found[1].mean())
+
+
+def _blew_up(run: report_lib.Run) -> bool:
+    _, losses = run.series("loss")
+    finite = losses[np.isfinite(losses)]
+    if run.diverged or not finite.size or not np.isfinite(losses[-1]):
+        return True
+    return bool(losses[-1] > finite[0])
+
+
+def build_summary(out_dir: str | Path) -> dict[str, Any]:
+    """The evidence as one JSON-able dict (see the module docstring)."""
+    out_dir = Path(out_dir)
+    budget_root, stability_root = out_dir / "budget", out_dir / "stability"
+    base_path = budget_root / BASE_EVAL_FILE
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    lrs_path = out_dir / "lrs.yaml"
+    lrs = load_lrs(lrs_path) if lrs_path.is_file() else {}
+
+    base_em = 100 * base["exact_match"] if base else None
+    budget_runs = _finished_runs(budget_root)
+    by_method: dict[str, dict[int, report_lib.Run]] = {}
+    for run in budget_runs:
+        by_method.setdefault(run.method, {})[run.seed] = run
+    methods = {}
+    for name, runs in by_method.items():
+        seeds = sorted(runs)
+        ems = [100 * runs[s].final_exact_match for s in seeds]
+        methods[name] = {
+            "seeds": seeds,
+            "final_exact_match": ems,
+            **_ci(ems),
+            "tuned_lr": lr_for(name, lrs),
+            "diverged": sum(runs[s].diverged for s in seeds),
+            # training clocks of the whole run, mean and 95% CI over seeds (wall and CPU)
+            **{
+                clock: _ci([runs[s].summary[clock] for s in seeds])
+                if all((runs[s].summary or {}).get(clock) for s in seeds)
+                else None
+                for clock in ("train_time_s", "train_cpu_s")
+            },
+        }
+
+    comparisons = []
+    for a, b in itertools.combinations(sorted(methods), 2):
+        common = sorted(set(by_method[a]) & set(by_method[b]))
+        if len(common) < 2:
+            continue
+        xa = [100 * by_method[a][s].final_exact_match for s in common]
+        xb = [100 * by_method[b][s].final_exact_match for s in common]
+        test = paired_ttest(xa, xb, ALPHA)
+        effect = paired_effect_size(xa, xb)
+        comparisons.append(
+            {
+                "a": a,
+                "b": b,
+                "n": len(common),
+                "diff": test.mean_diff,
+                "ci95": [_nan_to_none(test.ci_low), _nan_to_none(test.ci_high)],
+                "p": _nan_to_none(test.p),
+                "effect_size_dz": _nan_to_none(effect.d),
+                "effect_size_ci95": [_nan_to_none(effect.low), _nan_to_none(effect.high)],
+                "seeds_for_80pct_power": seeds_for_power(effect.d, ALPHA, 0.8),
+                "note": test.note,
+            }
+        )
+    adjusted = adjust_p_values([c["p"] if c["p"] is not None else math.nan for c in comparisons])
+    for c, q in zip(comparisons, adjusted):
+        c["p_adjusted"] = _nan_to_none(q)
+
+    gains = {}
+    if base_em is not None:
+        for name, m in methods.items():
+            ems = m["final_exact_match"]
+            test = paired_ttest(ems, [base_em] * len(ems), ALPHA) if len(ems) >= 2 else None
+            gains[name] = {
+                "diff": float(np.mean(ems)) - base_em,
+                "ci95": [_nan_to_none(test.ci_low), _nan_to_none(test.ci_high)] if test else None,
+                "p": _nan_to_none(test.p) if test else None,
+            }
+
+    equal_time = None
+    adamw_runs = by_method.get("adamw", {})
+    adamw_times = [(r.summary or {}).get(EQUAL_CLOCK) for r in adamw_runs.values()]
+    if adamw_times and all(adamw_times):
+        budget_s = float(np.max(adamw_times))  # every AdamW run is read at its end
+        equal_time = {"clock": EQUAL_CLOCK, "budget_s": budget_s, "methods": {}}
+        for name, runs in by_method.items():
+            at = [_time_at(runs[s], budget_s, base_em, EQUAL_CLOCK) for s in sorted(runs)]
+            values = [v for v in at if v is not None]
+            equal_time["methods"][name] = {
+                "exact_match": at,
+                **(_ci(values) if len(values) >= 2 else {"mean": None, "ci95": None}),
+            }
+
+    weights = None
+    model_path = next((r.config["model"]["path"] for r in budget_runs if r.config), None) or next(
+        (r.config["model"]["path"] for r in _finished_runs(stability_root)[:1]), None
+    )
+    if model_path and Path(model_path).exists():
+        weights = block_parameter_counts(model_path)
+    cells: dict[tuple[str, float, str], list[report_lib.Run]] = {}
+    for run in _finished_runs(stability_root):
+        budget = run.path.parent.parent.name.removeprefix("budget_")
+        lr = float(run.config["optim"]["lr"])
+        cells.setdefault((run.method, lr, budget), []).append(run)
+    stability = []
+    for (name, lr, budget), runs in sorted(cells.items()):
+        fractions = [f for f in (_fraction(r, weights) for r in runs) if f is not None]
+        ems = [100 * r.final_exact_match for r in runs]
+        stability.append(
+            {
+                "method": name,
+                "lr": lr,
+                "budget": {"on": 1.0, "off": None, "none": None}[budget],
+                "budget_label": budget,
+                "seeds": len(runs),
+                "diverged": sum(bool(r.diverged) or not _finite_final(r) for r in runs),
+                "blew_up": sum(_blew_up(r) for r in runs),
+                "mean_exact_match": float(np.mean(ems)),
+                "exact_match": ems,
+                "controlled_fraction": float(np.mean(fractions)) if fractions else None,
+            }
+        )
+    return {
+        "base_exact_match": base_em,
+        "eval_examples": base["n"] if base else None,
+        "methods": methods,
+        "comparisons": comparisons,
+        "correction": "Benjamini-Hochberg over all pairs (scipy.stats.false_discovery_control)",
+        "gains": gains,
+        "equal_time": equal_time,
+        "stability": stability,
+    }
+
+
+def _finite_final(run: report_lib.Run) -> bool:
+    loss = run.final_loss
+    return loss is not None and math.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (all drawn from the summary and the run logs).
+# ---------------------------------------------------------------------------------------------
+
+COLORS = {
+    "adamw": "tab:blue",
+    "blac": "tab:orange",
+    "hacbo": "tab:green",
+    "hacbo_gamma0": "tab:red",
+    "hacbo_share_uniform": "tab:purple",
+    "adagradselect": "tab:brown",
+}
+
+
+def _color(name: str) -> str:
+    return COLORS.get(name, "tab:gray")
+
+
+def plot_final(summary: dict[str, Any], path: Path) -> Path:
+    """Final exact match per method: seeds as dots, mean and 95% CI, the base model line; the
+    axis spans the data (not 0-100), so the differences are visible."""
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    names = sorted(methods, key=lambda m: methods[m]["mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.55 * len(names) + 1.6))
+    for i, name in enumerate(names):
+        m = methods[name]
+        ax.scatter(
+            m["final_exact_match"],
+            [i] * len(m["final_exact_match"]),
+            s=14,
+            color=_color(name),
+            alpha=0.6,
+            zorder=3,
+        )
+        lo, hi = m["ci95"]
+        if lo is not None:
+            ax.plot([lo, hi], [i, i], color=_color(name), lw=3, alpha=0.5)
+        ax.plot(m["mean"], i, "k|", ms=14, mew=2)
+    if summary["base_exact_match"] is not None:
+        ax.axvline(summary["base_exact_match"], color="grey", ls="--", lw=1)
+        ax.annotate(
+            "base model",
+            (summary["base_exact_match"], len(names) - 0.5),
+            fontsize=8,
+            color="grey",
+            ha="right",
+            rotation=90,
+            va="top",
+        )
+    ax.set_yticks(
+        range(len(names)),
+        [f"{n} (lr {methods[n]['tuned_lr']:.1e})" if methods[n]["tuned_lr"] else n for n in names],
+    )
+    ax.set_xlabel("final exact match (%): seeds (dots), mean (|), 95% CI (bar)")
+    ax.set_ylim(-0.6, len(names) - 0.4)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
+
+
+def _curves(
+    runs: dict[int, report_lib.Run], key: str, base: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """x (mean over seeds) and exact match (%) [seeds, points] of the evaluations all seeds
+    share, starting from the base model at 0 when known."""
+    rows = [r.evals for r in runs.values()]
+    n = min(len(r) for r in rows)
+    xs = np.array([[row[i].get(key, math.nan) for i in range(n)] for row in rows], dtype=float)
+    ys = np.array([[100 * row[i]["exact_match"] for i in range(n)] for row in rows], dtype=float)
+    if base is not None:
+        xs = np.concatenate([np.zeros((len(rows), 1)), xs], axis=1)
+        ys = np.concatenate([np.full((len(rows), 1), base), ys], axis=1)
+    return xs.mean(axis=0), ys
+
+
+def plot_over_budget(out_dir: Path, summary: dict[str, Any], path: Path) -> Path:
+    """Exact match against optimiser steps and against the training clock, mean over seeds
+    with a 95% t band, one line per method; the legend sits outside the axes."""
+    import matplotlib.pyplot as plt
+    from scipy import stats as sps
+
+    by_method: dict[str, dict[int, report_lib.Run]] = {}
+    for run in _finished_runs(out_dir / "budget"):
+        by_method.setdefault(run.method, {})[run.seed] = run
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for name in sorted(by_method):
+        runs = by_method[name]
+        for ax, key in zip(axes, ("step", EQUAL_CLOCK)):
+            x, ys = _curves(runs, key, summary["base_exact_match"])
+            mean = ys.mean(axis=0)
+            ax.plot(x, mean, marker="o", ms=3, color=_color(name), label=name)
+            if ys.shape[0] >= 2:
+                half = (
+                    sps.t.ppf(0.975, ys.shape[0] - 1)
+                    * ys.std(axis=0, ddof=1)
+                    / math.sqrt(ys.shape[0])
+                )
+                ax.fill_between(x, mean - half, mean + half, color=_color(name), alpha=0.15)
+    if summary.get("equal_time"):
+        axes[1].axvline(summary["equal_time"]["budget_s"], color="k", ls=":", lw=1)
+    axes[0].set_xlabel("optimiser steps")
+    axes[1].set_xlabel("training CPU seconds (dev passes and refreshes counted, evaluation not)")
+    axes[0].set_ylabel("exact match (%), mean and 95% CI over seeds")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+    )
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
+
+
+def plot_loss(out_dir: Path, path: Path) -> Path:
+    """Training loss over steps, mean over seeds per method, legend outside the data."""
+    import matplotlib.pyplot as plt
+
+    by_method: dict[str, list[report_lib.Run]] = {}
+    for run in _finished_runs(out_dir / "budget"):
+        by_method.setdefault(run.method, []).append(run)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in sorted(by_method):
+        series = [r.series("loss") for r in by_method[name]]
+        n = min(len(s) for s, _ in series)
+        ax.plot(
+            series[0][0][:n],
+            np.mean([v[:n] for _, v in series], axis=0),
+            color=_color(name),
+            label=name,
+            lw=1.2,
+        )
+    ax.set_xlabel("optimiser steps")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
+
+
+def plot_stability(summary: dict[str, Any], path: Path) -> Path:
+    """Exact match (top) and divergence rate (bottom) against the base learning rate, one
+    column per budget setting; AdamW (no budget) appears in both columns."""
+    import matplotlib.pyplot as plt
+
+    cells = summary["stability"]
+    budgets = ("on", "off")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7), sharex=True, sharey="row")
+    for col, budget in enumerate(budgets):
+        for name in sorted({c["method"] for c in cells}):
+            rows = sorted(
+                (c for c in cells if c["method"] == name and c["budget_label"] in (budget, "none")),
+                key=lambda c: c["lr"],
+            )
+            if not rows:
+                continue
+            lrs = [c["lr"] for c in rows]
+            style = dict(
+                color=_color(name),
+                marker="o",
+                ms=4,
+                label=name,
+                ls="--" if name == "adamw" else "-",
+            )
+            axes[0, col].plot(lrs, [c["mean_exact_match"] for c in rows], **style)
+            axes[1, col].plot(lrs, [c["diverged"] / c["seeds"] for c in rows], **style)
+        axes[0, col].set_title(
+            f"update-norm budget {'lambda = 1' if budget == 'on' else 'off'}"
+            " (AdamW dashed: no controller, no budget)",
+            fontsize=9,
+        )
+        axes[1, col].set_xlabel("base learning rate")
+        for ax in axes[:, col]:
+            ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    if summary["base_exact_match"] is not None:
+        for ax in axes[0]:
+            ax.axhline(summary["base_exact_match"], color="grey", ls="--", lw=1)
+    axes[0, 0].set_ylabel("final exact match (%), mean over seeds")
+    axes[1, 0].set_ylabel("fraction of seeds diverged")
+    fig.legend(
+        *axes[0, 0].get_legend_handles_labels(),
+        loc="center left",
+        bbox_to_anchor=(1.0, 0.5),
+        fontsize=8,
+    )
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md
+# ---------------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def _fmt_ci(ci: Sequence[float | None] | None, fmt: str = "{:.1f}") -> str:
+    if not ci or ci[0] is None:
+        return "n/a"
+    return f"[{fmt.format(ci[0])}, {fmt.format(ci[1])}]"
+
+
+def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The whole evidence's wall time from ``timing.yaml``: first start to last finish (each
+    invocation started at ``finished_utc - elapsed_s``), and each part's own span (shards run
+    side by side, so a part takes as long as its slowest shard). ``None`` with no entries.
+    Gaps between invocations count, so this is an upper bound on the evidence's cost."""
+    if not timing:
+        return None
+    intervals = []
+    for t in timing:
+        end = datetime.datetime.strptime(t["finished_utc"], UTC_TIME_FORMAT)
+        intervals.append((t["part"], end - datetime.timedelta(seconds=t["elapsed_s"]), end))
+    parts: dict[str, float] = {}
+    for part in dict.fromkeys(p for p, _, _ in intervals):
+        mine = [(a, b) for p, a, b in intervals if p == part]
+        parts[part] = (max(b for _, b in mine) - min(a for a, _ in mine)).total_seconds()
+    start, end = min(a for _, a, _ in intervals), max(b for _, _, b in intervals)
+    return {
+        "start_utc": start.strftime(UTC_TIME_FORMAT),
+        "end_utc": end.strftime(UTC_TIME_FORMAT),
+        "elapsed_s": (end - start).total_seconds(),
+        "parts": parts,
+    }
+
+
+def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, timing) -> str:
+    lines = ["# Evidence: can the methods be told apart?", ""]
+    lines += [f"Regenerate this report from the runs: `{command}`", ""]
+    base = summary["base_exact_match"]
+    lines += [
+        f"Base model (no fine-tuning): **{_fmt(base)}%** exact match on "
+        f"{summary['eval_examples']} held-out problems.",
+        "",
+    ]
+    lines += [
+        "## Final exact match at each method's tuned rate",
+        "",
+        "| method | tuned lr | seeds | mean (%) | 95% CI | gain over base | gain 95% CI | diverged |",
+        "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+    ]
+    for name, m in sorted(summary["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+        gain = summary["gains"].get(name, {})
+        lines.append(
+            f"| {name} | {_fmt(m['tuned_lr'], '{:.2e}')} | {len(m['seeds'])} | {_fmt(m['mean'])} | "
+            f"{_fmt_ci(m['ci95'])} | {_fmt(gain.get('diff'), '{:+.1f}')} | "
+            f"{_fmt_ci(gain.get('ci95'), '{:+.1f}')} | {m['diverged']} |"
+        )
+    lines += ["", f"![final exact match]({figures['final']})", ""]
+    lines += [
+        "## Paired comparisons",
+        "",
+        f"Paired t-tests over seeds; p adjusted by {summary['correction']}. d_z: mean paired "
+        "difference / its SD, with its exact 95% interval; n80: seeds needed to detect the "
+        "observed d_z with 80% power at alpha 0.05.",
+        "",
+        "| a - b | n | diff (points) | 95% CI | p | p adjusted | d_z [95% CI] | n80 |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |",
+    ]
+    for c in summary["comparisons"]:
+        lines.append(
+            f"| {c['a']} - {c['b']} | {c['n']} | {_fmt(c['diff'], '{:+.1f}')} | "
+            f"{_fmt_ci(c['ci95'], '{:+.1f}')} | {_fmt(c['p'], '{:.3f}')} | "
+            f"{_fmt(c['p_adjusted'], '{:.3f}')} | {_fmt(c['effect_size_dz'], '{:+.2f}')} "
+            f"{_fmt_ci(c['effect_size_ci95'], '{:+.2f}')} | "
+            f"{c['seeds_for_80pct_power'] if c['seeds_for_80pct_power'] else 'n/a (no effect)'} |"
+        )
+    eq = summary.get("equal_time")
+    if eq:
+        lines += [
+            "",
+            "## Equal training time",
+            "",
+            f"Exact match of each method at {eq['budget_s']:.1f} training CPU seconds (the "
+            "longest AdamW run; the controllers' dev passes and micro-dev "
+            "refreshes count, evaluation does not), from each run's last evaluation at or "
+            "before that time (the base model's score if none):",
+            "",
+            "| method | mean (%) | 95% CI | per seed |",
+            "| --- | ---: | --- | --- |",
+        ]
+        for name, m in sorted(eq["methods"].items()):
+            lines.append(
+                f"| {name} | {_fmt(m['mean'])} | {_fmt_ci(m['ci95'])} | "
+                + ", ".join(_fmt(v) for v in m["exact_match"])
+                + " |"
+            )
+    lines += [
+        "",
+        f"![exact match over steps and time]({figures['budget']})",
+        "",
+        f"![training loss]({figures['loss']})",
+        "",
+    ]
+    if summary["stability"]:
+        lines += [
+            "## Stability grid",
+            "",
+            "Diverged: the run stopped on consecutive non-finite losses, or ended with a "
+            "non-finite loss. Blew up: its final training loss is above its first logged "
+            "loss. Controlled fraction: time-averaged share of the controlled parameters "
+            "in probation (HACBO) or frozen (BLAC).",
+            "",
+            "| method | budget | lr | seeds | diverged | blew up | mean EM (%) | controlled fraction |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for c in summary["stability"]:
+            frac = c["controlled_fraction"]
+            frac_text = "no controller" if c["method"] == "adamw" else _fmt(frac, "{:.3f}")
+            lines.append(
+                f"| {c['method']} | {c['budget_label']} | {c['lr']:.1e} | {c['seeds']} | "
+                f"{c['diverged']} | {c['blew_up']} | {_fmt(c['mean_exact_match'])} | {frac_text} |"
+            )
+        lines += ["", f"![stability]({figures['stability']})", ""]
+    if timing:
+        lines += [
+            "## Wall time of each part (this machine, 2 CPU cores)",
+            "",
+            "| part | command | elapsed s | runs executed / skipped / failed |",
+            "| --- | --- | ---: | --- |",
+        ]
+        for t in timing:
+            lines.append(
+                f"| {t['part']} | `{t['command']}` | {t['elapsed_s']:.0f} | "
+                f"{t['executed']} / {t['skipped']} / {t['failed']} |"
+            )
+        span = evidence_span(timing)
+        per_part = ", ".join(f"{p} {secs / 60:.1f} min" for p, secs in span["parts"].items())
+        lines += [
+            "",
+            (
+                f"All parts: from {span['start_utc']} to {span['end_utc']} UTC, "
+                f"**{span['elapsed_s'] / 60:.1f} min** ({per_part}; waits between invocations "
+                "count, the report part itself is not in `timing.yaml`)."
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_evidence_report(
+    out_dir: str | Path, report_dir: str | Path, *, command: str = ""
+) -> Path:
+    """Writes ``summary.json`` first, then the figures and ``report.md`` from it; returns the
+    report's path."""
+    out_dir, report_dir = Path(out_dir), Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summary = build_summary(out_dir)
+    (report_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    summary = json.loads((report_dir / SUMMARY_FILE).read_text())  # the report reads the file
+    figures = {}
+    if summary["methods"]:
+        figures["final"] = plot_final(summary, report_dir / "final_exact_match.png").name
+        figures["budget"] = plot_over_budget(
+            out_dir, summary, report_dir / "exact_match_over_budget.png"
+        ).name
+        figures["loss"] = plot_loss(out_dir, report_dir / "training_loss.png").name
+    if summary["stability"]:
+        figures["stability"] = plot_stability(summary, report_dir / "stability.png").name
+    timing_path = out_dir / "timing.yaml"
+    timing = yaml.safe_load(timing_path.read_text()) if timing_path.is_file() else []
+    path = report_dir / "report.md"
+    path.write_text(_report_md(summary, figures, command, timing))
+    return path

@@ -1,0 +1,93 @@
+"""The command line of a run: ``--config NAME|FILE [key=value ...] [--resume] [--print-config]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import yaml
+
+from hacbo_jax.trainer.cli_common import add_overrides_argument, usage_error
+from hacbo_jax.trainer.config.keys import describe_keys
+from hacbo_jax.trainer.config.load import config_to_dict, load_config, shipped_configs
+from hacbo_jax.trainer.config.schema import Config
+from hacbo_jax.trainer.config_fields import ConfigError
+
+
+def derived_counts(cfg: Config) -> dict[str, int | str]:
+    """Step counts that follow from the config (the data size when the config alone knows it)."""
+    n_train = cfg.expected_train_examples()
+    counts: dict[str, int | str] = {
+        "accumulation_steps": cfg.optim.accumulation_steps,
+        "micro_batch_size": cfg.optim.micro_batch_size or cfg.optim.batch_size,
+    }
+    if n_train is None:
+        counts["train_examples"] = "known once the data is loaded (data.hub_name)"
+        return counts
+    counts.update(
+        train_examples=n_train,
+        steps_per_epoch=cfg.steps_per_epoch(n_train),
+        total_steps=cfg.total_steps(n_train),
+    )
+    interval = cfg.controller.interval
+    if interval is not None:
+        counts["controller_measurements"] = cfg.total_steps(n_train) // interval
+    if cfg.controller.kind != "none" and cfg.microdev.refresh_every:
+        counts["microdev_refreshes"] = cfg.total_steps(n_train) // cfg.microdev.refresh_every
+    return counts
+
+
+def print_config(cfg: Config, file=None) -> None:
+    """The resolved config as YAML, then the derived step counts (``--print-config``)."""
+    file = file or sys.stdout
+    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), file=file)
+    print("# derived:", file=file)
+    for key, value in derived_counts(cfg).items():
+        print(f"#   {key}: {value}", file=file)
+
+
+def parse_cli(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m train.finetune",
+    description: str | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """``--config NAME|FILE [key=value ...] [--resume] [--print-config]`` -> (Config, args).
+
+    On a config problem prints the ConfigError message and exits with status 2 (argparse's
+    convention for usage errors), so no work starts. ``--print-config`` prints the resolved
+    config and the derived step counts and exits with status 0. ``--help`` lists every key.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,  # "--resum" must not pass for "--resume"
+        description=description,
+        epilog=describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="YAML file, or the name of a shipped config: " + ", ".join(shipped_configs()),
+    )
+    add_overrides_argument(
+        parser, "dotted overrides, values parsed as YAML (e.g. optim.lr=1e-4); keys below"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and the derived step counts, then exit",
+    )
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(usage_error(parser.prog, e)) from None
+    if args.print_config:
+        print_config(cfg)
+        raise SystemExit(0)
+    return cfg, args

@@ -1,0 +1,371 @@
+"""The schema of a run's configuration: frozen dataclasses, one per section.
+
+Each field states its default once, with its constraint (:func:`option`) and a one-line
+description (the comment after it, also listed by ``--help``: :mod:`.keys`). The controller
+sections come from :data:`hacbo_jax.trainer.controller_registry.CONTROLLERS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from hacbo_jax.trainer.config_fields import in_range, mesh_size_check, option
+from hacbo_jax.trainer.controller_registry import (
+    CONTROLLERS,
+    AdaGradSelectConfig,
+    BLACConfig,
+    HACBOConfig,
+    build_controller,
+)
+from hacbo_jax.data.synthetic import DEFAULT_PRESET
+
+__all__ = [
+    "AdaGradSelectConfig",
+    "AutoLRSSection",
+    "BLACConfig",
+    "CheckpointConfig",
+    "ColumnsConfig",
+    "Config",
+    "ControllerConfig",
+    "DataConfig",
+    "DivergenceConfig",
+    "EvalConfig",
+    "HACBOConfig",
+    "LoggingConfig",
+    "MeshConfig",
+    "MicroDevConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SyntheticConfig",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The schema.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: a local Hugging Face directory (with config.json) or a hub id."""
+
+    path: str = "assets/tiny-qwen3-gsm"
+    # Tokenizer directory or hub id; null = the model directory's, or the shipped Qwen3
+    # tokenizer (assets/qwen3-tokenizer) for a Qwen3 directory without one.
+    tokenizer: Optional[str] = None
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
+    # Rematerialisation of each decoder layer in the backward pass: "none", "full" (recompute
+    # the layer) or "dots" (keep the projection matmul outputs); true/false mean full/none.
+    remat: Union[bool, Literal["none", "full", "dots"]] = "none"
+    scan_layers: bool = False  # stacked decoder-layer params run under lax.scan
+    # Attention: "einsum" (CPU path), "xla" or "cudnn" (jax.nn.dot_product_attention; cudnn
+    # needs a GPU backend, checked before the run starts).
+    attention_impl: Literal["einsum", "xla", "cudnn"] = "einsum"
+    # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
+    # never exist at once); null = all positions together.
+    logits_chunk: Optional[int] = option(None, in_range(1))
+
+    def __post_init__(self):
+        # One spelling of the remat mode downstream: the legacy booleans become their mode.
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the synthetic GSM8K-format task (presets: hacbo_jax/data/synthetic.py)."""
+
+    preset: str = DEFAULT_PRESET  # one of hacbo_jax.data.synthetic.PRESETS
+    n_train: int = option(4096, in_range(1))
+    n_eval: int = option(256, in_range(1))
+    seed: int = option(0, in_range(0))
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """Column (field) names of the data rows (hacbo_jax/data/formats.py)."""
+
+    question: str = "question"  # question_answer
+    answer: str = "answer"  # question_answer
+    prompt: str = "prompt"  # prompt_completion
+    completion: str = "completion"  # prompt_completion
+    messages: str = "messages"  # messages: a list of {role, content}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # gsm8k: question-answer data from files or the hub (any data set, in data.format);
+    # synthetic: the generated GSM8K-format task.
+    task: Literal["gsm8k", "synthetic"] = "gsm8k"
+    format: Literal["question_answer", "prompt_completion", "messages"] = "question_answer"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    train_file: str = "assets/gsm8k/train.jsonl"  # .jsonl, .json or .parquet
+    eval_file: str = "assets/gsm8k/test.jsonl"
+    hub_name: Optional[str] = None  # a datasets hub name used instead of the files
+    hub_config: Optional[str] = None  # its configuration (openai/gsm8k: main)
+    train_split: str = "train"  # hub split names
+    eval_split: str = "test"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    max_len: int = option(512, in_range(8))
+    # Pack each optimiser step's examples into rows of max_len (segment ids, per-segment
+    # positions): the same examples and loss as padding, far fewer computed token slots
+    # (hacbo_jax.data.packing). Micro-dev and evaluation batches stay padded.
+    packing: bool = False
+    # Packing: at most this many row counts per micro-batch (compiled shapes); each step takes
+    # the smallest that fits it (1 = one fixed shape that fits the run's fullest step).
+    packing_shapes: int = option(1, in_range(1, 4))
+    # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
+    # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
+    # separate 'pool' stream (n_train is not reduced).
+    heldout_size: int = option(1473, in_range(0))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay to zero over the run."""
+
+    lr: float = option(1e-4, in_range(0, lo_open=True))
+    b1: float = option(0.9, in_range(0, 1, hi_open=True))
+    b2: float = option(0.95, in_range(0, 1, hi_open=True))
+    weight_decay: float = option(0.1, in_range(0))
+    clip_norm: Optional[float] = option(1.0, in_range(0, lo_open=True))  # null = no clipping
+    warmup_steps: int = option(0, in_range(0))
+    epochs: int = option(1, in_range(1))
+    batch_size: int = option(64, in_range(1))  # global, examples per optimiser step
+    micro_batch_size: Optional[int] = option(
+        None, in_range(1)
+    )  # null = batch_size (no accumulation)
+    max_steps: Optional[int] = option(None, in_range(1))  # cap for quick runs
+
+    def build(
+        self, total_steps: int, controller: Any = None, *, inject_lr: bool = False
+    ) -> tuple[Any, Any]:
+        """``(optimiser, schedule)``: :func:`hacbo_jax.trainer.step.build_optimizer` with
+        ``controller`` chained after AdamW (or wrapping it: a function ``adamw ->
+        transformation``), and the warm-up + cosine schedule over the run with peak 1: the peak
+        ``lr`` is a value in the optimiser state (``peak_lr``), so runs that differ only in
+        ``lr`` share compiled programs. Read the rate with
+        :func:`hacbo_jax.trainer.step.applied_learning_rate`."""
+        from hacbo_jax.trainer.step import build_optimizer, learning_rate_schedule
+
+        schedule = learning_rate_schedule(1.0, self.warmup_steps, total_steps)
+        if inject_lr:  # a driver (AutoLRS) sets the rate in the state: constant until it does
+            schedule = lambda step: self.lr  # noqa: E731 (what the step metrics report)
+        tx = build_optimizer(
+            schedule=schedule,
+            b1=self.b1,
+            b2=self.b2,
+            weight_decay=self.weight_decay,
+            clip_norm=self.clip_norm,
+            controller=controller,
+            inject_lr=inject_lr,
+            peak_lr=None if inject_lr else self.lr,
+        )
+        return tx, schedule
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimiser step."""
+        return self.batch_size // (self.micro_batch_size or self.batch_size)
+
+
+def _controller_config_type() -> type:
+    """``ControllerConfig``: ``kind`` plus one section per registered controller
+    (:data:`hacbo_jax.trainer.controller_registry.CONTROLLERS`)."""
+    kinds = tuple(CONTROLLERS)
+    sections = [
+        (kind, entry.config_type, field(default_factory=entry.config_type))
+        for kind, entry in CONTROLLERS.items()
+        if entry.config_type is not None
+    ]
+
+    def interval(self) -> int | None:
+        """Measurement interval K of the active controller (None for plain AdamW and for a
+        controller that does not measure)."""
+        return getattr(self.hyper, "interval", None)
+
+    def hyper(self) -> Any:
+        """The active controller's section (None for ``kind: none``)."""
+        return getattr(self, self.kind, None)
+
+    def build(self, labels: Any, **run_args: Any) -> Any:
+        """The active controller's optax transformation over ``labels`` (None for ``none``; for
+        a controller that wraps AdamW a function ``adamw -> transformation``, which needs
+        ``run_args``: see :func:`~hacbo_jax.trainer.controller_registry.build_controller`)."""
+        return build_controller(self.kind, labels, self.hyper, **run_args)
+
+    return dataclasses.make_dataclass(
+        "ControllerConfig",
+        [("kind", Literal[kinds], field(default="hacbo")), *sections],
+        namespace={
+            "interval": property(interval),
+            "hyper": property(hyper),
+            "build": build,
+            "__module__": __name__,
+            "__doc__": "Which controller runs (``kind``) and every controller's section.",
+        },
+        frozen=True,
+    )
+
+
+ControllerConfig = _controller_config_type()
+
+
+@dataclass(frozen=True)
+class MicroDevConfig:
+    size: int = option(1024, in_range(1))  # N_dev
+    pool: Literal["heldout", "test"] = "heldout"
+    refresh_every: int = option(500, in_range(0))  # R; 0 = never refresh
+    refresh_fraction: float = option(0.25, in_range(0, 1))  # r
+    batch_size: int = option(64, in_range(1))  # examples per dev gradient
+    # pool items scored per refresh; null = all
+    max_candidates: Optional[int] = option(256, in_range(1))
+
+    def build(self, pool_size: int, seed: int) -> Any:
+        """The :class:`~hacbo_jax.data.microdev.MicroDevBuffer` over a pool of ``pool_size``
+        examples (``size <= pool_size`` is checked by ``validate.check_pool_size``)."""
+        from hacbo_jax.data.microdev import MicroDevBuffer
+
+        return MicroDevBuffer(
+            pool_size,
+            self.size,
+            refresh_interval=max(self.refresh_every, 1),
+            replace_fraction=self.refresh_fraction,
+            max_candidates=self.max_candidates,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    limit: Optional[int] = option(None, in_range(1))  # null = full split
+    max_new_tokens: int = option(256, in_range(1))
+    # gsm8k: final numeric answers (spec); exact: normalised string equality; null = gsm8k for
+    # data.format question_answer, exact otherwise.
+    metric: Optional[Literal["gsm8k", "exact"]] = None
+    ignore_case: bool = False  # exact metric: compare case-folded
+    batch_size: int = option(64, in_range(1))
+    every_epoch: bool = True
+    # also evaluate every N optimiser steps (null = off): exact match over a run, e.g. against
+    # the training clock for equal-budget comparisons
+    every: Optional[int] = option(None, in_range(1))
+    at_start: bool = False  # also evaluate the base model (step 0)
+
+    def resolved_metric(self, data_format: str) -> str:
+        """The metric in use: ``metric``, or its default for ``data_format``."""
+        if self.metric is not None:
+            return self.metric
+        return "gsm8k" if data_format == "question_answer" else "exact"
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every: int = option(10, in_range(1))
+    tensorboard: bool = False
+    wandb: bool = False  # always offline
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = option(100, in_range(0))  # steps; 0 = only at the end
+    keep: int = option(2, in_range(1))
+    export_hf: bool = True  # RUN_DIR/hf_model at the end
+
+
+@dataclass(frozen=True)
+class DivergenceConfig:
+    max_consecutive_nonfinite: int = option(5, in_range(1))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ("data", "fsdp"): data-parallel size (-1 = all devices) x FSDP shards.
+
+    Checked against the devices present by :func:`hacbo_jax.trainer.config.validate.check_mesh`.
+    """
+
+    data: int = option(1, mesh_size_check)
+    fsdp: int = option(1, in_range(1))
+
+    def build(self) -> Any:
+        """The ``jax.sharding.Mesh`` (:func:`hacbo_jax.trainer.sharding.make_mesh`; ValueError when it
+        does not fit the devices: ``validate.check_mesh`` turns that into a ConfigError)."""
+        from hacbo_jax.trainer.sharding import make_mesh
+
+        return make_mesh(self.data, self.fsdp)
+
+
+@dataclass(frozen=True)
+class AutoLRSSection:
+    """AutoLRS of ``hacbo-autolrs`` (:mod:`hacbo_jax.experiments.autolrs.run`): the
+    :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` of the run. The stage lengths are the code's scaled down
+    10x so that a stage (k tau' + tau steps) fits the embedded model's runs."""
+
+    lr_min: float = option(1e-5, in_range(0, lo_open=True))
+    lr_max: float = option(1e-2, in_range(0, lo_open=True))
+    tau0: int = option(100, in_range(1))
+    tau_prime0: int = option(10, in_range(4))
+    num_candidates: int = option(10, in_range(1))
+    tau_max: int = option(800, in_range(1))
+    warmup_steps: int = option(0, in_range(0))
+    warmup_lr: float = option(0.0, in_range(0))
+    rewind_data: bool = False
+    bo_seed: int = option(0, in_range(0))
+
+    def build(self) -> Any:
+        """The :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` (ValueError on an inconsistent combination)."""
+        from hacbo_jax.experiments.autolrs.algorithm import AutoLRSConfig
+
+        return AutoLRSConfig(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: Optional[str] = None  # null = runs/<config file stem>
+    seed: int = option(0, in_range(0))
+    method: Optional[str] = None  # name in comparisons; null = controller.kind
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)  # type: ignore[valid-type]
+    microdev: MicroDevConfig = field(default_factory=MicroDevConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    autolrs: AutoLRSSection = field(default_factory=AutoLRSSection)  # hacbo-autolrs only
+
+    # -- step arithmetic ------------------------------------------------------------------
+    def steps_per_epoch(self, n_train: int) -> int:
+        """Optimiser steps per epoch over ``n_train`` examples: ``n_train // batch_size``.
+
+        The incomplete last batch is dropped (fixed shapes), as ``hacbo_jax.data.gsm8k``'s sampler does.
+        """
+        return n_train // self.optim.batch_size
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps of the whole run: epochs x steps per epoch, capped by max_steps."""
+        steps = self.optim.epochs * self.steps_per_epoch(n_train)
+        return min(steps, self.optim.max_steps) if self.optim.max_steps else steps
+
+    def expected_train_examples(self) -> int | None:
+        """Training examples the run will see, when knowable from the config alone.
+
+        synthetic: ``n_train`` (its micro-dev pool is a separate generated stream).
+        gsm8k: rows of a ``.jsonl`` ``data.train_file`` minus ``data.heldout_size`` when the
+        micro-dev pool is the held-out slice; None with ``hub_name`` or another file type (size
+        unknown until loaded).
+        """
+        if self.data.task == "synthetic":
+            return self.data.synthetic.n_train
+        train_file = Path(self.data.train_file)
+        if self.data.hub_name is None and train_file.suffix == ".jsonl" and train_file.is_file():
+            with open(self.data.train_file, "rb") as f:
+                rows = sum(1 for line in f if line.strip())
+        else:
+            return None
+        return rows - (self.data.heldout_size if self.microdev.pool == "heldout" else 0)

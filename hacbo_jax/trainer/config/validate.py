@@ -1,0 +1,692 @@
+"""Every check of a config, in one place, reported through one :class:`ConfigError`.
+
+Static checks (types, ranges, unknown keys: :mod:`.build`), paths (looked up in the current
+directory, then in the installed package), cross-field rules (some open the data file), and the
+checks that need the loaded data or the devices (:func:`check_mesh`, :func:`check_pool_size`,
+:func:`check_warmup`), which the run calls once it knows them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from hacbo_jax.trainer.config.schema import Config
+from hacbo_jax.trainer.config_fields import ConfigError
+from hacbo_jax.data.synthetic import PRESETS
+
+# Relative paths in a config are looked up in the current directory, then here: the installed
+# package, so that the defaults ("assets/tiny-qwen3-gsm", "assets/gsm8k/...") are package data.
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+# ---------------------------------------------------------------------------------------------
+# Paths and cross-field rules (problems are collected, not raised).
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_existing(path: str) -> Path | None:
+    """The path as given (from the current directory), else under the project root, if it exists."""
+    p = Path(path).expanduser()
+    for candidate in (p, PACKAGE_ROOT / p) if not p.is_absolute() else (p,):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """``org/name`` is a hub id unless ``org`` is a local directory (e.g. ``assets/...``)."""
+    if not _HUB_ID.match(path):
+        return True
+    first = path.split("/", 1)[0]
+    return Path(first).is_dir() or (PACKAGE_ROOT / first).is_dir()
+
+
+def resolve_paths(cfg: Config, problems: list[str], bad: set[str]) -> Config:
+    """``cfg`` with its local paths resolved (current directory, then the package)."""
+    model_path = cfg.model.path
+    if "model.path" not in bad:
+        found = _resolve_existing(model_path)
+        if found is not None:
+            if not (found / "config.json").is_file():
+                problems.append(
+                    f"model.path = {model_path!r}: must be a Hugging Face model "
+                    f"directory containing config.json (looked in {found}), or a hub id"
+                )
+            model_path = str(found)
+        elif _looks_like_local_path(model_path):
+            problems.append(
+                f"model.path = {model_path!r}: no such local directory (looked in the "
+                f"current directory and {PACKAGE_ROOT}); must be an existing Hugging "
+                "Face model directory or a hub id like 'Qwen/Qwen3-0.6B'"
+            )
+    data = cfg.data
+    files = {}
+    if data.task == "gsm8k" and data.hub_name is None and not {"data.task", "data.hub_name"} & bad:
+        for key in ("train_file", "eval_file"):
+            given = getattr(data, key)
+            found = _resolve_existing(given)
+            if found is None or not found.is_file():
+                problems.append(
+                    f"data.{key} = {given!r}: file not found (looked in the current "
+                    f"directory and {PACKAGE_ROOT}); must be a JSONL file of "
+                    "{question, answer} rows, or set data.hub_name"
+                )
+                bad.add(f"data.{key}")
+            else:
+                files[key] = str(found)
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=model_path),
+        data=dataclasses.replace(data, **files),
+    )
+
+
+def resolve_tokenizer(cfg: Config, problems: list[str], bad: set[str]) -> Config:
+    """``cfg`` with ``model.tokenizer`` resolved: a given local directory (current directory,
+    then the package) must hold tokenizer files; null becomes the model directory's tokenizer,
+    or the shipped Qwen3 tokenizer for a Qwen3 directory without one
+    (:func:`hacbo_jax.data.tokenizer.default_tokenizer`); a hub id is kept."""
+    from hacbo_jax.data.tokenizer import TOKENIZER_FILES, default_tokenizer, has_tokenizer
+
+    if "model.path" in bad or "model.tokenizer" in bad:
+        return cfg
+    given = cfg.model.tokenizer
+    if given is None:
+        try:
+            resolved = default_tokenizer(cfg.model.path)
+        except ValueError as e:
+            problems.append(f"model.tokenizer = null: {e}")
+            bad.add("model.tokenizer")
+            return cfg
+    else:
+        found = _resolve_existing(given)
+        if found is not None:
+            if not found.is_dir() or not has_tokenizer(found):
+                problems.append(
+                    f"model.tokenizer = {given!r}: must be a tokenizer directory holding "
+                    f"{' or '.join(TOKENIZER_FILES)} (looked in {found}), or a hub id"
+                )
+                bad.add("model.tokenizer")
+                return cfg
+            resolved = str(found)
+        elif _looks_like_local_path(given):
+            problems.append(
+                f"model.tokenizer = {given!r}: no such local directory (looked in the current "
+                f"directory and {PACKAGE_ROOT}); must be a tokenizer directory or a hub id"
+            )
+            bad.add("model.tokenizer")
+            return cfg
+        else:
+            resolved = given
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=resolved))
+
+
+def check_data_format(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """The data format fits the task, and local data files have a supported type."""
+    from hacbo_jax.data.formats import FILE_SUFFIXES
+
+    d = cfg.data
+    if d.task == "synthetic" and d.format != "question_answer" and "data.format" not in bad:
+        problems.append(
+            f"data.format = {d.format!r}: the synthetic task is in question_answer format; "
+            "other formats need data.task: gsm8k (files or hub)"
+        )
+    if d.task != "gsm8k" or d.hub_name is not None:
+        return
+    for key in ("train_file", "eval_file"):
+        suffix = Path(getattr(d, key)).suffix.lower()
+        if f"data.{key}" not in bad and suffix not in FILE_SUFFIXES:
+            problems.append(
+                f"data.{key} = {getattr(d, key)!r}: unsupported file type {suffix or '(none)'!r}; "
+                f"must be one of {', '.join(FILE_SUFFIXES)}"
+            )
+
+
+def _check_synthetic_preset(preset: str) -> str | None:
+    """None when ``preset`` is one of :data:`hacbo_jax.data.synthetic.PRESETS`."""
+    if preset in PRESETS:
+        return None
+    close = difflib.get_close_matches(preset, PRESETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"data.synthetic.preset = {preset!r}: must be one of "
+        + ", ".join(map(repr, PRESETS))
+        + hint
+    )
+
+
+def cross_checks(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """Rules tying several keys together; a rule is skipped when one of its keys was rejected."""
+
+    def ok(*keys: str) -> bool:
+        return not any(
+            k == b or k.startswith(b + ".") or b.startswith(k + ".") for k in keys for b in bad
+        )
+
+    o, m, d = cfg.optim, cfg.microdev, cfg.data
+    if (
+        ok("optim.batch_size", "optim.micro_batch_size")
+        and o.micro_batch_size is not None
+        and o.batch_size % o.micro_batch_size
+    ):
+        problems.append(
+            f"optim.batch_size = {o.batch_size}: must be a multiple of "
+            f"optim.micro_batch_size = {o.micro_batch_size} (gradient accumulation)"
+        )
+    warmup_ok = ok("optim.warmup_steps", "optim.max_steps")
+    if warmup_ok and o.max_steps is not None and o.warmup_steps >= o.max_steps:
+        problems.append(
+            f"optim.warmup_steps = {o.warmup_steps}: must be < optim.max_steps = {o.max_steps}"
+        )
+        warmup_ok = False
+    if ok("microdev.batch_size", "microdev.size") and m.batch_size > m.size:
+        problems.append(
+            f"microdev.batch_size = {m.batch_size}: must be <= microdev.size = {m.size}"
+        )
+    if (
+        ok("microdev.pool", "microdev.size", "data.heldout_size")
+        and m.pool == "heldout"
+        and d.heldout_size < m.size
+    ):
+        problems.append(
+            f"data.heldout_size = {d.heldout_size}: must be >= microdev.size = "
+            f"{m.size} when microdev.pool is 'heldout' (the buffer is drawn from it)"
+        )
+    if d.task == "synthetic" and ok("data.task", "data.synthetic.preset"):
+        why = _check_synthetic_preset(d.synthetic.preset)
+        if why:
+            problems.append(why)
+    if not ok(
+        "data.task",
+        "data.train_file",
+        "data.hub_name",
+        "data.heldout_size",
+        "data.synthetic.n_train",
+        "microdev.pool",
+        "optim.epochs",
+        "optim.batch_size",
+    ):
+        return
+    n_train = cfg.expected_train_examples()
+    if n_train is None:
+        return  # unknown until the data is loaded: the training loop calls check_warmup
+    if n_train < o.batch_size:
+        what = (
+            "data.synthetic.n_train"
+            if d.task == "synthetic"
+            else f"the {n_train + d.heldout_size} rows of data.train_file minus data.heldout_size"
+            if m.pool == "heldout"
+            else "the rows of data.train_file"
+        )
+        problems.append(
+            f"optim.batch_size = {o.batch_size}: must be <= the {n_train} training "
+            f"examples ({what}); an epoch would have no full batch"
+        )
+    elif warmup_ok:
+        total = cfg.total_steps(n_train)
+        if o.warmup_steps >= total:
+            problems.append(
+                f"optim.warmup_steps = {o.warmup_steps}: must be < the run's {total} optimiser "
+                f"steps ({o.epochs} epochs x ({n_train} examples // batch {o.batch_size})"
+                f"{', capped by max_steps' if o.max_steps else ''})"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need the loaded data or the devices (the run calls them before any work).
+# ---------------------------------------------------------------------------------------------
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def check_warmup(cfg: Config, total_steps: int) -> None:
+    """ConfigError unless ``optim.warmup_steps < total_steps`` (the run's optimiser steps)."""
+    if cfg.optim.warmup_steps >= total_steps:
+        _raise(
+            [
+                f"optim.warmup_steps = {cfg.optim.warmup_steps}: must be < the run's "
+                f"{total_steps} optimiser steps (epochs x (train examples // batch_size), capped "
+                "by max_steps); the learning rate would never leave warm-up"
+            ]
+        )
+
+
+def check_pool_size(cfg: Config, pool_size: int) -> None:
+    """ConfigError unless the micro-dev buffer fits in its pool of ``pool_size`` examples."""
+    if cfg.microdev.size > pool_size:
+        _raise(
+            [
+                f"microdev.size = {cfg.microdev.size}: must be <= the micro-dev pool's "
+                f"{pool_size} examples (microdev.pool = {cfg.microdev.pool!r})"
+            ]
+        )
+
+
+def check_backend(cfg: Config) -> None:
+    """ConfigError when ``model.attention_impl`` needs a backend jax does not have ("cudnn"
+    needs a CUDA GPU). Checked when the run starts, not when the config is read, so that the
+    GPU configs can be read, printed and tested on any machine."""
+    import jax
+
+    backend = jax.default_backend()
+    if cfg.model.attention_impl == "cudnn" and backend != "gpu":
+        _raise(
+            [
+                f"model.attention_impl = 'cudnn': needs a CUDA GPU, but jax's default backend "
+                f"is {backend!r}; use 'einsum' (the CPU path) or 'xla' "
+                "(override model.attention_impl=einsum)"
+            ]
+        )
+
+
+def check_mesh(cfg: Config) -> Any:
+    """The ``(data, fsdp)`` mesh of ``cfg.mesh``, checked against the devices and the batch.
+
+    Raises ConfigError when the mesh does not fit the devices present, when
+    ``optim.micro_batch_size`` (default: ``optim.batch_size``) cannot be split evenly over its
+    ``data * fsdp`` devices, or when the backend cannot run ``model.attention_impl``
+    (:func:`check_backend`).
+    """
+    check_backend(cfg)
+    try:
+        mesh = cfg.mesh.build()
+    except ValueError as e:
+        raise ConfigError(f"invalid config:\n  - {e}") from e
+    micro = cfg.optim.micro_batch_size or cfg.optim.batch_size
+    if micro % mesh.size:
+        _raise(
+            [
+                f"optim.micro_batch_size = {micro}"
+                f"{'' if cfg.optim.micro_batch_size else ' (= optim.batch_size)'}: must be "
+                f"divisible by the mesh's {mesh.size} devices (mesh.data={mesh.shape['data']} x "
+                f"mesh.fsdp={mesh.shape['fsdp']}), which split each micro-batch between them"
+            ]
+        )
+    return mesh
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: finiteness, labels, data rows (static), the content of the run's inputs (up front),
+# the output directory and what a --resume may change.
+# ---------------------------------------------------------------------------------------------
+
+# An AdamW step moves each weight by about lr; above this the run is certainly a typo (1e38
+# overflows the update norm, inf/1e400 makes every weight non-finite at step 1).
+MAX_LR = 1.0
+
+
+def _float_fields(node: Any, prefix: str = ""):
+    """``(dotted key, value)`` of every float-valued field of a config tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _float_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield prefix + f.name, value
+
+
+def check_finite(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """Every float key finite (YAML's ``.inf``, ``nan``, ``1e400`` parse as floats), and
+    ``optim.lr`` not absurd (<= :data:`MAX_LR`)."""
+    for key, value in _float_fields(cfg):
+        if key in bad:
+            continue
+        if not math.isfinite(value):
+            problems.append(f"{key} = {value}: must be a finite number")
+            bad.add(key)
+    if "optim.lr" not in bad and cfg.optim.lr > MAX_LR:
+        problems.append(
+            f"optim.lr = {cfg.optim.lr:g}: must be <= {MAX_LR:g} (a learning rate that large "
+            "overflows the update; AdamW moves each weight by about lr per step)"
+        )
+        bad.add("optim.lr")
+
+
+def check_method_label(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """``method`` may not name another controller than the one that runs (a run with
+    ``controller.kind=none`` labelled ``hacbo`` would be compared as HACBO)."""
+    from hacbo_jax.trainer.controller_registry import CONTROLLERS
+
+    method, kind = cfg.method, cfg.controller.kind
+    if "controller.kind" in bad or method is None or method == kind or method not in CONTROLLERS:
+        return
+    problems.append(
+        f"method = {method!r}: names the controller {method!r} but controller.kind = {kind!r}; "
+        "set method=null (the run is then labelled by controller.kind) or a name of your own"
+    )
+    bad.add("method")
+
+
+def _count_rows(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """An empty ``data.train_file``, or one with no rows left after ``data.heldout_size``, is
+    reported as such (not as a batch larger than a negative number of examples)."""
+    d, m = cfg.data, cfg.microdev
+    if d.task != "gsm8k" or d.hub_name is not None or {"data.train_file", "data.task"} & bad:
+        return
+    # Rows are lines only in JSONL; JSON and Parquet files are counted when they are read
+    # (hacbo_jax.data.formats), which reports an empty file the same way.
+    if not Path(d.train_file).is_file() or Path(d.train_file).suffix != ".jsonl":
+        return
+    rows = _count_rows(d.train_file)
+    if rows == 0:
+        problems.append(
+            f"data.train_file = {d.train_file!r}: has no rows; must hold one JSON object "
+            "per line"
+        )
+        bad.add("data.train_file")
+    elif m.pool == "heldout" and d.heldout_size >= rows and "data.heldout_size" not in bad:
+        problems.append(
+            f"data.heldout_size = {d.heldout_size}: must be < the {rows} rows of "
+            f"data.train_file ({d.train_file}) when microdev.pool is 'heldout'; nothing would "
+            "be left to train on"
+        )
+        bad.add("data.heldout_size")
+
+
+# Keys a --resume may change: they do not change the trajectory (params, optimiser state, data
+# order). Every other key does (model, data, seed, optimiser and schedule, batch, controller,
+# micro-dev buffer). The mesh may change: a checkpoint is re-sharded onto the devices present
+# (resuming a pre-empted job on another slice); only the float summation order differs.
+RESUME_MAY_CHANGE = (
+    "output_dir",
+    "method",
+    "eval.",
+    "logging.",
+    "checkpoint.",
+    "divergence.",
+    "mesh.",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_differences(saved: Config, requested: Config) -> tuple[list[str], list[str]]:
+    """``(refused, allowed)``: lines ``key: saved -> requested`` for every key that differs.
+
+    Refused: keys that change the trajectory. Allowed: logging, evaluation, checkpointing,
+    divergence limit, labels and ``output_dir``; and ``optim.max_steps`` when the run length
+    (which the learning-rate schedule is defined over) stays the same.
+    """
+    old, new = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(requested))
+    refused, allowed = [], []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        line = f"{key}: {a!r} -> {b!r}"
+        if key == "optim.max_steps":
+            n_train = saved.expected_train_examples()
+            same = n_train is not None and saved.total_steps(n_train) == requested.total_steps(
+                n_train
+            )
+            (allowed if same else refused).append(
+                line
+                + (
+                    ""
+                    if same
+                    else " (changes the run length, over which the learning-rate schedule runs)"
+                )
+            )
+        elif key.startswith(RESUME_MAY_CHANGE) or key in RESUME_MAY_CHANGE:
+            allowed.append(line)
+        else:
+            refused.append(line)
+    return refused, allowed
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's inputs, checked before anything is written or any model is built.
+# ---------------------------------------------------------------------------------------------
+
+
+def _safetensors_shapes(path: Path, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (8-byte length + JSON), checking
+    that the file is as long as the header says (a truncated download fails here)."""
+    import json
+    import struct
+
+    where = f"model.path: {path}"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a {size}-byte file")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        shapes, end = {}, 0
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            shapes[name] = tuple(info["shape"])
+            end = max(end, int(info["data_offsets"][1]))
+        if 8 + length + end > size:
+            raise ValueError(f"truncated: tensors need {8 + length + end} bytes, file has {size}")
+        return shapes
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        problems.append(f"{where}: not a readable safetensors file ({e}); must be a complete one")
+        return {}
+
+
+def check_model_dir(path: str) -> list[str]:
+    """Problems of a local model directory: config.json (valid JSON, a supported model_type),
+    the safetensors files (complete headers) and every tensor present with the shape the config
+    implies. The model is only built abstractly (``nnx.eval_shape``), no weights are read."""
+    import json
+
+    directory = Path(path)
+    if not directory.is_dir():
+        return []  # a hub id: checked when downloaded
+    problems: list[str] = []
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"model.path: {directory / 'config.json'}: not valid JSON ({e})"]
+    from flax import nnx
+
+    from hacbo_jax.models import qwen3_hf
+    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+
+    try:
+        config = qwen3_hf.config_from_hf(raw)
+        abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
+    except (ValueError, TypeError, KeyError) as e:
+        return [f"model.path: {directory / 'config.json'}: {e}"]
+    index = directory / "model.safetensors.index.json"
+    files: dict[str, str] = {}
+    if index.is_file():
+        try:
+            files = dict(json.loads(index.read_text())["weight_map"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return [f"model.path: {index}: not a valid tensor index ({e})"]
+    elif not (directory / "model.safetensors").is_file():
+        return [f"model.path = {path!r}: no model.safetensors or model.safetensors.index.json"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in sorted(set(files.values()) or {"model.safetensors"}):
+        shapes.update(_safetensors_shapes(directory / name, problems))
+    if problems:
+        return problems
+    wrong = []
+    for var_path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        name = qwen3_hf.hf_name(var_path)
+        want = qwen3_hf.param_to_hf_shape(var_path, tuple(var.shape))
+        if name not in shapes:
+            wrong.append(f"{name} missing")
+        elif shapes[name] != want:
+            wrong.append(f"{name}: stored {shapes[name]}, config.json implies {want}")
+    if wrong:
+        shown = "; ".join(wrong[:6]) + (f"; ... {len(wrong) - 6} more" if len(wrong) > 6 else "")
+        problems.append(
+            f"model.path = {path!r}: the weights do not match config.json ({len(wrong)} "
+            f"tensors): {shown}"
+        )
+    return problems
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def load_checked_tokenizer(path: str, problems: list[str], key: str = "model.path") -> Any:
+    """The tokenizer of a local directory (``key`` names where it came from), or None with the
+    problem appended."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return None
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        problems.append(
+            f"{key} = {path!r}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); "
+            "the model directory must hold the tokenizer it was trained with, or set "
+            "model.tokenizer"
+        )
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        problems.append(f"{key} = {path!r}: the tokenizer cannot be loaded ({e})")
+        return None
+    if len(tokenizer) == 0:
+        problems.append(f"{key} = {path!r}: the tokenizer has an empty vocabulary")
+        return None
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        problems.append(f"{key} = {path!r}: the tokenizer needs an eos and a pad token")
+        return None
+    return tokenizer
+
+
+def check_jsonl(key: str, path: str, max_shown: int = 5) -> list[str]:
+    """Every non-empty line of a GSM8K file a JSON object with string question and answer."""
+    import json
+
+    bad: list[str] = []
+    rows = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            rows += 1
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                bad.append(f"line {number}: malformed JSON ({e.msg})")
+                continue
+            if not isinstance(record, dict) or not all(
+                isinstance(record.get(k), str) for k in ("question", "answer")
+            ):
+                bad.append(f'line {number}: needs string fields "question" and "answer"')
+    if not bad:
+        return []
+    more = f"; ... {len(bad) - max_shown} more" if len(bad) > max_shown else ""
+    return [
+        f"{key} = {path!r}: {len(bad)} of {rows} rows unusable: "
+        + "; ".join(bad[:max_shown])
+        + more
+    ]
+
+
+def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
+    """An existing run is never overwritten; the directory can be created; --resume needs a
+    checkpoint."""
+    out = Path(cfg.output_dir)
+    if resume:
+        ckpt = out / "checkpoints"
+        steps = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+        if not steps:
+            return [
+                f"--resume: no checkpoint in {ckpt} (output_dir = {cfg.output_dir!r}); "
+                "drop --resume to start the run, or give the output_dir of the run to continue"
+            ]
+        return []
+    if out.exists() and not out.is_dir():
+        return [f"output_dir = {cfg.output_dir!r}: exists and is not a directory"]
+    if out.is_dir() and any(out.iterdir()):
+        return [
+            f"output_dir = {cfg.output_dir!r}: already holds a run (never overwritten); "
+            "continue it with --resume, or choose another output_dir"
+        ]
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return [f"output_dir = {cfg.output_dir!r}: cannot be created ({parent} is a file)"]
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"output_dir = {cfg.output_dir!r}: cannot be created ({parent} is not writable)"]
+    return []
+
+
+def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
+    """Every problem of the run's inputs that needs their content (model directory, tokenizer,
+    data rows, at least one answer token within ``data.max_len``, output directory), found
+    without building the model or writing anything."""
+    problems = check_output_dir(cfg, resume=resume)
+    model_problems = check_model_dir(cfg.model.path)
+    problems += model_problems
+    if cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
+        tokenizer = load_checked_tokenizer(cfg.model.tokenizer, problems, "model.tokenizer")
+    else:
+        tokenizer = load_checked_tokenizer(cfg.model.path, problems)
+    d = cfg.data
+    files_ok = True
+    # Other formats and file types are checked row by row when they are read (formats.py).
+    if (
+        d.task == "gsm8k"
+        and d.hub_name is None
+        and d.format == "question_answer"
+        and (d.columns.question, d.columns.answer) == ("question", "answer")
+    ):
+        for key in ("train_file", "eval_file"):
+            path = getattr(d, key)
+            if not Path(path).is_file() or Path(path).suffix != ".jsonl":
+                continue
+            found = check_jsonl(f"data.{key}", path)
+            files_ok &= not found
+            problems += found
+            if not found and _count_rows(path) == 0 and key == "eval_file":
+                problems.append(f"data.eval_file = {path!r}: has no rows")
+                files_ok = False
+    if tokenizer is not None and files_ok:
+        from hacbo_jax.data import gsm8k as data_lib
+        from hacbo_jax.trainer.run_parts import load_task_data
+
+        try:
+            task = load_task_data(cfg, tokenizer)
+        except (ValueError, OSError) as e:
+            problems.append(f"data: {e}")
+            return problems
+        if not task.train:
+            problems.append("data: no training examples")
+        else:
+            arrays = data_lib.tokenize_sft(task.train, tokenizer, d.max_len)
+            if float(arrays.loss_mask.sum()) == 0:
+                problems.append(
+                    f"data.max_len = {d.max_len}: not one answer token of the "
+                    f"{len(task.train)} training examples survives truncation (every prompt "
+                    "is at least that long); raise data.max_len"
+                )
+    return problems

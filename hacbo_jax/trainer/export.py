@@ -1,0 +1,65 @@
+"""Export any checkpoint of a run as a Hugging Face model directory.
+
+    python -m train.export_checkpoint RUN_DIR --step N --out DIR
+
+The run's own ``config.yaml`` rebuilds its parts (:func:`~hacbo_jax.trainer.run_parts.build_run`),
+the checkpoint of step N is restored onto them, and the params are written with
+``save_pretrained`` together with the tokenizer. The controller state of that step is written
+beside them (``controller_state.npz``: one array per field) so that tools such as the curvature
+probe can read HACBO's curvature EMA without orbax.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from hacbo_jax.trainer.checkpoint import CheckpointError
+from hacbo_jax.trainer.cli_common import usage_error
+from hacbo_jax.trainer.config_fields import ConfigError
+
+__all__ = ["export_checkpoint", "main"]
+
+
+def export_checkpoint(run_dir: str | Path, step: int | None, out_dir: str | Path) -> Path:
+    """Writes step ``step`` (None: the newest) of ``run_dir`` as an HF model to ``out_dir``."""
+    import jax
+
+    from hacbo_jax.trainer.checkpoint import Checkpointer
+    from hacbo_jax.trainer.config import load_config
+    from hacbo_jax.trainer.controller_registry import find_controller_state
+    from hacbo_jax.trainer.run_parts import build_run
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    parts = build_run(cfg)
+    with Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
+        state, _ = ckpt.restore(step, abstract_target=parts.state)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts.model_at(state.params).save_pretrained(out_dir)
+    parts.tokenizer.save_pretrained(out_dir)
+    controller_state = find_controller_state(state.opt_state)
+    if controller_state is not None:
+        fields = {
+            k: np.asarray(v)
+            for k, v in jax.device_get(controller_state._asdict()).items()
+            if v is not None
+        }
+        np.savez(out_dir / "controller_state.npz", **fields)
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.export_checkpoint", description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    args = parser.parse_args(argv)
+    try:
+        print(export_checkpoint(args.run_dir, args.step, args.out))
+    except (ConfigError, CheckpointError, OSError) as e:  # bad run directory or step
+        return usage_error(parser.prog, e)
+    return 0
