@@ -1,9 +1,10 @@
-# Shared by run.sh and test.sh: create (once) and activate the project's own virtual environment.
-# $1 = the pip extras to install, for example "" or "test".
+# Shared by run.sh and test.sh: create (once) and activate a virtual environment of the project.
+# $1 = the environment's folder name under the checkout (for example .venv or .venv-test),
+# $2 = the pip extras to install into it (for example "train" or "test").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${HACBO_VENV:-$root/.venv}"
-extras="${1:-}"
+venv="${HACBO_VENV:-$root/$1}"
+extras="${2:-}"
 spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
 stamp="$venv/.hacbo-installed-$(echo "$extras" | tr ',' '-')"
@@ -18,4 +19,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
+# Offline: nothing here reads a model or data set hub.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 cd "$root"

@@ -3,7 +3,7 @@
 Label parsing (a static leaf -> (block, sub-module) layout, per-layer ``"3/mlp"`` or stacked
 ``"*/mlp"``), the per-block sign-cosine and per-group gradient norms of a measurement, per-tensor
 fake int8, the per-group scaling of an update, the global update-norm budget, hyper-parameter
-checks and the measurement cadence. Spec: ``shared/spec/controllers.md``.
+checks and the measurement cadence. Reference: ``docs/algorithm.md``.
 """
 
 from __future__ import annotations

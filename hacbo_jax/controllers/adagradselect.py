@@ -2,7 +2,7 @@
 
 Reference: "AdaGradSelect: An adaptive gradient-guided layer selection method for efficient
 fine-tuning of SLMs" (arXiv 2512.15764) and the authors' blog post, in the precise reading of
-``shared/spec/other-systems.md`` (section 1), whose "our reading" choices are marked below.
+``docs/algorithm.md`` (AdaGradSelect), whose "our reading" choices are marked below.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """BLAC: budgeted layer-wise agreement controller (the HACBO paper's baseline), as optax.
 
 The paper describes BLAC only in prose; this follows the reconstruction fixed in
-``shared/spec/controllers.md`` (section "BLAC").
+``docs/algorithm.md`` (section "BLAC").
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def blac_multipliers(state: BLACState) -> jax.Array:
 
 
 def blac_weights(agreement: jax.Array, frozen: jax.Array, kept: jax.Array) -> jax.Array:
-    """w over the non-frozen blocks (spec, BLAC): a / S with S = sum of their a if S > 0, else
+    """w over the non-frozen blocks (reference, BLAC): a / S with S = sum of their a if S > 0, else
     the ``kept`` weights renormalised over them (uniform over them if those sum to 0); 0 for
     frozen blocks (all 0 if every block is frozen)."""
     active_agreement = jnp.where(frozen, 0.0, agreement)

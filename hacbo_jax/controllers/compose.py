@@ -102,7 +102,7 @@ def dev_sign_sketch(dev_grads: PyTree, controlled: PyTree | None = None) -> PyTr
     leading, block, axis kept, the rest flattened), codes 0 for zero, 1 for positive, 2 for
     negative and 3 for NaN or +-inf, four to a byte.
 
-    HACBO and BLAC read only sign(g_dev) of the dev gradient (the sign-cosine, spec step 1) and
+    HACBO and BLAC read only sign(g_dev) of the dev gradient (the sign-cosine, step 1 of docs/algorithm.md) and
     whether it is finite, so ``update(..., dev_grads=dev_sign_sketch(g_dev))`` measures exactly
     as ``dev_grads=g_dev`` does (the paper's 1-bit sketch, plus the zero and non-finite cases a
     1-bit sign cannot hold): a sketch with a code 3 counts as a non-finite dev gradient, so the

@@ -1,7 +1,7 @@
 """HACBO: hierarchical agreement-curvature budgeting, as an optax transformation.
 
 Reference: "Elastic hierarchical agreement-curvature budgeting for trust-region controlled
-fine-tuning" (HACBO), Algorithm 1, in the precise reading of ``shared/spec/controllers.md``.
+fine-tuning" (HACBO), Algorithm 1, in the precise reading of ``docs/algorithm.md``.
 """
 
 from __future__ import annotations
@@ -93,11 +93,11 @@ def hacbo_multipliers(
     curvature_floor: float = 0.0,
     probation_share: str = "weights",
 ) -> jax.Array:
-    """Per-group update multipliers f32[B, M] that a HACBO state gives (spec steps 5-7).
+    """Per-group update multipliers f32[B, M] that a HACBO state gives (steps 5-7 of docs/algorithm.md).
 
     multiplier_{b,m} = L_active * w_b * v_{b,m}, with v_{b,m} = u_{b,m} / sum_m' u_{b,m'},
     u = 1 / (max(c, floor * mean_m' c_{b,m'}) + eps) (floor = ``curvature_floor``, default 0:
-    the spec's 1 / (c + eps); uniform 1/M if ``curvature_weighting`` is False) and
+    the reference's 1 / (c + eps); uniform 1/M if ``curvature_weighting`` is False) and
     L_active = #{b : not p_b}. With ``probation_share="uniform"`` a block in probation gets v_b
     instead (its share with all blocks active and uniform weights). Leaves of a block in
     probation additionally get gamma * fake_int8(.) in the update. The keyword arguments must
@@ -170,7 +170,7 @@ def hacbo(
     measurement steps only, a block in probation leaves it (p_b <- False, z_b <- 0) if cos_b > 0
     or mean_m c_{b,m} < median_b' mean_m c_{b',m}; this affects the *next* step's update. Last,
     with ``update_norm_budget`` = lambda, the update this transformation sees is clipped to
-    global L2 norm lambda (inside ``optax.masked`` that is only the masked subset: for the spec's
+    global L2 norm lambda (inside ``optax.masked`` that is only the masked subset: for the reference's
     whole-update budget put ``optax.clip_by_global_norm(lambda)`` last in the chain instead).
 
     With ``debias=True``, wherever a and c are *used* (the theta_neg test, w, v and the
@@ -197,8 +197,8 @@ def hacbo(
       curvature_floor: option (not in the paper), in [0, 1]; c_{b,m} is raised to at least
         ``curvature_floor`` x the block's mean curvature before v is computed, so that a
         sub-module with zero (or tiny) gradient cannot take nearly all of its block's share.
-        0 (default) is the spec's rule.
-      probation_share: ``"weights"`` (default, the spec: a block in probation gets
+        0 (default) is the reference rule.
+      probation_share: ``"weights"`` (default, the reference rule: a block in probation gets
         gamma * fake_int8(L_active w_b v_{b,m} u), which is near 0 because w_b is) or
         ``"uniform"`` (option: it gets gamma * fake_int8(v_{b,m} u), gamma times the share it
         would have with all blocks active and uniform weights; this also keeps training when

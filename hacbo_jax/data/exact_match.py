@@ -1,4 +1,4 @@
-"""Exact match of GSM8K final answers, as fixed by the project spec ("Exact match").
+"""Exact match of GSM8K final answers, as the project defines it (docs/data.md, "Exact match").
 
 Final answer of a text = the text after the LAST ``####``, or, when the text has no ``####``,
 the last number in it. It is normalised by removing all whitespace and commas and then one

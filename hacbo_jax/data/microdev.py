@@ -1,4 +1,4 @@
-"""The micro-dev buffer (spec: "Micro-dev buffer").
+"""The micro-dev buffer (docs/algorithm.md: "Micro-dev buffer").
 
 A buffer of ``buffer_size`` (N_dev) distinct items drawn from a pool of ``pool_size`` items,
 identified by their pool index (the caller maps indices to examples). Every

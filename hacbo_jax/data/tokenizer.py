@@ -10,11 +10,31 @@ out of vocabulary. The result is a ``transformers.PreTrainedTokenizerFast`` whos
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+
+
+def _import_transformers_quietly():
+    """transformers, imported without its advice that PyTorch is missing: the tokenizers and
+    configs used here need no PyTorch, and a run should print only its own lines."""
+    previous = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        import transformers
+    finally:
+        if previous is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = previous
+    return transformers
+
+
+_transformers = _import_transformers_quietly()
+AutoTokenizer = _transformers.AutoTokenizer
+PreTrainedTokenizerFast = _transformers.PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -76,7 +96,6 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """Loads a tokenizer saved by :func:`save_tokenizer` (or any HF fast tokenizer directory)."""
-    from transformers import AutoTokenizer
 
     path = Path(directory)
     if not (path / "tokenizer.json").is_file():

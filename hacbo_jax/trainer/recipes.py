@@ -38,7 +38,7 @@ def qwen3_labels(params: Any) -> Any:
     """HACBO label tree for Qwen3 parameters: ``"{layer}/{attn_qkv|attn_out|mlp|ln}"``, or
     ``"*/{attn_qkv|attn_out|mlp|ln}"`` for the stacked leaves of a ``scan_layers=True`` model.
 
-    Sub-modules follow the spec table (shared/spec/controllers.md): attn_qkv = q/k/v_proj,
+    Sub-modules follow the table of docs/algorithm.md: attn_qkv = q/k/v_proj,
     attn_out = o_proj, mlp = gate/up/down_proj, ln = input/post_attention layernorm and q/k_norm.
     Embeddings, the final norm and an untied lm_head are ``"other"`` (not controlled).
     ``params`` may be an ``nnx.State`` (e.g. from ``nnx.split(model, nnx.Param, ...)``) or a

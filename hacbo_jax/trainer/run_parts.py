@@ -67,7 +67,7 @@ class TaskData:
 
 
 def load_task_data(cfg: Config, tokenizer: Any = None) -> TaskData:
-    """Train / eval / micro-dev pool examples for the configured task (see the spec's pools).
+    """Train / eval / micro-dev pool examples for the configured task (see the micro-dev pools in docs/algorithm.md).
 
     ``data.task: gsm8k`` reads ``data.train_file`` / ``data.eval_file`` (or the hub data set's
     ``data.train_split`` / ``data.eval_split``) in ``data.format``
@@ -117,7 +117,7 @@ def load_task_data(cfg: Config, tokenizer: Any = None) -> TaskData:
 def load_tokenizer(cfg: Config) -> Any:
     """The tokenizer of ``cfg.model.tokenizer`` (null: resolved as the config check does,
     :func:`hacbo_jax.data.tokenizer.default_tokenizer`)."""
-    from transformers import AutoTokenizer
+    from hacbo_jax.data.tokenizer import AutoTokenizer
 
     from hacbo_jax.data.tokenizer import default_tokenizer
 

@@ -474,7 +474,7 @@ def make_dev_signs_fn(
     It draws the same dev batch as the step's own ``dev_grad_fn`` would (the key of
     ``jax.random.split(state.rng)``) and back-propagates it at ``state.params``. As a program of
     its own it never holds the training gradient, and the measurement step that receives its
-    output holds two bits per coordinate instead of a second fp32 gradient (issue 10: on
+    output holds two bits per coordinate instead of a second fp32 gradient (on
     Qwen3-0.6B the measurement step's peak comes down to the ordinary step's plus the sketch).
 
     ``controlled`` (:func:`~hacbo_jax.controllers.compose.controlled_leaves` of the controller's

@@ -1,4 +1,4 @@
-"""AdaGradSelect: one hand-computed test per rule of shared/spec/other-systems.md, section 1.
+"""AdaGradSelect: one hand-computed test per rule of docs/algorithm.md (AdaGradSelect).
 
 The trees are tiny: U blocks with sub-modules "a" and "b" of two coordinates each, and an
 uncontrolled leaf "emb". Expected values are worked out by hand in each test.

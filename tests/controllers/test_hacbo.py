@@ -1,4 +1,4 @@
-"""HACBO: one hand-computed test per rule of shared/spec/controllers.md, plus input checks.
+"""HACBO: one hand-computed test per rule of docs/algorithm.md (HACBO), plus input checks.
 
 The trees are tiny: B blocks, sub-modules "a" and "b" with two coordinates each, and one
 uncontrolled leaf "emb". Expected values are worked out by hand in each test (comments give the
@@ -283,7 +283,7 @@ def test_bf16_updates_keep_dtype_state_stays_float32():
 
 
 def test_dev_gradient_input_errors():
-    # (issue 12: omitting the dev gradient is no longer an error, see
+    # (omitting the dev gradient is no longer an error, see
     # test_controllers_issue12.py::test_omitted_dev_source_traces_no_measurement_and_counts_missed)
     params = ones_updates(2)
     tx = hacbo(labels_for(2), interval=3)

@@ -4,7 +4,7 @@ XLA's CPU backend does not fuse an elementwise op into a reduction when the op h
 consumers: ``sign(g_train)`` feeding both the sign dot product and the non-zero count was kept
 as a full f32 copy of every leaf, and ``isfinite`` as a full pred copy. On Qwen3-0.6B that
 raised the HACBO measurement step's XLA temporaries from 3.01 GiB (ordinary step) to 6.49 GiB
-(issue 10, goal 2). These tests compile one measurement update and read XLA's own memory
+. These tests compile one measurement update and read XLA's own memory
 analysis (deterministic, no timing): the temporaries must stay below one leaf's size.
 """
 

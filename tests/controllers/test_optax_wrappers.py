@@ -1,7 +1,7 @@
-"""Issue 12: the controllers compose with optax (jit without a dev source, inject_hyperparams,
+"""The controllers compose with optax (jit without a dev source, inject_hyperparams,
 MultiSteps, apply_if_finite, masked, scanned layers) and fail loudly instead of silently.
 
-One test (or parametrised group) per numbered item of the issue; hand-computed where the spec
+One test (or parametrised group) per composition; hand-computed where the reference
 gives a rule. Trees are tiny and every test is fast.
 """
 
@@ -206,7 +206,7 @@ def test_budget_equals_clip_by_global_norm_last_and_masked_clips_only_the_subset
     np.testing.assert_allclose(st.budget_scale, 1 / math.sqrt(29), rtol=1e-6)  # logged
     separate = optax.chain(hacbo(labels_for(2), interval=5), optax.clip_by_global_norm(1.0))
     out_sep, _ = step(separate, separate.init(train), train, train, updates)
-    chex.assert_trees_all_close(out, out_sep, rtol=1e-6)  # spec step 10 == clip_by_global_norm
+    chex.assert_trees_all_close(out, out_sep, rtol=1e-6)  # reference step 10 == clip_by_global_norm
     # inside masked, the convenience budget sees (and clips) only the controlled subset
     labels = labels_for(2)
     mask = jax.tree.map(lambda label: label != "other", labels)
@@ -361,12 +361,12 @@ def test_probation_share_uniform_gives_gamma_a_real_share():
     for share, m0 in [("weights", 1 * 0.1 * 0.5), ("uniform", 0.5)]:
         tx = hacbo(labels_for(2), interval=100, gamma=gamma, probation_share=share)
         out, new = step(tx, st, train, train, updates)
-        # spec: gamma * fake_int8(L_active w_0 v * u), L_active = 1; uniform: v = 1/2 only
+        # reference: gamma * fake_int8(L_active w_0 v * u), L_active = 1; uniform: v = 1/2 only
         np.testing.assert_allclose(block_values(out, 0)[0], q(m0 * u0a), rtol=1e-5)
         np.testing.assert_allclose(block_values(out, 0)[1], q(m0 * u0b), rtol=1e-5)
         np.testing.assert_allclose(block_values(out, 1), np.full((2, 2), 0.45), rtol=1e-6)
         np.testing.assert_allclose(new.multipliers[0], [m0, m0], rtol=1e-6)
-    # every block in probation: L_active = 0; spec -> nothing trains, uniform -> gamma x share
+    # every block in probation: L_active = 0; reference -> nothing trains, uniform -> gamma x share
     st = state(2, probation=[True, True], neg_count=[6, 6])
     for share, expected in [("weights", 0.0), ("uniform", gamma * 0.5)]:
         tx = hacbo(labels_for(2), interval=100, gamma=gamma, probation_share=share)

@@ -1,4 +1,4 @@
-"""Exact match against the spec: last '####' (else last number), whitespace/commas/leading '$' removed,
+"""Exact match as defined in docs/data.md: last '####' (else last number), whitespace/commas/leading '$' removed,
 string equality or equal decimal value."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""Micro-dev buffer refresh rules (spec "Micro-dev buffer") with a fake solve_fn."""
+"""Micro-dev buffer refresh rules (docs/algorithm.md, "Micro-dev buffer") with a fake solve_fn."""
 
 import json
 

@@ -1,6 +1,6 @@
 """The bundled Qwen3 tokenizer (hacbo_jax/assets/qwen3-tokenizer) on the bundled GSM8K.
 
-Checks the figures issue 14 states: vocabulary 151,669, eos ``<|im_end|>``, pad
+Checks Qwen3's published figures: vocabulary 151,669, eos ``<|im_end|>``, pad
 ``<|endoftext|>`` (151643), and, in the project's prompt format (prompt + target + EOS), a mean
 of ~186 tokens per training example with 2 of 7,473 over 512.
 """

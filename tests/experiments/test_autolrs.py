@@ -1,4 +1,4 @@
-"""AutoLRS: the hand cases of shared/spec/other-systems.md, section 2, on a toy regression.
+"""AutoLRS: the hand cases of docs/algorithm.md (AutoLRS), on a toy regression.
 
 The toy model is linear least squares on 4 weights with AdamW through
 ``optax.inject_hyperparams``; batch i is drawn from ``numpy.random.default_rng(i)``, so a batch is

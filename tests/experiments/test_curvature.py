@@ -1,4 +1,4 @@
-"""HVP curvature probe: the hand cases of shared/spec/other-systems.md section 3.
+"""HVP curvature probe: the hand cases of docs/algorithm.md (curvature probe).
 
 Quadratic losses L = 1/2 theta^T A theta over a tiny labelled tree have a known Hessian A, so
 every eigenvalue and trace is checked against numpy; the tiny MLP checks the HVP itself against
@@ -211,7 +211,7 @@ def test_mlp_hvp_matches_jax_hessian_and_central_differences(block, submodule):
         np.testing.assert_allclose(flat(got), (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.slow  # ~40 s on the loaded CPU: one compiled program per group (the spec's form)
+@pytest.mark.slow  # ~40 s on the loaded CPU: one compiled program per group (the reference form)
 def test_mlp_probe_rows_match_the_hessian_blocks_in_float64():
     with jax.enable_x64(True):
         params = jax.tree.map(lambda x: x.astype(jnp.float64), mlp_params(jax.random.PRNGKey(1)))

@@ -1,4 +1,4 @@
-"""lr x wd sweep: the hand cases of shared/spec/other-systems.md section 4."""
+"""lr x wd sweep: the hand cases of docs/algorithm.md (lr·wd sweep)."""
 
 import json
 import math

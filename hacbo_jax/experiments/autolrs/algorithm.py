@@ -2,7 +2,7 @@
 
 Reference: Y. Jin et al., "AutoLRS: Automatic learning-rate schedule by Bayesian optimization on
 the fly", ICLR 2021 (arXiv 2105.10762), and the authors' code (github.com/YuchenJin/autolrs,
-``autolrs_server.py``), in the precise reading of ``shared/spec/other-systems.md`` (section 2).
+``autolrs_server.py``), in the precise reading of ``docs/algorithm.md`` (AutoLRS).
 
 AutoLRS is not an optax transformation: a stage restores the whole train state k + 1 times,
 evaluates, fits curves and runs Bayesian optimisation on the host. :func:`autolrs_run` is a
@@ -381,7 +381,7 @@ def _stage_random_state(bo_seed: int, stage: int) -> int:
 
 
 def _value_of(losses: Sequence[float], driver: AutoLRSState, config: AutoLRSConfig):
-    """(value told to the BO, finite) for a finished candidate (spec step 3)."""
+    """(value told to the BO, finite) for a finished candidate (step 3 of the reference)."""
     y = np.asarray(losses, np.float64)
     if not np.all(np.isfinite(y)):
         return DIVERGED_VALUE, False
@@ -424,7 +424,7 @@ def autolrs_run(
 ) -> AutoLRSResult:
     r"""Trains with AutoLRS until ``num_steps`` steps in all (or the batches run out).
 
-    Each stage (spec, section 2):
+    Each stage (docs/algorithm.md, AutoLRS):
 
     1. C <- state (the snapshot); a new :class:`AutoLRSSearch` (seeded by bo_seed and the stage).
     2. For i = 1..k: lr_i = ask(); state <- C; train tau' steps at lr_i recording y, the training

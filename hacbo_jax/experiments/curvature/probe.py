@@ -1,6 +1,6 @@
 """HVP curvature probe: does HACBO's proxy rank (block, sub-module) groups as curvature does?
 
-Spec: ``shared/spec/other-systems.md`` section 3 (a diagnostic, no optax transform). For every
+Reference: ``docs/algorithm.md`` (curvature probe) (a diagnostic, no optax transform). For every
 group G = (b, m) of a label tree (``"{block}/{submodule}"`` leaves, as for :func:`hacbo_jax.hacbo`;
 ``groups="blocks"`` makes G = b) and a scalar loss L(params) on a fixed probe set:
 
@@ -53,7 +53,7 @@ _STOP_FLOOR = 1e-6
 
 @dataclasses.dataclass(frozen=True)
 class GroupCurvature:
-    """One row of the probe table (spec: "Record per group").
+    """One row of the probe table (reference: "Record per group").
 
     Attributes:
       block: b.
@@ -288,7 +288,7 @@ def probe_curvature(
     Args:
       loss_fn: params -> scalar loss on the fixed probe set (close over the batch).
       params: the parameter pytree (e.g. an ``nnx.State`` of ``nnx.Param``); compute runs in its
-        dtype (float32 by the spec; float64 under x64 for exact checks).
+        dtype (float32 by the reference; float64 under x64 for exact checks).
       labels: label tree of ``params`` (or params -> label tree), as for :func:`hacbo_jax.hacbo`.
       hacbo_state: a :class:`~hacbo_jax.HACBOState`, an optimiser state containing one, or a
         curvature array [B, M]; None leaves ``curvature_ema`` NaN. Its raw (never debiased) EMA is
@@ -302,7 +302,7 @@ def probe_curvature(
       trace_mode: ``"per_group"`` (default) or ``"shared"``.
       trace_tol, trace_max_probes: Hutchinson stop rule (PyHessian: 1e-3, 100); ``trace_tol=0``
         always uses ``trace_max_probes`` probes.
-      hvp_form: ``"restricted"`` (default, the spec's form): hvp_G differentiates f_G, so the
+      hvp_form: ``"restricted"`` (default, the reference form): hvp_G differentiates f_G, so the
         backward only reaches blocks >= b, but every group is its own compiled program.
         ``"masked"`` (named option): one compiled program for all groups, H_GG v taken as the G
         part of the full HVP of the controlled parameters with v zero outside G; the same
@@ -605,7 +605,7 @@ def bootstrap_rank_ci(
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap CIs over probe batches for the within-block mean rho and the pooled
-    rho (spec step 3: "bootstrap over probe batches for CIs").
+    rho (reference step 3: "bootstrap over probe batches for CIs").
 
     ``per_batch`` holds one probe table per probe batch (same groups in the same order). Each
     replicate draws batches with replacement, averages every group's ``proxy`` and ``curvature``

@@ -1,4 +1,4 @@
-"""The evidence behind ``results/evidence/``: can the methods be told apart (issue 16)?
+"""The evidence behind ``results/evidence/``: can the methods be told apart?
 
     python -m train.evidence tune      [--out runs/evidence]   # learning rate per method
     python -m train.evidence budget    [--out runs/evidence]   # tuned methods x 5 seeds, evaluated along the run

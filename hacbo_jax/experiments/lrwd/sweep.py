@@ -1,6 +1,6 @@
 """lr x wd trajectory-invariance sweep: is the loss a function of gamma = eta * lambda?
 
-Spec: ``shared/spec/other-systems.md`` section 4 (arXiv 2509.25049). With AdamW the per-step
+Reference: ``docs/algorithm.md`` (lr·wd sweep; arXiv 2509.25049). With AdamW the per-step
 weight-decay shrink is gamma_t = eta_t * lambda (``optax.adamw`` scales the decay by the scheduled
 LR, as torch does), so (c eta, lambda / c) keeps gamma_t. The paper's claim: curves first overlap
 for equal eta, and after enough training (T gamma >~ 1) for equal gamma.
@@ -10,7 +10,7 @@ Grid: eta_i = eta_0 2^i, lambda_j = lambda_0 2^j, i, j in {-span..span}. Familie
 with ``noise_seeds`` more seeds). Everything here is a pure function of per-run curves except
 :func:`run_sweep`, which calls a user ``train_fn(lr, wd, seed) -> curve`` per run.
 
-Metrics (our reading, as in the spec): smooth each curve by a centred moving mean of ``window``
+Metrics (our reading, as in the reference): smooth each curve by a centred moving mean of ``window``
 points; on steps t in [0.1 T, T], spread_F(t) = max_r L~_r(t) - min_r L~_r(t) over runs r of F,
 S_F = mean_t spread_F(t), S_0 from the seeds. Verdict "gamma-invariance holds" iff
 S_gamma <= noise_factor * S_0 and S_gamma < S_eta. Salient direction (full grid): fit the final
@@ -228,7 +228,7 @@ def analyse(
     """Spreads, ratios, verdict, salient angle (when the full grid is there) and T * gamma.
 
     ``final_metric`` (default: ``metric``) is the series whose last value the salient-direction
-    fit uses (the spec fits the final validation loss).
+    fit uses (the reference fits the final validation loss).
     """
     final_metric = final_metric or metric
     spreads = {}
@@ -291,7 +291,7 @@ def run_sweep(
 
     ``train_fn`` trains the base optimiser (plain AdamW: a controller chained after it would
     change gamma per group) for ``total_steps`` and returns its curve, a list of records with
-    ``step`` and the metrics (spec: step, eta, lambda, gamma, train_loss, val_loss, grad_norm
+    ``step`` and the metrics (reference: step, eta, lambda, gamma, train_loss, val_loss, grad_norm
     every Delta steps). With ``log_dir`` each curve is also written as ``{run}.jsonl``. Prints
     (``echo``) T * gamma at the anchor and warns when it is below 1.
     """
