@@ -1,7 +1,9 @@
 """The building blocks of the config schema: the one error type and per-field constraints.
 
 A constraint (``Check``) returns None when a value is fine, else a text saying what is allowed;
-:func:`option` attaches one to a dataclass field's metadata, where the config builder finds it.
+:func:`option` attaches one, and the key's one-line help, to a dataclass field's metadata, where
+the config builder (the check) and ``--help`` / the docs' key table (the help,
+:mod:`hacbo_jax.trainer.config.keys`) find them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Field constraints. A check returns None when the value is fine, else a text saying what is
-# allowed; it only sees values whose type was already accepted.
+# allowed; it only sees values whose type was already accepted. Its ``allowed`` attribute (when
+# set) says the same for every value, for the key table of the docs.
 # ---------------------------------------------------------------------------------------------
 
 Check = Callable[[Any], Optional[str]]
@@ -32,6 +35,14 @@ def in_range(
     hi_open: bool = False,
 ) -> Check:
     """Values in the interval ``lo..hi`` (either end optional, closed unless ``*_open``)."""
+    if lo is not None and hi is not None:
+        allowed = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        allowed = f"{'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        allowed = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        allowed = "any number"
 
     def check(v):
         if v is None:
@@ -41,14 +52,9 @@ def in_range(
             ok &= v > lo if lo_open else v >= lo
         if hi is not None:
             ok &= v < hi if hi_open else v <= hi
-        if ok:
-            return None
-        if lo is not None and hi is not None:
-            return f"a value in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        if lo is not None:
-            return f"a value {'>' if lo_open else '>='} {lo}"
-        return f"a value {'<' if hi_open else '<='} {hi}"
+        return None if ok else f"a value {allowed}"
 
+    check.allowed = allowed  # type: ignore[attr-defined]
     return check
 
 
@@ -57,6 +63,18 @@ def mesh_size_check(v: int) -> str | None:
     return None if v == -1 or v >= 1 else "a positive int, or -1 for all devices"
 
 
-def option(default: Any, check: Check | None = None) -> Any:
-    """A dataclass field with ``default`` whose values must pass ``check``."""
-    return field(default=default, metadata={"check": check})
+mesh_size_check.allowed = ">= 1, or -1 for all devices"  # type: ignore[attr-defined]
+
+
+def option(default: Any, check: Check | None = None, *, help: str | None = None) -> Any:
+    """A dataclass field with ``default`` whose values must pass ``check``; ``help`` is the key's
+    one-line description (``--help``, the docs' key table).
+
+    Every field of the schema's own sections gives ``help`` (a test checks). The fields of a
+    controller's section leave it out: theirs is the transformation's docstring entry for the
+    argument (:func:`hacbo_jax.trainer.config.keys.key_help`), so the two cannot disagree.
+    """
+    metadata: dict[str, Any] = {"check": check}
+    if help is not None:
+        metadata["help"] = help
+    return field(default=default, metadata=metadata)

@@ -53,21 +53,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class HACBOConfig:
-    """Arguments of ``hacbo_jax.controllers.hacbo`` (spec defaults)."""
+    """Arguments of ``hacbo_jax.controllers.hacbo`` (spec defaults); each key's help is the
+    function's docstring entry for it (``--help``)."""
 
     rho: float = option(0.8, in_range(0, 1, lo_open=True, hi_open=True))
-    interval: int = option(30, in_range(1))  # K
+    interval: int = option(30, in_range(1))
     theta_neg: float = option(0.04, in_range(0, 1))
-    patience: int = option(6, in_range(1))  # F
+    patience: int = option(6, in_range(1))
     gamma: float = option(0.1, in_range(0, 1))
     eps: float = option(1e-8, in_range(0, lo_open=True))
     curvature_norm: Literal["rms", "l2"] = "rms"
     debias: bool = False
-    update_norm_budget: Optional[float] = option(None, in_range(0, lo_open=True))  # lambda
+    update_norm_budget: Optional[float] = option(None, in_range(0, lo_open=True))
     curvature_weighting: bool = True
     probation: bool = True
-    # Options of issue 12 (0 / "weights" = the spec's rule): floor of c relative to the block's
-    # mean curvature, and a block in probation's share ("uniform": gamma x its uniform share).
     curvature_floor: float = option(0.0, in_range(0, 1))
     probation_share: Literal["weights", "uniform"] = "weights"
 
@@ -82,7 +81,7 @@ class AdaGradSelectConfig:
 
     pct: float = option(0.1, in_range(0, 1, lo_open=True))
     epsilon0: float = option(1.0, in_range(0, 1, lo_open=True))
-    epsilon_decay: Optional[float] = option(None, in_range(0, lo_open=True))  # null: ln100/(N-1)
+    epsilon_decay: Optional[float] = option(None, in_range(0, lo_open=True))
     dirichlet_alpha: float = option(1.0, in_range(0, lo_open=True))
     score: Literal["l2", "rms"] = "l2"
     draw: Literal["top_k", "without_replacement"] = "top_k"
@@ -92,12 +91,25 @@ class AdaGradSelectConfig:
 
 @dataclass(frozen=True)
 class BLACConfig:
-    """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values)."""
+    """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values).
 
-    rho: float = option(0.7436, in_range(0, 1, lo_open=True, hi_open=True))
-    interval: int = option(20, in_range(1))  # K
-    freeze_after: int = option(300, in_range(0))  # U
-    update_norm_budget: Optional[float] = option(None, in_range(0, lo_open=True))
+    The ``help`` here is a stopgap: ``blac``'s docstring has no ``Args:`` section yet, and the
+    help of a controller key is that section's entry. Once it has one, delete these (a test in
+    tests/trainer/test_config_keys.py fails while a field has both).
+    """
+
+    rho: float = option(
+        0.7436,
+        in_range(0, 1, lo_open=True, hi_open=True),
+        help="EMA factor for a and s, in (0, 1)",
+    )
+    interval: int = option(20, in_range(1), help="K, measurement every K steps")
+    freeze_after: int = option(
+        300, in_range(0), help="U: from step U on, a block whose s is negative is frozen"
+    )
+    update_norm_budget: Optional[float] = option(
+        None, in_range(0, lo_open=True), help="lambda, or None for no clipping"
+    )
 
 
 def _common_stats(state: Any) -> dict[str, Any]:

@@ -206,19 +206,3 @@ def test_sft_take_returns_batch_dict(tokenizer):
     batch = arrays.take(np.array([0, 3]))
     assert set(batch) == {"input_ids", "attention_mask", "targets", "loss_mask"}
     assert batch["input_ids"].shape == (2, 16) and len(arrays) == 5
-
-
-def test_readme_data_example_runs():
-    import re
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = re.search(r"<!-- section:data -->(.*?)<!-- /section:data -->", readme, re.S)
-    assert section is not None, "README.md lacks the data section markers"
-    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-    if not (data.ASSETS_DIR / "tiny-qwen3-gsm" / "tokenizer.json").is_file():
-        pytest.skip("the example loads the embedded tokenizer, not built yet")
-    assert blocks, "the data section has no python code block"
-    namespace = {"__name__": "__readme__"}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README example as written
-    assert len(namespace["dev_batch"]) == 8

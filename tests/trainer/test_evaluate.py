@@ -36,7 +36,7 @@ QWEN3_TOKENIZER = ASSETS / "qwen3-tokenizer"
 @pytest.mark.parametrize(
     "prediction, reference, ignore_case, match",
     [
-        ("Paris", "Paris", False, True),  # issue 14: False under the gsm8k rule
+        ("Paris", "Paris", False, True),  # False under the gsm8k rule
         (" Paris\n", "Paris", False, True),  # surrounding whitespace stripped
         ("New   York\ncity", "New York city", False, True),  # inner runs collapse to one space
         ("paris", "Paris", False, False),  # case-sensitive by default
@@ -226,7 +226,7 @@ def test_paper_configs_use_the_shipped_tokenizer_and_cover_gsm8k_answers():
 
 def test_gsm8k_reference_answers_fit_the_paper_decoding_budget():
     """26 of the 1,319 GSM8K test references need more than 256 Qwen3 tokens with their EOS,
-    the longest 404 (issue 14): the paper configs' 512 covers every one."""
+    the longest 404: the paper configs' 512 covers every one."""
     from transformers import AutoTokenizer
 
     from hacbo_jax.trainer.config import load_config

@@ -1,5 +1,5 @@
 """data.packing: packed training steps see the same examples and compute the padded loss and
-gradient (issue 10, goal 3); the packer's real-token fraction on GSM8K."""
+gradient; the packer's real-token fraction on GSM8K."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper path end to end except for the weights (issue 14, item 1): ``train.finetune`` with
+"""The paper path end to end except for the weights: ``train.finetune`` with
 ``configs/paper_hacbo.yaml`` on a randomly initialised Qwen3 with the REAL vocabulary (2 layers,
 tiny width, saved without a tokenizer, so the shipped Qwen3 tokenizer is used) runs its first
 jitted step, evaluates and writes its logs.

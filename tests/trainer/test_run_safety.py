@@ -1,6 +1,6 @@
-"""Issue 13: the training CLI never loses a run, never trains on nothing, never shows a traceback.
+"""The training CLI never loses a run, never trains on nothing, never shows a traceback.
 
-One test (or a few) per class of the issue; each failed on the code before the fix.
+One test (or a few) per class of hostile input; each failed on the code before its fix.
 """
 
 from __future__ import annotations

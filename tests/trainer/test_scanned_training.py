@@ -1,5 +1,5 @@
 """The training stack on a scan_layers Qwen3: stacked labels, stacked sharding rules, and HACBO /
-BLAC steps equal to the same steps on the unrolled model (issue 10, goal 4)."""
+BLAC steps equal to the same steps on the unrolled model ."""
 
 from __future__ import annotations
 

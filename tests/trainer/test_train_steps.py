@@ -1,5 +1,5 @@
 """hacbo_jax.trainer.step.make_train_steps: an ordinary step without any dev gradient and a
-measurement step, picked by the host from the controller's count (issue 12, item 1)."""
+measurement step, picked by the host from the controller's count."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Typed, validated configuration of a fine-tuning run.
 
-A run is described by one YAML file (``configs/*.yaml``, or its name) plus dotted ``key=value`` overrides
+A run is described by one YAML file (``configs/*.yaml``, or its name; ``extends: NAME`` makes it
+an overlay of another config: :func:`read_config_file`) plus dotted ``key=value`` overrides
 from the command line (``optim.lr=1e-4 controller.hacbo.gamma=0.1``); override values are parsed
 as YAML scalars (``null``, ``true``, ``3``, ``0.5``, ``[1, 2]``).  The result is a tree of frozen
 dataclasses (:class:`Config`).  Everything is checked before any work starts: unknown keys,
@@ -23,6 +24,7 @@ from hacbo_jax.trainer.config.load import (
     config_from_dict,
     config_to_dict,
     load_config,
+    read_config_file,
     resolve_config_path,
     save_config,
     shipped_configs,
@@ -81,6 +83,7 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "parse_cli",
+    "read_config_file",
     "resolve_config_path",
     "save_config",
     "shipped_configs",

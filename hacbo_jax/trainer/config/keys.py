@@ -1,139 +1,180 @@
-"""One line per config key, for ``--help``; a test checks that every schema key has one."""
+"""Every config key with its default and one-line help: ``--help`` and the docs' key table.
+
+Nothing here is written by hand: the help of a key is the ``help`` of its schema field
+(:func:`~hacbo_jax.trainer.config_fields.option`), and for a controller's section
+(``controller.<kind>.<arg>``) the first sentence of that argument's entry in the ``Args:``
+section of the controller's transformation's docstring (``hacbo_jax.controllers``), so the
+config, ``--help``, the docs and the function cannot describe an argument differently.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import typing
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
-from hacbo_jax.trainer.config.build import format_value
+from hacbo_jax.trainer.config.build import describe_type, format_value
 from hacbo_jax.trainer.config.schema import Config
+from hacbo_jax.trainer.controller_registry import CONTROLLERS
 
-__all__ = ["KEY_HELP", "describe_keys", "iter_keys"]
+__all__ = [
+    "config_key_table",
+    "controller_arg_help",
+    "describe_keys",
+    "docstring_args",
+    "first_sentence",
+    "iter_keys",
+    "key_help",
+]
 
-KEY_HELP: dict[str, str] = {
-    "output_dir": "run directory (null = runs/<config name>)",
-    "seed": "seed of the model's RNG, the data order and the held-out split",
-    "method": "name of the run in comparisons (null = controller.kind)",
-    "model.path": "Hugging Face model directory (with config.json) or hub id",
-    "model.tokenizer": "tokenizer directory or hub id (null = the model's; shipped one for Qwen3)",
-    "model.dtype": "compute dtype",
-    "model.param_dtype": "dtype of the master weights",
-    "model.remat": "layer rematerialisation: none, full or dots (true/false = full/none)",
-    "model.scan_layers": "stack the decoder layers' params and run them with lax.scan",
-    "model.attention_impl": "einsum (CPU), xla or cudnn (GPU only)",
-    "model.logits_chunk": "vocabulary projection + loss this many positions at a time (null = all)",
-    "data.task": "question-answer files / hub dataset (gsm8k), or the synthetic task",
-    "data.format": "row format: question_answer, prompt_completion or messages (chat template)",
-    "data.columns.question": "question column (question_answer)",
-    "data.columns.answer": "answer column (question_answer)",
-    "data.columns.prompt": "prompt column (prompt_completion)",
-    "data.columns.completion": "completion column (prompt_completion)",
-    "data.columns.messages": "messages column: a list of {role, content} (messages)",
-    "data.train_file": "training rows: .jsonl, .json or .parquet",
-    "data.eval_file": "evaluation rows: .jsonl, .json or .parquet",
-    "data.hub_name": "datasets hub name used instead of the files",
-    "data.hub_config": "the hub data set's configuration (null = its default)",
-    "data.train_split": "hub split for training (and the held-out micro-dev pool)",
-    "data.eval_split": "hub split for evaluation",
-    "data.synthetic.preset": "synthetic task preset (hacbo_jax.data.synthetic.PRESETS)",
-    "data.synthetic.n_train": "synthetic training problems",
-    "data.synthetic.n_eval": "synthetic evaluation problems",
-    "data.synthetic.seed": "seed of the synthetic problem streams",
-    "data.max_len": "tokens per training example (longer ones are truncated)",
-    "data.heldout_size": "micro-dev pool size when microdev.pool is heldout",
-    "data.packing": "pack each step's training examples into max_len rows (no padding compute)",
-    "data.packing_shapes": "packing: at most this many row counts per step (1-4 compiled shapes)",
-    "optim.lr": "peak learning rate of AdamW",
-    "optim.b1": "AdamW beta1",
-    "optim.b2": "AdamW beta2",
-    "optim.weight_decay": "AdamW decoupled weight decay",
-    "optim.clip_norm": "global-norm gradient clipping (null = none)",
-    "optim.warmup_steps": "linear warm-up steps before the cosine decay",
-    "optim.epochs": "passes over the training examples",
-    "optim.batch_size": "examples per optimiser step (global)",
-    "optim.micro_batch_size": "examples per accumulation micro-batch (null = batch_size)",
-    "optim.max_steps": "cap on the optimiser steps (null = epochs decide)",
-    "controller.kind": "controller after AdamW (hacbo, blac) or wrapping it (adagradselect); none = plain AdamW",
-    "controller.blac.rho": "EMA factor of the agreement statistics",
-    "controller.blac.interval": "K: steps between measurements",
-    "controller.blac.freeze_after": "U: step after which negative blocks are frozen",
-    "controller.blac.update_norm_budget": "lambda: cap on the update norm (null = none)",
-    "controller.hacbo.rho": "EMA factor of the agreement statistics",
-    "controller.hacbo.interval": "K: steps between measurements",
-    "controller.hacbo.theta_neg": "agreement below which a measurement counts as negative",
-    "controller.hacbo.patience": "F: negative measurements before probation",
-    "controller.hacbo.gamma": "multiplier of a block in probation",
-    "controller.hacbo.eps": "numerical floor of the multipliers",
-    "controller.hacbo.curvature_norm": "norm of the curvature estimate",
-    "controller.hacbo.debias": "debias the EMAs (named deviation, off in the paper)",
-    "controller.hacbo.update_norm_budget": "lambda: cap on the update norm (null = none)",
-    "controller.hacbo.curvature_weighting": "weight multipliers by curvature",
-    "controller.hacbo.probation": "enable probation of negative blocks",
-    "controller.hacbo.curvature_floor": "floor of c relative to the block's mean (0 = the spec)",
-    "controller.hacbo.probation_share": "share of a block in probation: weights (spec) or uniform",
-    "controller.adagradselect.pct": "fraction of blocks updated per step (k = max(1, floor(pct U)))",
-    "controller.adagradselect.epsilon0": "explore (top-k by gradient norm) probability at step 1",
-    "controller.adagradselect.epsilon_decay": "decay of epsilon in epoch 1 (null = ln 100 / (N - 1))",
-    "controller.adagradselect.dirichlet_alpha": "alpha_0 added to the counts of the Dirichlet",
-    "controller.adagradselect.score": "block score: l2 or rms gradient norm",
-    "controller.adagradselect.draw": "exploit draw: top_k of the Dirichlet or without_replacement",
-    "controller.adagradselect.other_mode": "leaves outside blocks: always, frozen or unit",
-    "controller.adagradselect.moments": "unselected blocks' AdamW state: keep or advance",
-    "microdev.size": "N_dev: examples in the micro-dev buffer",
-    "microdev.pool": "where the buffer is drawn from: held-out train rows or the test split",
-    "microdev.refresh_every": "R: steps between refreshes (0 = never)",
-    "microdev.refresh_fraction": "r: fraction of the buffer replaced per refresh",
-    "microdev.batch_size": "examples per dev gradient",
-    "microdev.max_candidates": "pool items scored per refresh (null = all)",
-    "eval.limit": "evaluation problems (null = the whole split)",
-    "eval.max_new_tokens": "greedy decoding length",
-    "eval.metric": "gsm8k (final numbers) or exact (normalised text); null = by data.format",
-    "eval.ignore_case": "exact metric: case-insensitive",
-    "eval.batch_size": "problems decoded together",
-    "eval.every_epoch": "also evaluate at the end of every epoch",
-    "eval.every": "also evaluate every N optimiser steps (null = off)",
-    "eval.at_start": "also evaluate the base model (step 0)",
-    "logging.every": "steps between metrics.jsonl rows",
-    "logging.tensorboard": "mirror the metrics to TensorBoard (extra: tensorboard)",
-    "logging.wandb": "mirror the metrics to W&B, offline (extra: wandb)",
-    "checkpoint.every": "steps between checkpoints (0 = only at the end)",
-    "checkpoint.keep": "checkpoints kept",
-    "checkpoint.export_hf": "write RUN_DIR/hf_model at the end",
-    "divergence.max_consecutive_nonfinite": "stop after this many skipped (non-finite) steps",
-    "mesh.data": "data-parallel devices (-1 = all)",
-    "mesh.fsdp": "FSDP shards",
-    "autolrs.lr_min": "AutoLRS (hacbo-autolrs): lowest learning rate searched",
-    "autolrs.lr_max": "AutoLRS: highest learning rate searched",
-    "autolrs.tau0": "AutoLRS: steps at the chosen rate in the first stage",
-    "autolrs.tau_prime0": "AutoLRS: steps per candidate in the first stage",
-    "autolrs.num_candidates": "AutoLRS: candidates per stage (k)",
-    "autolrs.tau_max": "AutoLRS: tau' doubles while below tau_max / 10",
-    "autolrs.warmup_steps": "AutoLRS: linear warm-up steps before the first stage",
-    "autolrs.warmup_lr": "AutoLRS: learning rate reached by the warm-up",
-    "autolrs.rewind_data": "AutoLRS: candidates restart from the snapshot's data position",
-    "autolrs.bo_seed": "AutoLRS: seed of the Bayesian optimisation",
-}
+# ---------------------------------------------------------------------------------------------
+# Google-style docstrings: the ``Args:`` section.
+# ---------------------------------------------------------------------------------------------
+
+_SECTION = re.compile(r"^(\s*)(Args|Arguments):\s*$")
+# "name: text" or "name (type): text"; *args / **kwargs too.
+_ENTRY = re.compile(r"^(\*{0,2}[A-Za-z_]\w*)\s*(?:\([^)]*\))?\s*:(?:\s+(.*))?$")
 
 
-def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """``(dotted key, type, default)`` of every leaf key of the schema, in schema order."""
+def docstring_args(doc: str | None) -> dict[str, str]:
+    """``{argument: its text}`` from the Google-style ``Args:`` section of ``doc``.
+
+    An entry is ``name: text`` (or ``name (type): text``) at the section's first indentation;
+    deeper-indented lines continue it and are joined with single spaces. The section ends at the
+    first non-blank line indented no deeper than ``Args:`` itself (the next section, e.g.
+    ``Returns:``). No ``Args:`` section: ``{}``.
+    """
+    lines = inspect.cleandoc(doc or "").splitlines()
+    entries: dict[str, list[str]] = {}
+    section_indent = entry_indent = None
+    current: list[str] | None = None
+    for line in lines:
+        if section_indent is None:
+            m = _SECTION.match(line)
+            if m:
+                section_indent = len(m.group(1))
+            continue
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= section_indent:
+            break
+        if entry_indent is None:
+            entry_indent = indent
+        m = _ENTRY.match(line.strip()) if indent == entry_indent else None
+        if m:
+            current = entries.setdefault(m.group(1).lstrip("*"), [])
+            if m.group(2):
+                current.append(m.group(2).strip())
+        elif current is not None and indent > entry_indent:
+            current.append(line.strip())
+    return {name: " ".join(parts) for name, parts in entries.items()}
+
+
+# A sentence ends at '.', '!' or '?' followed by a space and a capital letter or a digit
+# (not after "e.g" / "i.e"), or at the end of the text.
+_SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)[.!?](?=\s+[A-Z0-9])|[.!?]?$")
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of a docstring entry, as a one-line help: without its final period and
+    without reST inline-literal quotes (````"rms"```` -> ``"rms"``)."""
+    text = " ".join(text.replace("``", "").split())
+    return text[: _SENTENCE_END.search(text).start()].rstrip()
+
+
+def controller_arg_help(transform: Callable[..., Any]) -> dict[str, str]:
+    """``{argument: one-line help}`` of a controller's transformation, from its docstring."""
+    return {name: first_sentence(text) for name, text in docstring_args(transform.__doc__).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The keys of the schema.
+# ---------------------------------------------------------------------------------------------
+
+
+def _transforms_by_section() -> dict[type, Callable[..., Any]]:
+    """Config section type -> the transformation whose keyword arguments its fields are."""
+    return {
+        e.config_type: e.transform
+        for e in CONTROLLERS.values()
+        if e.config_type is not None and e.transform is not None
+    }
+
+
+def _walk(cls: type, prefix: str) -> Iterator[tuple[str, Any, Any, dataclasses.Field, type]]:
+    """``(dotted key, type, default, field, section type)`` of every leaf key, in schema order."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from iter_keys(tp, f"{prefix}{f.name}.")
+            yield from _walk(tp, f"{prefix}{f.name}.")
         else:
-            yield prefix + f.name, tp, getattr(defaults, f.name)
+            yield prefix + f.name, tp, getattr(defaults, f.name), f, cls
+
+
+def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted key, type, default)`` of every leaf key of the schema, in schema order."""
+    for key, tp, default, _, _ in _walk(cls, prefix):
+        yield key, tp, default
+
+
+def key_help(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: one-line help}`` for every leaf key of the schema, in schema order.
+
+    A controller section's field: the first sentence of its transformation's docstring entry
+    for the argument (:func:`controller_arg_help`); where the docstring has none, the field's
+    own ``help`` (a stopgap a test keeps from outliving the docstring entry). Any other field:
+    its ``help`` metadata. ``""`` where neither exists (a test forbids that).
+    """
+    transforms = _transforms_by_section()
+    docs: dict[type, dict[str, str]] = {}
+    out = {}
+    for key, _, _, f, section in _walk(cls, prefix):
+        text = None
+        if section in transforms:
+            if section not in docs:
+                docs[section] = controller_arg_help(transforms[section])
+            text = docs[section].get(f.name)
+        out[key] = text or f.metadata.get("help") or ""
+    return out
 
 
 def describe_keys() -> str:
     """Every key with its default and description, one per line (the ``--help`` epilog)."""
+    helps = key_help()
     rows = [(key, format_value(default)) for key, _, default in iter_keys()]
     width = max(len(k) + len(d) for k, d in rows) + 3
-    lines = [
-        f"  {f'{key} = {default}':<{width}} {KEY_HELP.get(key, '')}".rstrip()
-        for key, default in rows
-    ]
+    lines = [f"  {f'{key} = {default}':<{width}} {helps[key]}".rstrip() for key, default in rows]
     return "config keys (KEY = DEFAULT  description):\n" + "\n".join(lines)
+
+
+def _allowed(tp: Any, f: dataclasses.Field) -> str:
+    """What a key accepts: its type, and its range where it has one."""
+    text = describe_type(tp)
+    allowed = getattr(f.metadata.get("check"), "allowed", None)
+    return f"{text}, {allowed}" if allowed else text
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def config_key_table() -> str:
+    """Every config key as a Markdown table: key | default | allowed | description (generated
+    for the docs; never edit the docs' copy by hand)."""
+    helps = key_help()
+    rows = [
+        "| key | default | allowed | description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, tp, default, f, _ in _walk(Config, ""):
+        rows.append(
+            f"| `{key}` | `{_cell(format_value(default))}` | {_cell(_allowed(tp, f))} "
+            f"| {_cell(helps[key])} |"
+        )
+    return "\n".join(rows) + "\n"

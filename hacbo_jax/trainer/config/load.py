@@ -1,5 +1,15 @@
 """Reading and writing configs: YAML file (or shipped name) + dotted overrides -> validated
-:class:`Config`, and back to YAML."""
+:class:`Config`, and back to YAML.
+
+A config file may start from another: ``extends: NAME`` (a shipped config's name, e.g.
+``paper_hacbo``, or a path relative to the extending file, e.g. ``../base.yaml``) deep-merges
+the file over that config (which may extend another in turn): a mapping merges key by key,
+anything else (a value, a list, ``null``) replaces the base's; ``null`` for a whole section
+gives the schema's defaults for it. ``output_dir`` is the one key not inherited: a file names
+its own run directory, or gets ``runs/<its name>``. The checks (duplicate keys per file, unknown
+keys, values) see the merged result, which is also what ``--print-config`` prints and a run
+saves; it has no ``extends``.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +35,6 @@ from hacbo_jax.trainer.config.validate import (
     resolve_tokenizer,
 )
 from hacbo_jax.trainer.config_fields import ConfigError
-
 
 
 def _configs_dir() -> Path:
@@ -155,10 +164,8 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
-    """Load ``path`` (YAML; a shipped config's name works too), apply dotted ``key=value``
-    overrides and validate."""
-    path = resolve_config_path(path)
+def _read_yaml_mapping(path: Path) -> dict:
+    """One config file as a dict (``{}`` when empty); ConfigError naming the file otherwise."""
     try:
         text = path.read_text()
     except OSError as e:
@@ -175,7 +182,87 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
             f"config file {str(path)!r}: must be a YAML mapping of sections, "
             f"got {type(raw).__name__}"
         )
-    return config_from_dict(raw or {}, overrides, name=str(path))
+    return raw or {}
+
+
+def _extended_path(name: Any, path: Path) -> Path:
+    """The file ``extends: name`` in ``path`` names: a path (with a '/' or a .yaml/.yml
+    suffix) relative to ``path``'s directory, else a shipped config's name."""
+    where = f"config file {str(path)!r}: extends = {name!r}"
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"{where}: must be the name of a shipped config ({', '.join(shipped_configs())}) "
+            "or a YAML file's path relative to this file"
+        )
+    given = Path(name).expanduser()
+    if "/" in name or os.sep in name or given.suffix in (".yaml", ".yml"):
+        target = given if given.is_absolute() else path.parent / given
+        if not target.is_file():
+            raise ConfigError(
+                f"{where}: no such file ({str(target)!r}; a path is relative to the extending "
+                f"file); shipped configs: {', '.join(shipped_configs())}"
+            )
+        return target
+    if name not in shipped_configs():
+        raise ConfigError(
+            f"{where}: not a shipped config; must be one of {', '.join(shipped_configs())} "
+            "(or a YAML file's path relative to this file, e.g. ./base.yaml)"
+        )
+    return CONFIGS_DIR / f"{name}.yaml"
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``base``: mappings present in both merge recursively, every other value of
+    ``overlay`` (a scalar, a list, ``null``) replaces the base's. Neither argument is changed."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The config ``path`` names (a shipped config's name works too) as a nested dict, with its
+    ``extends`` chain merged in (see the module docstring) and no ``extends`` key left.
+
+    ConfigError (naming the file) for an unreadable file, invalid YAML, a duplicate key, an
+    unknown ``extends`` name, or a cycle (naming the chain). Keys and values are not checked
+    here: :func:`config_from_dict` checks the merged result.
+    """
+    seen: list[Path] = []
+    chain: list[str] = []
+    layers: list[dict] = []
+    current = resolve_config_path(path)
+    while True:
+        resolved = current.resolve()
+        chain.append(str(current))
+        if resolved in seen:
+            raise ConfigError(
+                f"config file {str(path)!r}: extends forms a cycle: {' -> '.join(chain)}"
+            )
+        seen.append(resolved)
+        raw = _read_yaml_mapping(current)
+        has_base = "extends" in raw
+        name = raw.pop("extends", None)
+        if layers:  # a base's run directory is its own, not the extending file's
+            raw.pop("output_dir", None)
+        layers.append(raw)
+        if not has_base:
+            break
+        current = _extended_path(name, current)
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):
+        merged = deep_merge(merged, layer)
+    return merged
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (YAML; a shipped config's name works too; ``extends`` merged in: see
+    :func:`read_config_file`), apply dotted ``key=value`` overrides and validate."""
+    path = resolve_config_path(path)
+    return config_from_dict(read_config_file(path), overrides, name=str(path))
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

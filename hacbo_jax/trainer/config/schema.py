@@ -1,8 +1,10 @@
 """The schema of a run's configuration: frozen dataclasses, one per section.
 
-Each field states its default once, with its constraint (:func:`option`) and a one-line
-description (the comment after it, also listed by ``--help``: :mod:`.keys`). The controller
-sections come from :data:`hacbo_jax.trainer.controller_registry.CONTROLLERS`.
+Each field states its default once, with its constraint and its one-line help
+(:func:`~hacbo_jax.trainer.config_fields.option`): ``--help`` and the docs' key table read them
+from here (:mod:`.keys`); comments say only *why*. The controller sections come from
+:data:`hacbo_jax.trainer.controller_registry.CONTROLLERS`; their help is their transformation's
+docstring.
 """
 
 from __future__ import annotations
@@ -51,22 +53,38 @@ __all__ = [
 class ModelConfig:
     """The base model: a local Hugging Face directory (with config.json) or a hub id."""
 
-    path: str = "assets/tiny-qwen3-gsm"
-    # Tokenizer directory or hub id; null = the model directory's, or the shipped Qwen3
-    # tokenizer (assets/qwen3-tokenizer) for a Qwen3 directory without one.
-    tokenizer: Optional[str] = None
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
-    # Rematerialisation of each decoder layer in the backward pass: "none", "full" (recompute
-    # the layer) or "dots" (keep the projection matmul outputs); true/false mean full/none.
-    remat: Union[bool, Literal["none", "full", "dots"]] = "none"
-    scan_layers: bool = False  # stacked decoder-layer params run under lax.scan
-    # Attention: "einsum" (CPU path), "xla" or "cudnn" (jax.nn.dot_product_attention; cudnn
-    # needs a GPU backend, checked before the run starts).
-    attention_impl: Literal["einsum", "xla", "cudnn"] = "einsum"
-    # Vocabulary projection + cross-entropy this many positions at a time (the [T, V] logits
-    # never exist at once); null = all positions together.
-    logits_chunk: Optional[int] = option(None, in_range(1))
+    path: str = option(
+        "assets/tiny-qwen3-gsm", help="Hugging Face model directory (with config.json) or hub id"
+    )
+    tokenizer: Optional[str] = option(
+        None,
+        help="tokenizer directory or hub id (null = the model directory's; for a Qwen3 "
+        "directory without one, the shipped assets/qwen3-tokenizer)",
+    )
+    dtype: Literal["float32", "bfloat16"] = option("float32", help="compute dtype")
+    param_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", help="dtype of the master weights"
+    )
+    remat: Union[bool, Literal["none", "full", "dots"]] = option(
+        "none",
+        help="rematerialisation of each decoder layer in the backward pass: none, full "
+        "(recompute the layer) or dots (keep the projection matmul outputs); true/false = "
+        "full/none",
+    )
+    scan_layers: bool = option(
+        False, help="stack the decoder layers' params and run them with lax.scan"
+    )
+    attention_impl: Literal["einsum", "xla", "cudnn"] = option(
+        "einsum",
+        help="einsum (CPU path), xla or cudnn (jax.nn.dot_product_attention; cudnn needs a GPU "
+        "backend, checked before the run starts)",
+    )
+    logits_chunk: Optional[int] = option(
+        None,
+        in_range(1),
+        help="vocabulary projection + loss this many positions at a time, so that the [T, V] "
+        "logits never exist at once (null = all positions together)",
+    )
 
     def __post_init__(self):
         # One spelling of the remat mode downstream: the legacy booleans become their mode.
@@ -78,67 +96,97 @@ class ModelConfig:
 class SyntheticConfig:
     """Knobs of the synthetic GSM8K-format task (presets: hacbo_jax/data/synthetic.py)."""
 
-    preset: str = DEFAULT_PRESET  # one of hacbo_jax.data.synthetic.PRESETS
-    n_train: int = option(4096, in_range(1))
-    n_eval: int = option(256, in_range(1))
-    seed: int = option(0, in_range(0))
+    preset: str = option(
+        DEFAULT_PRESET, help="synthetic task preset (hacbo_jax.data.synthetic.PRESETS)"
+    )
+    n_train: int = option(4096, in_range(1), help="synthetic training problems")
+    n_eval: int = option(256, in_range(1), help="synthetic evaluation problems")
+    seed: int = option(0, in_range(0), help="seed of the synthetic problem streams")
 
 
 @dataclass(frozen=True)
 class ColumnsConfig:
     """Column (field) names of the data rows (hacbo_jax/data/formats.py)."""
 
-    question: str = "question"  # question_answer
-    answer: str = "answer"  # question_answer
-    prompt: str = "prompt"  # prompt_completion
-    completion: str = "completion"  # prompt_completion
-    messages: str = "messages"  # messages: a list of {role, content}
+    question: str = option("question", help="question column (question_answer)")
+    answer: str = option("answer", help="answer column (question_answer)")
+    prompt: str = option("prompt", help="prompt column (prompt_completion)")
+    completion: str = option("completion", help="completion column (prompt_completion)")
+    messages: str = option("messages", help="messages column: a list of {role, content} (messages)")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # gsm8k: question-answer data from files or the hub (any data set, in data.format);
-    # synthetic: the generated GSM8K-format task.
-    task: Literal["gsm8k", "synthetic"] = "gsm8k"
-    format: Literal["question_answer", "prompt_completion", "messages"] = "question_answer"
+    task: Literal["gsm8k", "synthetic"] = option(
+        "gsm8k",
+        help="gsm8k: question-answer data from files or the hub (any data set, in data.format); "
+        "synthetic: the generated GSM8K-format task",
+    )
+    format: Literal["question_answer", "prompt_completion", "messages"] = option(
+        "question_answer",
+        help="row format: question_answer, prompt_completion or messages (chat template)",
+    )
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    train_file: str = "assets/gsm8k/train.jsonl"  # .jsonl, .json or .parquet
-    eval_file: str = "assets/gsm8k/test.jsonl"
-    hub_name: Optional[str] = None  # a datasets hub name used instead of the files
-    hub_config: Optional[str] = None  # its configuration (openai/gsm8k: main)
-    train_split: str = "train"  # hub split names
-    eval_split: str = "test"
+    train_file: str = option(
+        "assets/gsm8k/train.jsonl", help="training rows: .jsonl, .json or .parquet"
+    )
+    eval_file: str = option(
+        "assets/gsm8k/test.jsonl", help="evaluation rows: .jsonl, .json or .parquet"
+    )
+    hub_name: Optional[str] = option(None, help="datasets hub name used instead of the files")
+    hub_config: Optional[str] = option(
+        None, help="the hub data set's configuration (null = its default; openai/gsm8k: main)"
+    )
+    train_split: str = option(
+        "train", help="hub split for training (and the held-out micro-dev pool)"
+    )
+    eval_split: str = option("test", help="hub split for evaluation")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    max_len: int = option(512, in_range(8))
-    # Pack each optimiser step's examples into rows of max_len (segment ids, per-segment
-    # positions): the same examples and loss as padding, far fewer computed token slots
-    # (hacbo_jax.data.packing). Micro-dev and evaluation batches stay padded.
-    packing: bool = False
-    # Packing: at most this many row counts per micro-batch (compiled shapes); each step takes
-    # the smallest that fits it (1 = one fixed shape that fits the run's fullest step).
-    packing_shapes: int = option(1, in_range(1, 4))
-    # Micro-dev pool size when microdev.pool is 'heldout'. gsm8k: train rows held out (never
-    # trained on; 7,473 - 1,473 = 6,000 remain); synthetic: problems drawn from the task's
-    # separate 'pool' stream (n_train is not reduced).
-    heldout_size: int = option(1473, in_range(0))
+    max_len: int = option(
+        512, in_range(8), help="tokens per training example (longer ones are truncated)"
+    )
+    # Packing (segment ids, per-segment positions) gives the same examples and loss as padding
+    # with far fewer computed token slots (hacbo_jax.data.packing). Micro-dev and evaluation
+    # batches stay padded.
+    packing: bool = option(
+        False, help="pack each step's training examples into max_len rows (no padding compute)"
+    )
+    # 1 = one fixed shape that fits the run's fullest step; each compiled shape costs a compile.
+    packing_shapes: int = option(
+        1,
+        in_range(1, 4),
+        help="packing: at most this many row counts per micro-batch (compiled shapes); each "
+        "step takes the smallest that fits it",
+    )
+    # gsm8k: train rows held out (never trained on; 7,473 - 1,473 = 6,000 remain); synthetic:
+    # problems drawn from the task's separate 'pool' stream (n_train is not reduced).
+    heldout_size: int = option(
+        1473, in_range(0), help="micro-dev pool size when microdev.pool is heldout"
+    )
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay to zero over the run."""
 
-    lr: float = option(1e-4, in_range(0, lo_open=True))
-    b1: float = option(0.9, in_range(0, 1, hi_open=True))
-    b2: float = option(0.95, in_range(0, 1, hi_open=True))
-    weight_decay: float = option(0.1, in_range(0))
-    clip_norm: Optional[float] = option(1.0, in_range(0, lo_open=True))  # null = no clipping
-    warmup_steps: int = option(0, in_range(0))
-    epochs: int = option(1, in_range(1))
-    batch_size: int = option(64, in_range(1))  # global, examples per optimiser step
+    lr: float = option(1e-4, in_range(0, lo_open=True), help="peak learning rate of AdamW")
+    b1: float = option(0.9, in_range(0, 1, hi_open=True), help="AdamW beta1")
+    b2: float = option(0.95, in_range(0, 1, hi_open=True), help="AdamW beta2")
+    weight_decay: float = option(0.1, in_range(0), help="AdamW decoupled weight decay")
+    clip_norm: Optional[float] = option(
+        1.0, in_range(0, lo_open=True), help="global-norm gradient clipping (null = none)"
+    )
+    warmup_steps: int = option(0, in_range(0), help="linear warm-up steps before the cosine decay")
+    epochs: int = option(1, in_range(1), help="passes over the training examples")
+    batch_size: int = option(64, in_range(1), help="examples per optimiser step (global)")
     micro_batch_size: Optional[int] = option(
-        None, in_range(1)
-    )  # null = batch_size (no accumulation)
-    max_steps: Optional[int] = option(None, in_range(1))  # cap for quick runs
+        None,
+        in_range(1),
+        help="examples per accumulation micro-batch (null = batch_size: no accumulation)",
+    )
+    max_steps: Optional[int] = option(
+        None, in_range(1), help="cap on the optimiser steps, for quick runs (null = epochs decide)"
+    )
 
     def build(
         self, total_steps: int, controller: Any = None, *, inject_lr: bool = False
@@ -197,9 +245,12 @@ def _controller_config_type() -> type:
         ``run_args``: see :func:`~hacbo_jax.trainer.controller_registry.build_controller`)."""
         return build_controller(self.kind, labels, self.hyper, **run_args)
 
+    after = ", ".join(k for k, e in CONTROLLERS.items() if e.transform is not None and not e.wraps)
+    wrapping = ", ".join(k for k, e in CONTROLLERS.items() if e.transform is not None and e.wraps)
+    kind_help = f"controller after AdamW ({after}) or wrapping it ({wrapping}); none = plain AdamW"
     return dataclasses.make_dataclass(
         "ControllerConfig",
-        [("kind", Literal[kinds], field(default="hacbo")), *sections],
+        [("kind", Literal[kinds], option("hacbo", help=kind_help)), *sections],
         namespace={
             "interval": property(interval),
             "hyper": property(hyper),
@@ -216,13 +267,19 @@ ControllerConfig = _controller_config_type()
 
 @dataclass(frozen=True)
 class MicroDevConfig:
-    size: int = option(1024, in_range(1))  # N_dev
-    pool: Literal["heldout", "test"] = "heldout"
-    refresh_every: int = option(500, in_range(0))  # R; 0 = never refresh
-    refresh_fraction: float = option(0.25, in_range(0, 1))  # r
-    batch_size: int = option(64, in_range(1))  # examples per dev gradient
-    # pool items scored per refresh; null = all
-    max_candidates: Optional[int] = option(256, in_range(1))
+    size: int = option(1024, in_range(1), help="N_dev: examples in the micro-dev buffer")
+    pool: Literal["heldout", "test"] = option(
+        "heldout",
+        help="where the buffer is drawn from: held-out train rows (heldout) or the test split",
+    )
+    refresh_every: int = option(500, in_range(0), help="R: steps between refreshes (0 = never)")
+    refresh_fraction: float = option(
+        0.25, in_range(0, 1), help="r: fraction of the buffer replaced per refresh"
+    )
+    batch_size: int = option(64, in_range(1), help="examples per dev gradient")
+    max_candidates: Optional[int] = option(
+        256, in_range(1), help="pool items scored per refresh (null = all)"
+    )
 
     def build(self, pool_size: int, seed: int) -> Any:
         """The :class:`~hacbo_jax.data.microdev.MicroDevBuffer` over a pool of ``pool_size``
@@ -241,18 +298,23 @@ class MicroDevConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    limit: Optional[int] = option(None, in_range(1))  # null = full split
-    max_new_tokens: int = option(256, in_range(1))
-    # gsm8k: final numeric answers (spec); exact: normalised string equality; null = gsm8k for
-    # data.format question_answer, exact otherwise.
-    metric: Optional[Literal["gsm8k", "exact"]] = None
-    ignore_case: bool = False  # exact metric: compare case-folded
-    batch_size: int = option(64, in_range(1))
-    every_epoch: bool = True
-    # also evaluate every N optimiser steps (null = off): exact match over a run, e.g. against
-    # the training clock for equal-budget comparisons
-    every: Optional[int] = option(None, in_range(1))
-    at_start: bool = False  # also evaluate the base model (step 0)
+    limit: Optional[int] = option(
+        None, in_range(1), help="evaluation problems (null = the whole split)"
+    )
+    max_new_tokens: int = option(256, in_range(1), help="greedy decoding length")
+    metric: Optional[Literal["gsm8k", "exact"]] = option(
+        None,
+        help="gsm8k: final numeric answers (the spec's); exact: normalised string equality; "
+        "null = gsm8k for data.format question_answer, exact otherwise",
+    )
+    ignore_case: bool = option(False, help="exact metric: compare case-folded")
+    batch_size: int = option(64, in_range(1), help="problems decoded together")
+    every_epoch: bool = option(True, help="also evaluate at the end of every epoch")
+    # Exact match over a run, e.g. against the training clock for equal-budget comparisons.
+    every: Optional[int] = option(
+        None, in_range(1), help="also evaluate every N optimiser steps (null = off)"
+    )
+    at_start: bool = option(False, help="also evaluate the base model (step 0)")
 
     def resolved_metric(self, data_format: str) -> str:
         """The metric in use: ``metric``, or its default for ``data_format``."""
@@ -263,21 +325,23 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    every: int = option(10, in_range(1))
-    tensorboard: bool = False
-    wandb: bool = False  # always offline
+    every: int = option(10, in_range(1), help="steps between metrics.jsonl rows")
+    tensorboard: bool = option(False, help="mirror the metrics to TensorBoard (extra: tensorboard)")
+    wandb: bool = option(False, help="mirror the metrics to W&B, always offline (extra: wandb)")
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = option(100, in_range(0))  # steps; 0 = only at the end
-    keep: int = option(2, in_range(1))
-    export_hf: bool = True  # RUN_DIR/hf_model at the end
+    every: int = option(100, in_range(0), help="steps between checkpoints (0 = only at the end)")
+    keep: int = option(2, in_range(1), help="checkpoints kept")
+    export_hf: bool = option(True, help="write RUN_DIR/hf_model at the end")
 
 
 @dataclass(frozen=True)
 class DivergenceConfig:
-    max_consecutive_nonfinite: int = option(5, in_range(1))
+    max_consecutive_nonfinite: int = option(
+        5, in_range(1), help="stop after this many consecutive skipped (non-finite) steps"
+    )
 
 
 @dataclass(frozen=True)
@@ -287,8 +351,8 @@ class MeshConfig:
     Checked against the devices present by :func:`hacbo_jax.trainer.config.validate.check_mesh`.
     """
 
-    data: int = option(1, mesh_size_check)
-    fsdp: int = option(1, in_range(1))
+    data: int = option(1, mesh_size_check, help="data-parallel devices (-1 = all)")
+    fsdp: int = option(1, in_range(1), help="FSDP shards")
 
     def build(self) -> Any:
         """The ``jax.sharding.Mesh`` (:func:`hacbo_jax.trainer.sharding.make_mesh`; ValueError when it
@@ -304,16 +368,32 @@ class AutoLRSSection:
     :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` of the run. The stage lengths are the code's scaled down
     10x so that a stage (k tau' + tau steps) fits the embedded model's runs."""
 
-    lr_min: float = option(1e-5, in_range(0, lo_open=True))
-    lr_max: float = option(1e-2, in_range(0, lo_open=True))
-    tau0: int = option(100, in_range(1))
-    tau_prime0: int = option(10, in_range(4))
-    num_candidates: int = option(10, in_range(1))
-    tau_max: int = option(800, in_range(1))
-    warmup_steps: int = option(0, in_range(0))
-    warmup_lr: float = option(0.0, in_range(0))
-    rewind_data: bool = False
-    bo_seed: int = option(0, in_range(0))
+    lr_min: float = option(
+        1e-5,
+        in_range(0, lo_open=True),
+        help="AutoLRS (hacbo-autolrs): lowest learning rate searched",
+    )
+    lr_max: float = option(
+        1e-2, in_range(0, lo_open=True), help="AutoLRS: highest learning rate searched"
+    )
+    tau0: int = option(
+        100, in_range(1), help="AutoLRS: steps at the chosen rate in the first stage"
+    )
+    tau_prime0: int = option(
+        10, in_range(4), help="AutoLRS: steps per candidate in the first stage"
+    )
+    num_candidates: int = option(10, in_range(1), help="AutoLRS: candidates per stage (k)")
+    tau_max: int = option(800, in_range(1), help="AutoLRS: tau' doubles while below tau_max / 10")
+    warmup_steps: int = option(
+        0, in_range(0), help="AutoLRS: linear warm-up steps before the first stage"
+    )
+    warmup_lr: float = option(
+        0.0, in_range(0), help="AutoLRS: learning rate reached by the warm-up"
+    )
+    rewind_data: bool = option(
+        False, help="AutoLRS: candidates restart from the snapshot's data position"
+    )
+    bo_seed: int = option(0, in_range(0), help="AutoLRS: seed of the Bayesian optimisation")
 
     def build(self) -> Any:
         """The :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` (ValueError on an inconsistent combination)."""
@@ -324,9 +404,13 @@ class AutoLRSSection:
 
 @dataclass(frozen=True)
 class Config:
-    output_dir: Optional[str] = None  # null = runs/<config file stem>
-    seed: int = option(0, in_range(0))
-    method: Optional[str] = None  # name in comparisons; null = controller.kind
+    output_dir: Optional[str] = option(None, help="run directory (null = runs/<config file stem>)")
+    seed: int = option(
+        0, in_range(0), help="seed of the model's RNG, the data order and the held-out split"
+    )
+    method: Optional[str] = option(
+        None, help="name of the run in comparisons (null = controller.kind)"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

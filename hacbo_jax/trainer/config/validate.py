@@ -317,7 +317,7 @@ def check_mesh(cfg: Config) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 13: finiteness, labels, data rows (static), the content of the run's inputs (up front),
+# Finiteness, labels, data rows (static), the content of the run's inputs (up front),
 # the output directory and what a --resume may change.
 # ---------------------------------------------------------------------------------------------
 
@@ -564,7 +564,7 @@ def load_checked_tokenizer(path: str, problems: list[str], key: str = "model.pat
             "model.tokenizer"
         )
         return None
-    from transformers import AutoTokenizer
+    from hacbo_jax.data.tokenizer import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
