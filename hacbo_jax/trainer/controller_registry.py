@@ -53,7 +53,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class HACBOConfig:
-    """Arguments of ``hacbo_jax.controllers.hacbo`` (spec defaults); each key's help is the
+    """Arguments of ``hacbo_jax.controllers.hacbo`` (reference defaults); each key's help is the
     function's docstring entry for it (``--help``)."""
 
     rho: float = option(0.8, in_range(0, 1, lo_open=True, hi_open=True))
@@ -121,7 +121,7 @@ def _common_stats(state: Any) -> dict[str, Any]:
 
 
 def _measurement_counters(state: Any) -> dict[str, Any]:
-    """Counters of issue 12: measurements reached without a dev gradient, measurements skipped
+    """Measurement counters: measurements reached without a dev gradient, measurements skipped
     for a non-finite gradient, and the factor the update-norm budget applied at the last step."""
     return {
         "count": int(state.count),

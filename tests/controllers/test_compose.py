@@ -58,6 +58,7 @@ def make_step(tx, dev_batch):
     return step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "controller, dtype",
     [
@@ -147,6 +148,7 @@ def test_any_base_optimiser_gets_scaled_after(base):
         np.testing.assert_allclose(got["w"], 0.5 * want["w"], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_masked_with_compatible_extra_args():
     params = init_params()
     labels = label_by_rules(params, RULES)
@@ -249,6 +251,7 @@ def test_label_by_rules_first_match_default_and_errors():
         label_by_rules(params, [r"layers/(\d+)"])
 
 
+@pytest.mark.slow
 def test_flax_nnx_state_params():
     class Block(nnx.Module):
         def __init__(self, rngs):

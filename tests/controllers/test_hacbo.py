@@ -170,6 +170,7 @@ def _fake_int8_np(x):
     return np.round(x / s) * s
 
 
+@pytest.mark.slow
 def test_probation_entry_exit_by_cosine_and_timing():
     gamma = 0.5
     tx = hacbo(labels_for(2), interval=1, rho=0.8, theta_neg=0.15, patience=2, gamma=gamma)

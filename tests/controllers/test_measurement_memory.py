@@ -135,6 +135,7 @@ def _concrete_tree(seed, scale=1.0):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize(
     "make",

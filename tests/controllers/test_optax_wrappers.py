@@ -132,6 +132,7 @@ def _batch(seed, n):
     return jax.random.normal(kx, (n, 3)), jax.random.normal(ky, (n, 3))
 
 
+@pytest.mark.slow
 def test_multi_steps_sees_accumulated_gradient_and_measures_once_per_step():
     params0 = _mlp_params()
     dev = _batch(99, 8)
@@ -326,6 +327,7 @@ def _four_blocks_ln_zero_mlp_small(**kwargs):
     return st  # columns (ln, mlp)
 
 
+@pytest.mark.slow
 def test_zero_gradient_submodule_default_and_curvature_floor():
     # every block: cos = 1, w = 1/4, L_active = 4. c_ln = 0, c_mlp = 0.36 * 0.01 = 0.0036.
     st = _four_blocks_ln_zero_mlp_small()
@@ -351,6 +353,7 @@ def test_sign_cosine_is_clipped_to_one():
 # ------------------------------------------------------------- 10. probation share
 
 
+@pytest.mark.slow
 def test_probation_share_uniform_gives_gamma_a_real_share():
     gamma = 0.5
     u0a, u0b = np.array([0.3, -1.0]), np.array([0.5, 0.25])
@@ -420,6 +423,7 @@ def test_blac_weights_renormalised_over_active_blocks_when_agreement_sum_is_zero
 # ------------------------------------------------------------- 12. controller before Adam
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [hacbo, blac], ids=["hacbo", "blac"])
 def test_controller_before_the_optimiser_warns_once(make):
     params = _mlp_params()
@@ -524,6 +528,7 @@ def test_stacked_labels_fix_the_number_of_blocks_and_check_it():
         parse_labels(STACKED_LABELS)  # the layout needs the tree to know B
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other_mode", ["unit", "always"])
 @pytest.mark.parametrize("moments", ["keep", "advance"])
 def test_adagradselect_stacked_labels_match_the_unrolled_tree(other_mode, moments):

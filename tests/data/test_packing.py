@@ -100,6 +100,7 @@ def _nll_loss(logits, targets, loss_mask):
     return jnp.sum(nll * loss_mask) / jnp.sum(loss_mask)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("scan_layers", "attention_impl"), [(True, "einsum"), (False, "xla")])
 def test_packed_loss_and_grad_equal_padded(scan_layers, attention_impl):
     examples = _examples([5, 9, 3, 7, 4, 6], seed=1)
@@ -132,6 +133,7 @@ def test_packed_loss_and_grad_equal_padded(scan_layers, attention_impl):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention_impl", ["einsum", "xla"])
 def test_no_attention_across_segments(attention_impl):
     model = Qwen3ForCausalLM(CFG, attention_impl=attention_impl, rngs=nnx.Rngs(4))

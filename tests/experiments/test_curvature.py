@@ -180,6 +180,7 @@ def mlp_loss(params):
     return jnp.mean(jnp.square(h @ params["head"] - 0.3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block,submodule", [(0, "w"), (1, "b"), (0, None)])
 def test_mlp_hvp_matches_jax_hessian_and_central_differences(block, submodule):
     with jax.enable_x64(True):

@@ -232,6 +232,7 @@ class FakeRun:
         return summary
 
 
+@pytest.mark.slow
 def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "ev"
     common = ["--out", str(out), f"model.path={model_dir}", "eval.limit=4", "eval.max_new_tokens=2"]

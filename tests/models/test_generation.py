@@ -101,6 +101,7 @@ def _hf_processors(settings):
     return lp.LogitsProcessorList(chain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROCESSOR_CASES))
 def test_process_logits_matches_transformers_processors(name):
     settings = PROCESSOR_CASES[name]
@@ -170,6 +171,7 @@ def test_generation_config_reads_qwen3_file_and_round_trips_through_transformers
     assert GenerationConfig.from_dict({"eos_token_id": 7, "top_k": None}).top_k == 50
 
 
+@pytest.mark.slow
 def test_generation_config_json_is_written_and_read_with_the_model(tiny, tmp_path):
     model, _ = tiny
     loaded = model.generation_config
@@ -377,6 +379,7 @@ def test_sampling_top_k_one_is_greedy_and_sampling_is_seeded(tiny):
     )
 
 
+@pytest.mark.slow
 def test_calls_in_the_same_buckets_share_one_compiled_program(tiny):
     model, _ = tiny
     common = dict(eos_token_id=[], pad_token_id=0)

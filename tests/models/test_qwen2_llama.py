@@ -126,6 +126,7 @@ def _flat_params(model):
     }
 
 
+@pytest.mark.slow
 def test_configs_read_as_options_of_the_port(models):
     q2, llama = models["qwen2_untied"].config, models["llama3_untied"].config
     assert (q2.model_type, q2.qk_norm, q2.attention_bias, q2.attention_out_bias) == (
@@ -157,6 +158,7 @@ def test_llama3_rope_frequencies_match_transformers():
     assert plain[1] / 8 < ours[1] < plain[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("padding", ["right", "left"])
 def test_logits_match_transformers(checkpoints, models, name, padding):
@@ -180,6 +182,7 @@ def test_llama3_scaling_changes_the_logits(models):
     assert diff.max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_untied", "llama3_untied", "llama_tied_bias"])
 def test_loss_gradient_matches_transformers(checkpoints, models, name):
     _, hf = checkpoints[name]
@@ -209,6 +212,7 @@ def test_loss_gradient_matches_transformers(checkpoints, models, name):
         assert rel <= 1e-4, f"{key}: relative gradient error {rel:.2e}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["qwen2_tied", "llama3_untied"])
 def test_greedy_generation_matches_hf_generate(checkpoints, models, name):
     _, hf = checkpoints[name]

@@ -143,6 +143,7 @@ def _flat_params(model):
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 def test_logits_match_transformers(checkpoints, models, name, padding):
@@ -165,6 +166,7 @@ def test_mask_none_equals_all_ones(models):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tied", "odd_gqa_bias"])
 def test_loss_gradient_matches_transformers(checkpoints, models, name):
     _, hf = checkpoints[name]
@@ -198,6 +200,7 @@ def test_loss_gradient_matches_transformers(checkpoints, models, name):
         assert rel <= 1e-4, f"{key}: relative gradient error {rel:.2e}"
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_hf_generate(checkpoints, models):
     _, hf = checkpoints["tied"]
     ids, mask = _batch(3, length=9, padding="left")
@@ -219,6 +222,7 @@ def test_greedy_generation_matches_hf_generate(checkpoints, models):
         assert len(set(row.tolist())) >= 6, row
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos_and_pads(models):
     model = models["untied_theta"]
     ids, mask = _batch(4, length=9, padding="left")
@@ -238,6 +242,7 @@ def test_generation_stops_at_eos_and_pads(models):
     assert out[0, first] == eos and (out[0, first + 1 :] == 0).all() and first < 11
 
 
+@pytest.mark.slow
 def test_temperature_sampling_is_seeded_and_valid(models):
     model = models["tied"]
     ids, mask = _batch(5, length=9, padding="left")
@@ -298,6 +303,7 @@ def test_load_save_load_round_trip_is_bitwise(checkpoints, models, tmp_path, nam
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_and_bf16_storage(checkpoints, models, tmp_path):
     _, hf = checkpoints["odd_gqa_bias"]
     hf.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
@@ -491,6 +497,7 @@ def test_labels_on_model_tree(models, name):
         )
 
 
+@pytest.mark.slow
 def test_mixed_precision_and_remat(checkpoints, models):
     directory, _ = checkpoints["tied"]
     ids, mask = _batch(8, padding="left")

@@ -115,6 +115,7 @@ def test_scanned_logits_and_grads_equal_unrolled(checkpoint, remat):
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [True, "dots"])
 def test_remat_policies_keep_grads(checkpoint, remat):
     ids, mask = _batch(2)
@@ -139,6 +140,7 @@ def test_scanned_save_loads_in_transformers(checkpoint, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_generation_with_scanned_layers(checkpoint):
     ids, mask = _batch(4, padding="left")
     kwargs = dict(max_new_tokens=6, eos_token_id=3, pad_token_id=0)

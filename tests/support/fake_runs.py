@@ -7,6 +7,17 @@ from pathlib import Path
 from hacbo_jax.trainer.config import save_config
 
 
+# The exact match each fake (method, seed) run reports.
+FAKE_EM = {
+    ("adamw", 0): 0.30,
+    ("adamw", 1): 0.28,
+    ("adamw", 2): 0.33,
+    ("hacbo", 0): 0.34,
+    ("hacbo", 1): 0.29,
+    ("hacbo", 2): 0.37,
+}
+
+
 class FakeRun:
     """Stands in for hacbo_jax.trainer.finetune.run: writes what a finished run leaves, counts calls."""
 

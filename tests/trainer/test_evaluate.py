@@ -115,6 +115,7 @@ def test_end_tokens_of_the_shipped_qwen3_tokenizer():
     assert end_token_ids(model, qwen3) == (5, 151643, 151645)
 
 
+@pytest.mark.slow
 def test_greedy_evaluation_stops_on_every_generation_config_end_token(tiny):
     model, tokenizer = tiny
     eos = tokenizer.eos_token_id
@@ -155,6 +156,7 @@ def test_greedy_evaluation_stops_on_every_generation_config_end_token(tiny):
 # -- the evaluation loss ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_loss_is_the_token_weighted_mean_over_trained_tokens(tiny):
     from hacbo_jax.trainer.step import make_loss_fn
 

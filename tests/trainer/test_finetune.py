@@ -28,6 +28,7 @@ def reference_run(tiny_model_dir, tmp_path_factory):
     return run_dir, summary
 
 
+@pytest.mark.slow
 def test_end_to_end_run_writes_everything(reference_run, tiny_model_dir):
     run_dir, summary = reference_run
     assert summary["steps"] == 12 and not summary["diverged"]
@@ -89,6 +90,7 @@ def test_adagradselect_run_logs_its_selection(tiny_model_dir, tmp_path):
     assert summary["controller"]["counts"] == metrics[-1]["controller"]["counts"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(reference_run, tiny_model_dir, tmp_path):
     """6 steps, stop, resume for 6 more == 12 uninterrupted steps (params and logged metrics)."""
     ref_dir, ref_summary = reference_run
@@ -124,6 +126,7 @@ def _poison(rows):
     return tokenize
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "tokenize_sft", _poison([5]))
     cfg = quick_config(tiny_model_dir, tmp_path / "nan")
@@ -134,6 +137,7 @@ def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
     chex.assert_tree_all_finite(restored_params(tmp_path / "nan"))
 
 
+@pytest.mark.slow
 def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "tokenize_sft", _poison(slice(None)))
     out = tmp_path / "diverged"
@@ -176,6 +180,7 @@ def test_microdev_larger_than_its_pool_is_refused(tiny_model_dir, tmp_path, caps
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_export_checkpoint_equals_the_final_export(reference_run, tmp_path):
     """``train.export_checkpoint``: the newest checkpoint as an HF directory holds the params the
     run exported at its end, and the controller state (HACBO's curvature EMA for the probe)."""
@@ -199,6 +204,7 @@ def test_export_checkpoint_bad_run_dir_exits_2_without_traceback(tmp_path, capsy
     assert "Traceback" not in err and "config.yaml" in err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_eval_every_steps_logs_train_time_across_a_resume(tiny_model_dir, tmp_path):
     """eval.every = 4 scores steps 4, 8 and 12 (and the base at 0); every eval row carries the
     run's training clock (evaluation excluded), which survives a resume and never goes back."""

@@ -69,6 +69,7 @@ def test_tokenizer_round_trips_gsm8k_and_splits_digits(tokenizer):
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1)
 
 
+@pytest.mark.slow
 @requires_asset
 def test_loads_with_our_port_and_transformers_with_matching_logits(tokenizer):
     import torch

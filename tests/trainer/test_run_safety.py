@@ -90,6 +90,7 @@ def test_absurd_lr_is_a_config_error():
         load_config(CONFIG, ["optim.lr=1e38"])
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_skipped_like_a_nan_gradient(tiny_model_dir):
     """A finite gradient whose *update* is non-finite (controller x inf) leaves state untouched."""
     model = Qwen3ForCausalLM.from_pretrained(tiny_model_dir)

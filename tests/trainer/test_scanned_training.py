@@ -67,6 +67,7 @@ def models():
     return plain, (g, params, r)
 
 
+@pytest.mark.slow
 def test_stacked_labels(models):
     plain, scanned = models
     labels = qwen3_labels(scanned[1])
@@ -86,6 +87,7 @@ def test_stacked_labels(models):
     assert flat["model"]["layers"][2]["mlp"]["down_proj"]["kernel"] == "2/mlp"
 
 
+@pytest.mark.slow
 def test_stacked_leaves_are_never_sharded_along_the_layer_axis(models):
     plain, scanned = models
     mesh = {"data": 1, "fsdp": 2}

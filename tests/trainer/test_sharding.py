@@ -264,6 +264,7 @@ def _assert_trees_close(actual: dict, expected: dict, **tol):
             np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
 def test_sharded_runs_match_one_device(mesh_runs, mesh):
     """7 steps with K = 3 (measurements at 3 and 6): same params and controller state."""
@@ -278,6 +279,7 @@ def test_sharded_runs_match_one_device(mesh_runs, mesh):
     assert np.all(reference["curvature"] > 0) and np.all(reference["cosine"] != 0)
 
 
+@pytest.mark.slow
 def test_arrays_are_really_sharded(mesh_runs):
     _, facts, _ = mesh_runs
     assert facts["1x1"]["q_proj_devices"] == 1
@@ -289,6 +291,7 @@ def test_arrays_are_really_sharded(mesh_runs):
         assert facts[mesh]["agreement_spec"] == "P()"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mesh, shape", [("2x4", {"data": 2, "fsdp": 4}), ("8x1", {"data": 8, "fsdp": 1})]
 )
@@ -303,6 +306,7 @@ def test_checkpoint_from_4x2_restores_onto_another_mesh(mesh_runs, mesh, shape):
         _assert_trees_close(_subtree(arrays, "next/8x1/"), _subtree(arrays, "next/4x2/"), **TOL)
 
 
+@pytest.mark.slow
 def test_per_host_rows_and_mesh_errors_on_eight_devices(mesh_runs):
     _, facts, _ = mesh_runs
     # 8 rows per micro-batch; devices 0-3 as process 0 and 4-7 as process 1.
@@ -317,6 +321,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_finetune_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
     """hacbo_jax.trainer.finetune: 3 steps on 4x2, checkpoint, resume on 2x4 to step 6 == 6 steps on 1x1."""
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM as Model

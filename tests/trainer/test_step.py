@@ -38,6 +38,7 @@ def model_and_batch():
     return model, Batch(*map(jnp.asarray, (ids, mask, targets, loss_mask)))
 
 
+@pytest.mark.slow
 def test_answer_nll_by_hand(model_and_batch):
     model, batch = model_and_batch
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -54,6 +55,7 @@ def test_answer_nll_by_hand(model_and_batch):
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [5, 13])  # several chunks with padding; one whole chunk
 def test_chunked_loss_matches_plain_loss_and_gradient(model_and_batch, chunk):
     model, batch = model_and_batch

@@ -114,6 +114,7 @@ def _nan_batch(batch):
     return batch._replace(loss_mask=batch.loss_mask.at[0, 0, 4].set(jnp.nan))
 
 
+@pytest.mark.slow
 def test_two_functions_equal_the_single_step_when_no_step_is_skipped(setup):
     steps, single, state, batches, dev_buffer, _ = setup
     reference = _run_single_step(single, state, batches, dev_buffer)
@@ -177,6 +178,7 @@ def test_the_ordinary_step_traces_no_dev_backward(setup):
     assert measurement == 2 * without_controller
 
 
+@pytest.mark.slow
 def test_a_dev_program_of_the_controlled_leaves_skips_the_head_gradient(tiny):
     # The controllers read the dev gradient of controlled leaves only: the dev program that
     # differentiates just those computes no gradient of the tied embedding / LM head (one matrix
