@@ -119,7 +119,7 @@ def test_wheel_installs_and_runs_the_embedded_default_from_any_directory(tmp_pat
         if line.startswith("Requires-Dist:")
     ]
     assert {_requirement_name(r) for r in requires if "extra ==" not in r} == CORE
-    assert "configs/tiny_cpu.yaml" in names
+    assert "hacbo_jax/configs/tiny_cpu.yaml" in names and "hacbo_jax/configs/lrs/compare_cpu.yaml" in names
     assert "hacbo_jax/assets/tiny-qwen3-gsm/model.safetensors" in names
     assert "hacbo_jax/assets/gsm8k/LICENSE" in names
     assert any(n.endswith("licenses/LICENSE") for n in names)

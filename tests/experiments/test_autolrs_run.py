@@ -10,6 +10,7 @@ import pytest
 
 from hacbo_jax.experiments.autolrs import run as autolrs_method
 from hacbo_jax.trainer.checkpoint import Checkpointer
+from hacbo_jax.trainer.config import load_config
 from hacbo_jax.experiments.report import write_report
 from support.runs import CONFIG, quick_overrides
 
@@ -36,7 +37,7 @@ def _params(run_dir, step, cfg):
 
 
 @pytest.mark.slow
-def test_resume_inside_a_search_continues_the_same_stage(tiny_model_dir, tmp_path):  # noqa: F811
+def test_resume_inside_a_search_continues_the_same_stage(tiny_model_dir, tmp_path):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full_cfg = load_config(CONFIG, quick_overrides(tiny_model_dir, full_dir, *AUTOLRS))
     split_cfg = load_config(CONFIG, quick_overrides(tiny_model_dir, split_dir, *AUTOLRS))
