@@ -30,7 +30,10 @@ from hacbo_jax.controllers import (
     dev_sign_sketch,
     hacbo,
     hacbo_multipliers,
+    hacbo_starvation,
+    hacbo_submodule_shares,
     label_by_rules,
+    outside_controllers,
     train_grads_from_updates,
 )
 
@@ -42,6 +45,8 @@ __all__ = [
     "BLACState",
     "AdaGradSelectState",
     "hacbo_multipliers",
+    "hacbo_submodule_shares",
+    "hacbo_starvation",
     "blac_multipliers",
     "adagradselect_epsilon",
     "adagradselect_num_selected",
@@ -51,4 +56,5 @@ __all__ = [
     "train_grads_from_updates",
     "dev_sign_sketch",
     "controlled_leaves",
+    "outside_controllers",
 ]

@@ -17,9 +17,16 @@ from hacbo_jax.controllers.compose import (
     accumulate_gradients,
     controlled_leaves,
     dev_sign_sketch,
+    outside_controllers,
     train_grads_from_updates,
 )
-from hacbo_jax.controllers.hacbo import HACBOState, hacbo, hacbo_multipliers
+from hacbo_jax.controllers.hacbo import (
+    HACBOState,
+    hacbo,
+    hacbo_multipliers,
+    hacbo_starvation,
+    hacbo_submodule_shares,
+)
 from hacbo_jax.controllers.labels import label_by_rules
 
 __all__ = [
@@ -30,6 +37,8 @@ __all__ = [
     "BLACState",
     "AdaGradSelectState",
     "hacbo_multipliers",
+    "hacbo_submodule_shares",
+    "hacbo_starvation",
     "blac_multipliers",
     "adagradselect_epsilon",
     "adagradselect_num_selected",
@@ -39,4 +48,5 @@ __all__ = [
     "train_grads_from_updates",
     "dev_sign_sketch",
     "controlled_leaves",
+    "outside_controllers",
 ]

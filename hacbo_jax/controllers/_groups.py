@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 PyTree = Any
 Labels = PyTree | Callable[[PyTree], PyTree]
@@ -173,6 +174,19 @@ def resolve_layout(
             f"leading sizes {sorted(leading)}"
         )
     return parse_labels(label_tree, submodules, stacked_blocks=leading.pop())
+
+
+def is_params_placeholder(params: PyTree) -> bool:
+    """True for the stand-in that ``optax.tree_utils.tree_map_params`` passes to ``init`` to
+    find the parameter-shaped subtrees of a state (``optax.masked`` tests for it the same way).
+
+    It has no leaves, so labels cannot be read off it (a callable label tree, or a stacked one
+    whose B is a leading size): ``init`` then returns a state of the right structure whose
+    per-block arrays have size 0; ``tree_map_params`` reads only the structure of that state
+    and maps the real state's values.
+    """
+    placeholder = getattr(optax.tree_utils._state_utils, "_ParamsPlaceholder", None)
+    return placeholder is not None and isinstance(params, placeholder)
 
 
 def _is_array(x: Any) -> bool:

@@ -41,6 +41,12 @@ class AdaGradSelectState(NamedTuple):
       scores: float32[U], the gradient score s of the last step.
       key: uint32[2], raw PRNG key data (threefry), advanced by every step.
       inner: the wrapped optimiser's state.
+      selected_after_epoch1: int32[U], how many steps t > N (after epoch 1,
+        N = ``steps_per_epoch``) selected each unit; 0 everywhere up to step N. A diagnostic,
+        read by nothing in the update: units still at 0 long after epoch 1 show the lock-in
+        of the default ``draw="top_k"`` (:func:`adagradselect_stats` reports their number;
+        ``draw="without_replacement"`` spreads the selection). Defaults to None so that a
+        state can be written by hand with the first eight fields; ``update`` fills it in.
     """
 
     count: jax.Array
@@ -51,6 +57,7 @@ class AdaGradSelectState(NamedTuple):
     scores: jax.Array
     key: jax.Array
     inner: optax.OptState
+    selected_after_epoch1: jax.Array | None = None
 
 
 def adagradselect_num_selected(pct: float, num_units: int) -> int:
@@ -87,20 +94,105 @@ def adagradselect_stats(state: AdaGradSelectState) -> dict[str, Any]:
     Returns ``{"selected": [unit indices, ascending], "counts": f (list of int), "explored":
     bool, "epsilon": float, "scores": list of float}``. Unit U - 1 is the ``"other"`` unit when
     the transformation was built with ``other_mode="unit"``.
+
+    Once a step after epoch 1 has been taken (t > N), two more keys report the lock-in of the
+    default ``draw="top_k"`` (docs/controller-behaviour.md): ``"selected_after_epoch1"`` (list
+    of int, the state's per-unit counts of steps t > N) and ``"never_selected_after_epoch1"``
+    (int, the number of units with a count of 0). Up to step N they are absent.
     """
     host = jax.device_get(state)
-    return {
+    stats = {
         "selected": np.flatnonzero(np.asarray(host.selected)).tolist(),
         "counts": np.asarray(host.freq).astype(int).tolist(),
         "explored": bool(host.explored),
         "epsilon": float(host.epsilon),
         "scores": np.asarray(host.scores, np.float64).tolist(),
     }
+    after = host.selected_after_epoch1
+    if after is not None and int(np.sum(after)) > 0:  # each step t > N adds k >= 1
+        after = np.asarray(after).astype(int)
+        stats["selected_after_epoch1"] = after.tolist()
+        stats["never_selected_after_epoch1"] = int(np.sum(after == 0))
+    return stats
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# What optax.inject_hyperparams must leave static (see the docstring of adagradselect).
+STATIC_ARGS = ("labels", "pct", "seed")
+_STATIC_FIX = (
+    "; under optax.inject_hyperparams declare it static: "
+    f"optax.inject_hyperparams(adagradselect, static_args={STATIC_ARGS!r})(...)"
+)
+
+
+def _is_jax_scalar(value: Any) -> bool:
+    """A jax scalar, as ``optax.inject_hyperparams`` passes an injected hyper-parameter (a
+    concrete array in ``init``, a tracer in a jitted ``update``): not checked."""
+    return isinstance(value, jax.Array) and jnp.ndim(value) == 0
+
+
+def _check_number(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
+    """Checks a Python or NumPy number at construction (message "{name} must be {allowed}");
+    an injected jax scalar passes unchecked."""
+    if _is_jax_scalar(value):
+        return
+    if not ok(value):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_static(name: str, value: Any, why: str) -> None:
+    if isinstance(value, jax.Array):
+        raise ValueError(f"{name} {why}, so it cannot be a jax array{_STATIC_FIX}")
+
+
+def _keep_masks(
+    inner: optax.GradientTransformation,
+    inner_state: optax.OptState,
+    layout: _groups.GroupLayout,
+    leaf_masks: list[Any],
+    update_leaves: list[Any],
+) -> optax.OptState:
+    """Per leaf of ``inner_state``: where the new value is kept (a bool array broadcasting to the
+    leaf without changing its shape), or Python True for "take the new value everywhere".
+
+    ``optax.tree_utils.tree_map_params`` finds the inner state's copies of the parameter tree
+    (AdamW's mu and nu; inside ``optax.masked`` they hold ``MaskedNode`` where a parameter is
+    masked out). In each copy, at a parameter's position:
+
+    - an array of the parameter's shape gets the parameter's mask (per block for a stacked
+      leaf);
+    - anything else there is the parameter's own statistic in another form (sm3's list of
+      per-axis accumulators, adafactor's factored rows and columns): it gets the mask too when
+      the parameter belongs to one unit (a scalar mask), and advances when the parameter is
+      stacked (its slices belong to different blocks, which such a statistic does not separate);
+    - a ``MaskedNode`` has no leaf: nothing to keep.
+
+    Every leaf outside those copies (Adam's count) advances.
+    """
+
+    def at_parameter(x, mask, u):
+        if _groups._is_array(x) and _groups._is_array(u) and jnp.shape(x) == jnp.shape(u):
+            return mask
+        whole = jnp.ndim(mask) == 0  # the parameter belongs to one unit
+        return jax.tree.map(lambda _: mask if whole else True, x)
+
+    def in_params_copy(copy):
+        at_leaves = _groups.flatten_like(layout, copy, "the inner state's copy of the params")
+        return layout.treedef.unflatten(
+            [at_parameter(x, m, u) for x, m, u in zip(at_leaves, leaf_masks, update_leaves)]
+        )
+
+    return optax.tree_utils.tree_map_params(
+        inner,
+        in_params_copy,
+        inner_state,
+        transform_non_params=lambda _: True,
+        is_leaf=lambda _: True,  # in_params_copy receives each copy whole
+    )
 
 
 def adagradselect(
@@ -141,7 +233,26 @@ def adagradselect(
        A zero update also skips decoupled weight decay, as torch does for a parameter without a
        gradient. The inner state's non-param leaves (Adam's single ``count``) always advance: a
        named deviation from torch's per-parameter ``step``, so the bias correction of a block
-       that sat out differs from torch's.
+       that sat out differs from torch's. What is kept is found with ``optax.tree_map_params``
+       (the copies of the parameter tree in the inner state): at a parameter's position, an
+       array of its shape is kept (slice by slice for a stacked leaf); another statistic of
+       that parameter (sm3's per-axis accumulators, adafactor's factored rows and columns) is
+       kept whole when the parameter belongs to one unit and advances for a stacked leaf, whose
+       slices such a statistic does not separate; ``optax.masked``'s ``MaskedNode`` holds
+       nothing.
+
+    It composes with ``optax.masked`` and ``optax.partition`` (a masked-out leaf is left to the
+    wrapper) and with ``optax.tree_map_params`` whether ``labels`` is a tree or a callable.
+    ``state.selected_after_epoch1`` counts the selections after epoch 1; units that stay at 0
+    show the lock-in of the default ``draw="top_k"`` (docs/controller-behaviour.md).
+
+    Under ``optax.inject_hyperparams``, ``steps_per_epoch``, ``epsilon0``, ``epsilon_decay``
+    (when a number) and ``dirichlet_alpha`` are injectable (they only enter jnp arithmetic, and
+    are checked only when they are Python or NumPy numbers). ``pct`` fixes k, a shape, and
+    ``seed`` is read once by ``init``: both must be static, and so must a callable ``labels``
+    (inject_hyperparams would take a callable for a schedule). Passed as jax arrays, ``pct``
+    and ``seed`` raise a ValueError naming the fix: ``optax.inject_hyperparams(adagradselect,
+    static_args=("labels", "pct", "seed"))(labels, inner, pct=..., steps_per_epoch=...)``.
 
     Leaves labelled otherwise (``"other"``, e.g. embeddings, final norm) follow ``other_mode``:
     ``"always"`` updated every step (our reading), ``"frozen"`` never updated, or ``"unit"``: one
@@ -176,20 +287,23 @@ def adagradselect(
             f"inner must be an optax.GradientTransformation (e.g. optax.adamw(1e-4)), "
             f"got {type(inner).__name__}"
         )
+    _check_static("pct", pct, "fixes k, the number of units selected per step (a shape)")
     if not 0.0 < pct <= 1.0:
         raise ValueError(f"pct must be in (0, 1], got {pct!r}")
-    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, np.integer)):
+    if _is_jax_scalar(steps_per_epoch):
+        if not jnp.issubdtype(jnp.result_type(steps_per_epoch), jnp.integer):
+            raise ValueError(f"steps_per_epoch must be an integer >= 2, got {steps_per_epoch!r}")
+    elif isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, (int, np.integer)):
         raise ValueError(f"steps_per_epoch must be an integer >= 2, got {steps_per_epoch!r}")
-    if steps_per_epoch < 2:
+    elif steps_per_epoch < 2:
         raise ValueError(f"steps_per_epoch must be an integer >= 2, got {steps_per_epoch!r}")
+    _check_static("seed", seed, "is read once, by init, to make the PRNG key")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    if not 0.0 < epsilon0 <= 1.0:
-        raise ValueError(f"epsilon0 must be in (0, 1], got {epsilon0!r}")
-    if epsilon_decay is not None and not epsilon_decay > 0:
-        raise ValueError(f"epsilon_decay must be None or > 0, got {epsilon_decay!r}")
-    if not dirichlet_alpha > 0:
-        raise ValueError(f"dirichlet_alpha must be > 0, got {dirichlet_alpha!r}")
+    _check_number("epsilon0", epsilon0, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+    if epsilon_decay is not None:
+        _check_number("epsilon_decay", epsilon_decay, lambda v: v > 0, "None or > 0")
+    _check_number("dirichlet_alpha", dirichlet_alpha, lambda v: v > 0, "> 0")
     _check_choice("score", score, SCORES)
     _check_choice("draw", draw, DRAWS)
     _check_choice("other_mode", other_mode, OTHER_MODES)
@@ -214,13 +328,16 @@ def adagradselect(
         return selected[unit]
 
     def init_fn(params):
-        layout = _groups.resolve_layout(labels, params, None, allow_stacked=True)
-        leaf_unit, num_units = units_of(layout)
-        if other_mode == "unit" and num_units - 1 not in leaf_unit:
-            raise ValueError(
-                "other_mode='unit' needs at least one leaf labelled otherwise than "
-                "'{block}/{submodule}' (e.g. 'other'); every leaf is in a block"
-            )
+        if _groups.is_params_placeholder(params):  # optax.tree_map_params: structure only
+            num_units = 0
+        else:
+            layout = _groups.resolve_layout(labels, params, None, allow_stacked=True)
+            leaf_unit, num_units = units_of(layout)
+            if other_mode == "unit" and num_units - 1 not in leaf_unit:
+                raise ValueError(
+                    "other_mode='unit' needs at least one leaf labelled otherwise than "
+                    "'{block}/{submodule}' (e.g. 'other'); every leaf is in a block"
+                )
         # One buffer per field: a train step that donates its state cannot take one buffer twice.
         return AdaGradSelectState(
             count=jnp.zeros([], jnp.int32),
@@ -231,6 +348,7 @@ def adagradselect(
             scores=jnp.zeros([num_units], jnp.float32),
             key=jax.random.key_data(jax.random.key(seed, impl=_KEY_IMPL)),
             inner=inner.init(params),
+            selected_after_epoch1=jnp.zeros([num_units], jnp.int32),
         )
 
     def unit_scores(leaves, leaf_unit, num_units) -> jax.Array:
@@ -282,28 +400,27 @@ def adagradselect(
         selected = jnp.zeros([num_units], bool).at[chosen].set(True)
 
         inner_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        mask_tree = layout.treedef.unflatten(
-            [
-                unit_mask(selected, u, layout.num_blocks, jnp.ndim(g) if _groups._is_array(g) else 1)
-                for u, g in zip(leaf_unit, grad_leaves)
-            ]
-        )
+        leaf_masks = [
+            unit_mask(selected, u, layout.num_blocks, jnp.ndim(g) if _groups._is_array(g) else 1)
+            for u, g in zip(leaf_unit, grad_leaves)
+        ]
         update_leaves = _groups.flatten_like(layout, inner_updates, "inner updates")
         masked = [
             jnp.where(m, u, jnp.zeros_like(u)) if _groups._is_array(u) else u
-            for u, m in zip(update_leaves, layout.treedef.flatten_up_to(mask_tree))
+            for u, m in zip(update_leaves, leaf_masks)
         ]
         if moments == "keep":
-            keep_new = optax.tree_utils.tree_map_params(
-                inner,
-                lambda _, m: m,
-                inner_state,
-                mask_tree,
-                transform_non_params=lambda _: jnp.asarray(True),
-            )
+            keep_new = _keep_masks(inner, inner_state, layout, leaf_masks, grad_leaves)
             inner_state = jax.tree.map(
-                lambda new, old, m: jnp.where(m, new, old), inner_state, state.inner, keep_new
+                lambda new, old, m: new if m is True else jnp.where(m, new, old),
+                inner_state,
+                state.inner,
+                keep_new,
             )
+        previous_after = state.selected_after_epoch1
+        if previous_after is None:  # a hand-written state
+            previous_after = jnp.zeros([num_units], jnp.int32)
+        after_epoch1 = (t > steps_per_epoch) & selected
         new_state = AdaGradSelectState(
             count=t.astype(jnp.int32),
             freq=(state.freq + selected.astype(jnp.int32)).astype(jnp.int32),
@@ -313,6 +430,9 @@ def adagradselect(
             scores=scores,
             key=jax.random.key_data(key),
             inner=inner_state,
+            selected_after_epoch1=(previous_after + after_epoch1.astype(jnp.int32)).astype(
+                jnp.int32
+            ),
         )
         return layout.treedef.unflatten(masked), new_state
 

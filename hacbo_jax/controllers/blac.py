@@ -122,6 +122,16 @@ def blac(
     ``rho`` and ``update_norm_budget`` may be jax scalars (``optax.inject_hyperparams``; declare
     ``labels``, ``interval`` and ``freeze_after`` static).
 
+    Args:
+      labels: pytree of strings matching the params, or a callable params -> such a tree, as
+        for :func:`hacbo`.
+      rho: EMA factor of the agreement a and the signed agreement s, in (0, 1).
+      interval: K, steps between measurements (static under ``optax.inject_hyperparams``).
+      freeze_after: U, the step from which a block whose signed agreement s is negative is
+        frozen for good (static).
+      update_norm_budget: lambda, the cap on the update's global L2 norm; null for none.
+      submodules: explicit sub-module order (default: sorted names found in the labels).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`BLACState`.
     """
@@ -132,7 +142,11 @@ def blac(
     warned_first = []
 
     def init_fn(params):
-        num_b = _groups.resolve_layout(labels, params, submodules, allow_stacked=True).num_blocks
+        if _groups.is_params_placeholder(params):  # optax.tree_map_params: structure only
+            num_b = 0
+        else:
+            layout = _groups.resolve_layout(labels, params, submodules, allow_stacked=True)
+            num_b = layout.num_blocks
         # One buffer per field: a train step that donates its state cannot take one buffer twice.
         return _completed(
             BLACState(
@@ -140,7 +154,7 @@ def blac(
                 agreement=jnp.zeros([num_b], jnp.float32),
                 signed_agreement=jnp.zeros([num_b], jnp.float32),
                 frozen=jnp.zeros([num_b], bool),
-                layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32),
+                layer_weights=jnp.full([num_b], 1.0 / max(num_b, 1), jnp.float32),
                 cosine=jnp.zeros([num_b], jnp.float32),
             )
         )

@@ -7,6 +7,8 @@ last mini-batch's gradient and ``dev_grad_fn`` would be evaluated on every mini-
 accumulation, under MultiSteps) and :func:`accumulate_gradients` also evaluates the dev gradient
 only on the mini-step that emits an update. :func:`dev_sign_sketch` shrinks a dev gradient to
 what HACBO and BLAC read of it (its signs), so it can be computed by a separate program.
+:func:`outside_controllers` makes ``optax.tree.get(state, "count", ...)`` find the base
+optimiser's count next to a controller's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import jax.numpy as jnp
 import optax
 
 from hacbo_jax.controllers._groups import UNCONTROLLED, pack_sign_codes, resolve_layout
+from hacbo_jax.controllers.adagradselect import AdaGradSelectState
+from hacbo_jax.controllers.blac import BLACState
+from hacbo_jax.controllers.hacbo import HACBOState
 
 PyTree = Any
 
@@ -120,3 +125,27 @@ def dev_sign_sketch(dev_grads: PyTree, controlled: PyTree | None = None) -> PyTr
     return jax.tree.map(
         lambda keep, g: pack_sign_codes(g) if keep else _empty_sketch(), controlled, dev_grads
     )
+
+
+def outside_controllers(path: tuple[Any, ...], value: Any) -> bool:
+    """A ``filtering`` for ``optax.tree.get`` / ``optax.tree.set``: False for the fields of the
+    controllers' own states (:class:`~hacbo_jax.HACBOState`, :class:`~hacbo_jax.BLACState`,
+    :class:`~hacbo_jax.AdaGradSelectState`), True for everything else.
+
+    A controller's state has a ``count`` of its own, so next to AdamW
+    ``optax.tree.get(state, "count")`` finds two and raises (optax's rule: a lookup must be
+    unambiguous). ``optax.tree.get(state, "count", filtering=outside_controllers)`` finds the
+    base optimiser's, whatever the base (Adam's, Lion's, ...), also inside AdaGradSelect's
+    ``inner``; the same filter selects it for ``optax.tree.set``. The controller's own count is
+    ``optax.tree.get(state, "HACBOState").count``. (Other optax wrappers keep counts of their
+    own, e.g. ``inject_hyperparams``: filter those by name, as for plain optax.)
+    """
+    del value
+    last = path[-1] if path else None
+    return getattr(last, "tuple_name", None) not in _CONTROLLER_STATE_NAMES
+
+
+# The controllers' state types, by name (as optax's NamedTupleKey spells them).
+_CONTROLLER_STATE_NAMES = frozenset(
+    cls.__name__ for cls in (HACBOState, BLACState, AdaGradSelectState)
+)

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from hacbo_jax.controllers import _groups
@@ -39,9 +40,16 @@ class HACBOState(NamedTuple):
         :func:`hacbo_multipliers` of the state gives the next step's).
       budget_scale: f32 scalar, the factor ``update_norm_budget`` applied at the last step (1
         when under budget or off).
+      min_submodule_share: f32[B], min_m v_{b,m}: the smallest within-block share (step 5 of
+        docs/algorithm.md) that the last step applied in each block; v changes only on
+        measurement steps, so this is its value at the last measurement (1/M before the first
+        update). A diagnostic, read by nothing in the update: a value near 0 (1e-6 and below)
+        means a sub-module with gradient left is starved because a sibling's curvature EMA fell
+        near 0 (:func:`hacbo_starvation`; ``curvature_floor`` avoids it).
 
-    The last four fields default to None so that a state can be written by hand with the first
-    seven; ``update`` fills them in (zeros, and 1 for ``budget_scale``).
+    The last five fields default to None so that a state can be written by hand with the first
+    seven; ``update`` fills them in (zeros, 1 for ``budget_scale``, 1/M for
+    ``min_submodule_share``).
     """
 
     count: jax.Array
@@ -55,6 +63,7 @@ class HACBOState(NamedTuple):
     skipped_measurements: jax.Array | None = None
     multipliers: jax.Array | None = None
     budget_scale: jax.Array | None = None
+    min_submodule_share: jax.Array | None = None
 
 
 def _completed(state: HACBOState) -> HACBOState:
@@ -65,6 +74,7 @@ def _completed(state: HACBOState) -> HACBOState:
         "skipped_measurements": lambda: jnp.zeros([], jnp.int32),
         "multipliers": lambda: jnp.zeros([num_b, num_m], jnp.float32),
         "budget_scale": lambda: jnp.ones([], jnp.float32),
+        "min_submodule_share": lambda: jnp.full([num_b], 1.0 / max(num_m, 1), jnp.float32),
     }
     missing = {k: make() for k, make in defaults.items() if getattr(state, k) is None}
     return state._replace(**missing) if missing else state
@@ -80,6 +90,46 @@ def _debias_divisor(n: jax.Array, rho: float, debias: bool) -> jax.Array:
 
 def _is_zero(x: Any) -> bool:
     return not isinstance(x, jax.Array) and float(x) == 0.0
+
+
+def hacbo_submodule_shares(
+    state: HACBOState,
+    *,
+    eps: float = 1e-8,
+    rho: float = 0.8,
+    debias: bool = False,
+    curvature_weighting: bool = True,
+    interval: int = 30,
+    curvature_floor: float = 0.0,
+) -> jax.Array:
+    """The within-block split v f32[B, M] that a HACBO state gives (step 5 of docs/algorithm.md).
+
+    v_{b,m} = u_{b,m} / sum_m' u_{b,m'}, u = 1 / (max(c, floor * mean_m' c_{b,m'}) + eps)
+    (floor = ``curvature_floor``, default 0: the reference's 1 / (c + eps)), or uniform 1/M if
+    ``curvature_weighting`` is False; with ``debias``, c is first divided by 1 - rho^n. The
+    keyword arguments must match the transformation's. Each row sums to 1.
+    """
+    curvature = state.curvature / _debias_divisor(
+        _groups.measurements_taken(state, state.count, interval), rho, debias
+    )
+    if not curvature_weighting:
+        return jnp.full_like(state.curvature, 1.0 / state.curvature.shape[1])
+    if not _is_zero(curvature_floor):
+        floor = curvature_floor * jnp.mean(curvature, axis=1, keepdims=True)
+        curvature = jnp.maximum(curvature, floor)
+    inverse = 1.0 / (curvature + eps)
+    return inverse / jnp.sum(inverse, axis=1, keepdims=True)
+
+
+def _multipliers_from_shares(
+    state: HACBOState, within_block: jax.Array, probation_share: str
+) -> jax.Array:
+    """Steps 6-7: L_active * w_b * v_{b,m} (v_b for a block in probation under "uniform")."""
+    l_active = jnp.sum(~state.probation).astype(jnp.float32)
+    multipliers = l_active * state.layer_weights[:, None] * within_block
+    if probation_share == "uniform":
+        multipliers = jnp.where(state.probation[:, None], within_block, multipliers)
+    return multipliers.astype(jnp.float32)
 
 
 def hacbo_multipliers(
@@ -107,22 +157,55 @@ def hacbo_multipliers(
     These are the multipliers the *next* step would apply; the ones the last step applied are
     ``state.multipliers`` (they differ after a probation exit on a measurement step).
     """
-    curvature = state.curvature / _debias_divisor(
-        _groups.measurements_taken(state, state.count, interval), rho, debias
+    within_block = hacbo_submodule_shares(
+        state,
+        eps=eps,
+        rho=rho,
+        debias=debias,
+        curvature_weighting=curvature_weighting,
+        interval=interval,
+        curvature_floor=curvature_floor,
     )
-    if curvature_weighting:
-        if not _is_zero(curvature_floor):
-            floor = curvature_floor * jnp.mean(curvature, axis=1, keepdims=True)
-            curvature = jnp.maximum(curvature, floor)
-        inverse = 1.0 / (curvature + eps)
-        within_block = inverse / jnp.sum(inverse, axis=1, keepdims=True)
-    else:
-        within_block = jnp.full_like(state.curvature, 1.0 / state.curvature.shape[1])
-    l_active = jnp.sum(~state.probation).astype(jnp.float32)
-    multipliers = l_active * state.layer_weights[:, None] * within_block
-    if probation_share == "uniform":
-        multipliers = jnp.where(state.probation[:, None], within_block, multipliers)
-    return multipliers.astype(jnp.float32)
+    return _multipliers_from_shares(state, within_block, probation_share)
+
+
+STARVATION_THRESHOLD = 1e-3
+
+
+def hacbo_starvation(
+    state: HACBOState,
+    threshold: float = STARVATION_THRESHOLD,
+    submodules: Sequence[str] | None = None,
+) -> str | None:
+    """Host-side check for sub-module starvation; a warning text, or None when there is none.
+
+    Starvation (docs/controller-behaviour.md): under the reference rule v ~ 1 / (c + eps), a
+    sub-module whose curvature EMA c fell near 0 (it converged, e.g. on a convex objective)
+    takes nearly the whole share of its block, and its siblings, which still have gradient,
+    get about c / c_sibling of it (1e-6 to 1e-8 has been seen): they stop training. The text
+    names the blocks whose smallest share ``state.min_submodule_share`` is below ``threshold``.
+
+    Reads the state on the host (``jax.device_get``): call it where the loop logs, not inside a
+    jitted step. A single hit can be a transient; a training loop should warn when it persists
+    over several log points. ``submodules`` (the names in the transformation's order) only
+    makes the text more specific. Returns None for a hand-written state not yet updated.
+    """
+    shares = state.min_submodule_share
+    if shares is None:
+        return None
+    shares = np.asarray(jax.device_get(shares), np.float64)
+    starved = np.flatnonzero(shares < threshold)
+    if starved.size == 0:
+        return None
+    where = f"block {int(starved[0])}" if starved.size == 1 else f"blocks {starved.tolist()}"
+    names = f" (sub-modules {list(submodules)})" if submodules is not None else ""
+    return (
+        f"HACBO starvation: in {where}{names} a sub-module gets less than {threshold:g} of its "
+        f"block's share (smallest {float(np.min(shares)):.3g}): a sibling's curvature EMA fell "
+        "near 0 and 1 / (c + eps) gives that sibling nearly the whole block, so sub-modules "
+        "that still have gradient barely train. If it persists, set curvature_floor (e.g. "
+        "0.1); see docs/controller-behaviour.md."
+    )
 
 
 def hacbo(
@@ -176,6 +259,13 @@ def hacbo(
     With ``debias=True``, wherever a and c are *used* (the theta_neg test, w, v and the
     probation-exit median test) they are divided by 1 - rho^n, n = number of measurements taken
     so far including this step's; the stored EMAs stay raw.
+
+    ``state.min_submodule_share`` (min_m v_{b,m} per block, computed in the update, read by
+    nothing) shows the starvation the reference rule can cause: on a convex objective a
+    converged sub-module's c falls towards 0 (about 1e-7 has been seen), 1 / (c + eps) hands it
+    nearly the whole block and its siblings stop training. :func:`hacbo_starvation` turns the
+    statistic into a warning for the logs; ``curvature_floor`` (e.g. 0.1) avoids it
+    (docs/controller-behaviour.md).
 
     Args:
       labels: pytree of strings matching the params (or callable params -> such a tree):
@@ -234,7 +324,7 @@ def hacbo(
         bool(curvature_weighting),
         bool(probation),
     )
-    multipliers_of = lambda state: hacbo_multipliers(
+    shares_of = lambda state: hacbo_submodule_shares(
         state,
         eps=eps,
         rho=rho,
@@ -242,13 +332,15 @@ def hacbo(
         curvature_weighting=curvature_weighting,
         interval=interval,
         curvature_floor=curvature_floor,
-        probation_share=probation_share,
     )
     warned_first = []
 
     def init_fn(params):
-        layout = _groups.resolve_layout(labels, params, submodules, allow_stacked=True)
-        num_b, num_m = layout.num_blocks, layout.num_submodules
+        if _groups.is_params_placeholder(params):  # optax.tree_map_params: structure only
+            num_b, num_m = 0, 0
+        else:
+            layout = _groups.resolve_layout(labels, params, submodules, allow_stacked=True)
+            num_b, num_m = layout.num_blocks, layout.num_submodules
         return _completed(
             HACBOState(
                 count=jnp.zeros([], jnp.int32),
@@ -256,7 +348,7 @@ def hacbo(
                 curvature=jnp.zeros([num_b, num_m], jnp.float32),
                 neg_count=jnp.zeros([num_b], jnp.int32),
                 probation=jnp.zeros([num_b], bool),
-                layer_weights=jnp.full([num_b], 1.0 / num_b, jnp.float32),
+                layer_weights=jnp.full([num_b], 1.0 / max(num_b, 1), jnp.float32),
                 cosine=jnp.zeros([num_b], jnp.float32),
             )
         )
@@ -321,7 +413,8 @@ def hacbo(
         )
         measured = measured._replace(count=t)
 
-        multipliers = multipliers_of(measured)
+        shares = shares_of(measured)
+        multipliers = _multipliers_from_shares(measured, shares, probation_share)
         new_leaves = _groups.scale_updates(
             layout, update_leaves, multipliers, measured.probation if probation else None, gamma
         )
@@ -339,6 +432,7 @@ def hacbo(
             neg_count=jnp.where(leaves_probation, 0, measured.neg_count).astype(jnp.int32),
             multipliers=multipliers,
             budget_scale=budget_scale,
+            min_submodule_share=jnp.min(shares, axis=1).astype(jnp.float32),
         )
         return layout.treedef.unflatten(new_leaves), new_state
 

@@ -36,6 +36,7 @@ from hacbo_jax import (
     blac,
     blac_multipliers,
     hacbo,
+    hacbo_starvation,
 )
 from hacbo_jax.trainer.config_fields import in_range, option
 
@@ -47,6 +48,7 @@ __all__ = [
     "HACBOConfig",
     "build_controller",
     "controller_stats",
+    "controller_warning",
     "find_controller_state",
 ]
 
@@ -91,25 +93,13 @@ class AdaGradSelectConfig:
 
 @dataclass(frozen=True)
 class BLACConfig:
-    """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values).
+    """Arguments of ``hacbo_jax.controllers.blac`` (the paper's run values); each key's help is
+    the entry of ``blac``'s docstring."""
 
-    The ``help`` here is a stopgap: ``blac``'s docstring has no ``Args:`` section yet, and the
-    help of a controller key is that section's entry. Once it has one, delete these (a test in
-    tests/trainer/test_config_keys.py fails while a field has both).
-    """
-
-    rho: float = option(
-        0.7436,
-        in_range(0, 1, lo_open=True, hi_open=True),
-        help="EMA factor for a and s, in (0, 1)",
-    )
-    interval: int = option(20, in_range(1), help="K, measurement every K steps")
-    freeze_after: int = option(
-        300, in_range(0), help="U: from step U on, a block whose s is negative is frozen"
-    )
-    update_norm_budget: Optional[float] = option(
-        None, in_range(0, lo_open=True), help="lambda, or None for no clipping"
-    )
+    rho: float = option(0.7436, in_range(0, 1, lo_open=True, hi_open=True))
+    interval: int = option(20, in_range(1))  # K
+    freeze_after: int = option(300, in_range(0))  # U
+    update_norm_budget: Optional[float] = option(None, in_range(0, lo_open=True))
 
 
 def _common_stats(state: Any) -> dict[str, Any]:
@@ -141,7 +131,25 @@ def _hacbo_stats(state: HACBOState, hyper: HACBOConfig) -> dict[str, Any]:
         "probation": probation.tolist(),
         "curvature": np.asarray(state.curvature).tolist(),
         "l_active": int(np.sum(~probation)),
+        "min_submodule_share": np.asarray(state.min_submodule_share).tolist(),
     }
+
+
+def _hacbo_warning(state: HACBOState, hyper: HACBOConfig) -> str | None:
+    del hyper
+    return hacbo_starvation(state)
+
+
+def _adagradselect_warning(state: AdaGradSelectState, hyper: AdaGradSelectConfig) -> str | None:
+    never = adagradselect_stats(state).get("never_selected_after_epoch1", 0)
+    if not never:
+        return None
+    return (
+        f"AdaGradSelect lock-in: {never} block(s) never selected since the end of epoch 1 "
+        f"(draw={hyper.draw!r}); Dirichlet(1 + counts) keeps picking the blocks of epoch 1. "
+        'controller.adagradselect.draw=without_replacement spreads the selection '
+        "(docs/controller-behaviour.md)"
+    )
 
 
 def _blac_stats(state: BLACState, hyper: BLACConfig) -> dict[str, Any]:
@@ -181,6 +189,9 @@ class ControllerEntry:
         (the loop compiles an ordinary and a measurement step, and refreshes the micro-dev
         buffer).
       run_args: keyword arguments the run supplies (``steps_per_epoch``, ``seed``).
+      warning: ``warning(state, hyper_config) -> str | None``: a known failure mode of the
+        defaults that the state shows (HACBO's sub-module starvation, AdaGradSelect's lock-in);
+        the loop prints it once it persists over several log points.
     """
 
     config_type: type | None = None
@@ -190,13 +201,16 @@ class ControllerEntry:
     wraps: bool = False
     measures: bool = False
     run_args: tuple[str, ...] = ()
+    warning: Callable[[Any, Any], str | None] | None = None
 
 
 # Insertion order is the order of the allowed values in config messages.
 CONTROLLERS: dict[str, ControllerEntry] = {
     "none": ControllerEntry(),
     "blac": ControllerEntry(BLACConfig, blac, BLACState, _blac_stats, measures=True),
-    "hacbo": ControllerEntry(HACBOConfig, hacbo, HACBOState, _hacbo_stats, measures=True),
+    "hacbo": ControllerEntry(
+        HACBOConfig, hacbo, HACBOState, _hacbo_stats, measures=True, warning=_hacbo_warning
+    ),
     "adagradselect": ControllerEntry(
         AdaGradSelectConfig,
         adagradselect,
@@ -204,6 +218,7 @@ CONTROLLERS: dict[str, ControllerEntry] = {
         _adagradselect_stats,
         wraps=True,
         run_args=("steps_per_epoch", "seed"),
+        warning=_adagradselect_warning,
     ),
 }
 
@@ -271,3 +286,12 @@ def controller_stats(kind: str, hyper: Any, opt_state: Any) -> dict[str, Any] | 
     if entry.stats is None or state is None:
         return None
     return {"kind": kind, **entry.stats(jax.device_get(state), hyper)}
+
+
+def controller_warning(kind: str, hyper: Any, opt_state: Any) -> str | None:
+    """The controller's warning about its state (see :attr:`ControllerEntry.warning`), or None."""
+    entry = controller_entry(kind)
+    state = find_controller_state(opt_state)
+    if entry.warning is None or state is None:
+        return None
+    return entry.warning(jax.device_get(state), hyper)

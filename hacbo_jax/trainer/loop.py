@@ -27,12 +27,21 @@ from tqdm.auto import tqdm
 from hacbo_jax.data import gsm8k as data_lib
 from hacbo_jax.trainer.checkpoint import Checkpointer, CheckpointError
 from hacbo_jax.trainer.config import ConfigError
-from hacbo_jax.trainer.controller_registry import controller_stats, find_controller_state
+from hacbo_jax.trainer.controller_registry import (
+    controller_stats,
+    controller_warning,
+    find_controller_state,
+)
 from hacbo_jax.trainer.energy import EnergyMeter
 from hacbo_jax.trainer.logs import RunLogger
 from hacbo_jax.trainer.run_parts import RunParts
 
 __all__ = ["TrainingLoop"]
+
+
+# A controller's warning (HACBO starvation, AdaGradSelect lock-in) is printed once it has held at
+# this many log points in a row.
+WARN_AFTER_LOG_POINTS = 3
 
 
 @dataclasses.dataclass
@@ -56,6 +65,7 @@ class TrainingLoop:
         self.resume, self.show_progress = resume, show_progress
         self.wall_start = time.perf_counter()
         self.state = parts.state
+        self.warning_streak = 0  # consecutive log points at which the controller warned
         self.counters: dict[str, Any] = {
             "wall_time_s": 0.0,
             # the training clock: wall time minus evaluation and checkpoint writes (the same
@@ -171,8 +181,22 @@ class TrainingLoop:
             "controller": controller_stats(controller.kind, controller.hyper, self.state.opt_state),
         }
         self.skipped_total = record["skipped_steps"]
+        warning = self.persistent_warning(
+            controller_warning(controller.kind, controller.hyper, self.state.opt_state)
+        )
+        if warning is not None:
+            record["warning"] = warning
         self.logger.log_metrics(step, record)
         self.progress.set_postfix(loss=f"{self.last_loss:.4f}", skipped=record["skipped_steps"])
+
+    def persistent_warning(self, text: str | None) -> str | None:
+        """``text`` once it has held at WARN_AFTER_LOG_POINTS log points in a row: printed once
+        per run (a transient at one measurement is not worth a user's attention)."""
+        self.warning_streak = self.warning_streak + 1 if text else 0
+        if text is None or self.warning_streak != WARN_AFTER_LOG_POINTS:
+            return None
+        tqdm.write(f"warning: {text}", file=sys.stderr)
+        return text
 
     def refresh_microdev(self, step: int) -> None:
         parts = self.parts

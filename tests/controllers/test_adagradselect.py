@@ -81,6 +81,7 @@ def test_number_selected_is_at_least_one_and_floor_is_robust():
     assert adagradselect_num_selected(0.29, 100) == 29  # 0.29 * 100 = 28.999... in floats
 
 
+@pytest.mark.slow
 def test_sum_of_counts_is_k_times_t():
     # U = 24, p = 0.3 -> k = 7 units per step, whichever branch; after t steps sum f = 7 t
     num_b = 24
@@ -302,6 +303,7 @@ def run_steps(tx, params, grads_seq, jit=False):
     return outs, st
 
 
+@pytest.mark.slow
 def test_jit_scan_and_eager_agree_and_same_seed_same_selection():
     num_b, steps = 3, 4
     adamw, params = adamw_setup(num_b=num_b)

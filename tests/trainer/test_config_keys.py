@@ -29,11 +29,7 @@ CONTROLLER_KINDS = [k for k, e in CONTROLLERS.items() if e.config_type is not No
 # and what the run supplies (``ControllerEntry.run_args``: steps_per_epoch, seed).
 NOT_CONFIGURED = {"labels", "submodules", "inner"}
 # Config fields for a transformation argument WITHOUT a default: the config's default.
-CONFIG_ONLY_DEFAULTS = {("adagradselect", "pct"): 0.1}  # the blog's 10% (one block of 16)
-# Transformations whose docstring has no ``Args:`` section yet (their config fields carry a
-# stopgap ``help``; see test_a_controller_field_has_help_metadata_only_without_a_docstring_entry).
-ARGS_SECTION_PENDING = {"blac"}
-
+CONFIG_ONLY_DEFAULTS = {("adagradselect", "pct"): 0.1}  
 
 def _controller_sections():
     """``(kind, section field, transformation)`` for every controller config field."""
@@ -100,8 +96,6 @@ def test_controller_fields_are_keywords_of_the_transformation_with_its_defaults(
 def test_controller_fields_are_documented_in_the_transformations_args_section(kind):
     entry = CONTROLLERS[kind]
     documented = docstring_args(entry.transform.__doc__)
-    if not documented and kind in ARGS_SECTION_PENDING:
-        pytest.xfail(f"{kind}()'s docstring has no Args: section yet (hacbo_jax/controllers)")
     missing = [f.name for f in dataclasses.fields(entry.config_type) if f.name not in documented]
     assert not missing, f"{kind}() docstring Args: lacks {missing}"
     # The run's arguments are documented too (the configured ones are checked above).

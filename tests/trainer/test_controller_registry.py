@@ -18,6 +18,7 @@ from hacbo_jax.trainer.controller_registry import (
     HACBOConfig,
     build_controller,
     controller_stats,
+    controller_warning,
     find_controller_state,
 )
 from hacbo_jax.trainer.step import build_optimizer, learning_rate_schedule
@@ -151,3 +152,46 @@ def test_adagradselect_wraps_adamw_and_logs_its_selection():
     stats = controller_stats("adagradselect", hyper, state)
     assert stats["kind"] == "adagradselect" and stats["selected"] == [0]
     assert stats["counts"] == [1, 0] and stats["explored"] is True and stats["count"] == 1
+
+
+def test_a_starved_hacbo_state_warns_and_a_healthy_one_does_not():
+    labels = {"a": "0/mlp", "b": "0/ln"}
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    hyper = HACBOConfig(interval=1, rho=0.1)  # a short EMA: c of "a" falls 10x per step
+    tx = _optimizer(build_controller("hacbo", labels, hyper))
+    state = tx.init(params)
+    grads = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    _, state = tx.update(grads, state, params, train_grads=grads, dev_grads=grads)
+    assert controller_warning("hacbo", hyper, state) is None  # equal curvature: shares 1/2
+    assert controller_stats("hacbo", hyper, state)["min_submodule_share"] == [0.5]
+    # Sub-module "a" converged: its curvature EMA is ~0, so 1 / (c + eps) gives it the block.
+    starved = {"a": jnp.zeros(3), "b": jnp.ones(3)}
+    for _ in range(5):
+        _, state = tx.update(starved, state, params, train_grads=starved, dev_grads=grads)
+    assert controller_stats("hacbo", hyper, state)["min_submodule_share"][0] < 1e-3
+    assert "starvation" in controller_warning("hacbo", hyper, state)
+
+
+def test_adagradselect_warns_about_blocks_never_selected_after_epoch_one():
+    labels = {f"w{b}": f"{b}/mlp" for b in range(4)}
+    params = {name: jnp.ones(2) for name in labels}
+    hyper = AdaGradSelectConfig(pct=0.25)
+    tx = _optimizer(build_controller("adagradselect", labels, hyper, steps_per_epoch=2, seed=0))
+    state = tx.init(params)
+    grads = {name: jnp.ones(2) for name in labels}
+    for _ in range(3):  # steps 1-2 are epoch 1; at step 3 three of the four blocks sat idle
+        _, state = tx.update(grads, state, params)
+    assert "lock-in" in controller_warning("adagradselect", hyper, state)
+    assert controller_warning("blac", BLACConfig(), state) is None  # no BLAC state in it
+
+
+def test_the_loop_prints_a_controller_warning_once_it_persists(capsys):
+    from types import SimpleNamespace
+
+    from hacbo_jax.trainer.loop import WARN_AFTER_LOG_POINTS, TrainingLoop
+
+    loop = SimpleNamespace(warning_streak=0)
+    texts = ["starving", None, *["starving"] * (WARN_AFTER_LOG_POINTS + 2)]
+    fired = [TrainingLoop.persistent_warning(loop, text) for text in texts]
+    assert fired.count("starving") == 1 and fired[WARN_AFTER_LOG_POINTS + 1] == "starving"
+    assert capsys.readouterr().err.count("warning: starving") == 1
