@@ -1,4 +1,4 @@
-"""What optax's own contrib battery found in HACBO, BLAC and AdaGradSelect, one test per finding.
+"""The controllers inside optax wrappers, and two known behaviours of their defaults made visible.
 
 1. AdaGradSelect inside ``optax.masked`` / ``optax.partition`` and over ``optax.sm3``.
 2. AdaGradSelect under ``optax.inject_hyperparams``.
