@@ -72,7 +72,7 @@ LABEL_FORMS = {"tree": LABELS, "callable": callable_labels}
 def toy_params(dtype=jnp.float32):
     """Blocks start at different distances from TARGET; within a block "a" and "b" are equal,
     so HACBO's within-block split stays uniform (its starvation on uneven sub-modules is
-    tests/controllers/test_contrib_findings.py's subject)."""
+    tests/controllers/test_wrapped_and_default_behaviour.py's subject)."""
     starts = (-1.0, 2.5, 0.25)
     return {
         "emb": jnp.asarray([0.0, 3.0, -2.0], dtype),
