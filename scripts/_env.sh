@@ -9,13 +9,16 @@ spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
 stamp="$venv/.hacbo-installed-$(echo "$extras" | tr ',' '-')"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "[hacbo-jax] installing into $venv (extras: ${extras:-none})" >&2
-  "$venv/bin/python" -m pip install --quiet -e "$spec"
+  # pip's and the build backend's chatter goes to a log, shown only when the install fails.
+  echo "[hacbo-jax] installing into $venv (extras: ${extras:-none}); log: $venv/install.log" >&2
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  if ! { "$venv/bin/python" -m pip install --quiet --upgrade pip \
+         && "$venv/bin/python" -m pip install --quiet -e "$spec"; } > "$venv/install.log" 2>&1; then
+    cat "$venv/install.log" >&2
+    echo "[hacbo-jax] the install into $venv failed (log above)" >&2
+    exit 1
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

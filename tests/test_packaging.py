@@ -87,8 +87,9 @@ def test_package_list_ships_every_subpackage():
         ".".join(init.parent.relative_to(ROOT).parts)
         for init in (ROOT / "hacbo_jax").rglob("__init__.py")
     }
-    assert listed == on_disk | {"hacbo_jax.configs"}
-    assert PYPROJECT["tool"]["setuptools"]["package-dir"]["hacbo_jax.configs"] == "configs"
+    configs = {"hacbo_jax.configs": "configs", "hacbo_jax.configs.lrs": "configs/lrs"}
+    assert listed == on_disk | set(configs)
+    assert PYPROJECT["tool"]["setuptools"]["package-dir"] == configs
 
 
 @pytest.mark.slow
