@@ -126,7 +126,6 @@ def _poison(rows):
     return tokenize
 
 
-@pytest.mark.slow
 def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "tokenize_sft", _poison([5]))
     cfg = quick_config(tiny_model_dir, tmp_path / "nan")
@@ -137,7 +136,6 @@ def test_nonfinite_steps_are_skipped(tiny_model_dir, tmp_path, monkeypatch):
     chex.assert_tree_all_finite(restored_params(tmp_path / "nan"))
 
 
-@pytest.mark.slow
 def test_divergence_stops_cleanly_with_last_good_state(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(data_lib, "tokenize_sft", _poison(slice(None)))
     out = tmp_path / "diverged"
