@@ -195,6 +195,8 @@ def rows_to_examples(
     labels = row_labels or [f"row {i}" for i in range(1, len(rows) + 1)]
     names = _columns(columns)
     check_rows(rows, data_format, columns=names, source=source, row_labels=labels)
+    if data_format in ("question_answer", "prompt_completion"):
+        _check_trained_text(rows, names[FORMAT_FIELDS[data_format][1]], source)
     if data_format == "question_answer":
         examples = [Example(r[names["question"]], r[names["answer"]]) for r in rows]
         return [preprocess(e) for e in examples] if preprocess_text else examples
@@ -219,6 +221,16 @@ def rows_to_examples(
     return examples
 
 
+def _check_trained_text(rows: Sequence[Mapping[str, Any]], field: str, source: str) -> None:
+    """DataError when every row's trained field is empty or whitespace: the run would train on
+    the end token alone."""
+    if rows and all(not row[field].strip() for row in rows):
+        raise DataError(
+            f'{source}: field "{field}" is empty or whitespace in all {len(rows)} rows; '
+            "nothing to train on but the end token (check data.format and data.columns)"
+        )
+
+
 def _raise(source: str, problems: list[str], data_format: str, names: Mapping[str, str]) -> None:
     if not problems:
         return
@@ -236,6 +248,13 @@ def _read_jsonl(path: Path) -> tuple[list[Any], list[str]]:
     """Rows of a JSONL file and their ``line N`` labels; DataError on malformed lines."""
     rows, labels, problems = [], [], []
     with path.open(encoding="utf-8") as handle:
+        head = handle.read(4096).lstrip()
+        handle.seek(0)
+        if head.startswith("["):
+            raise DataError(
+                f"{path}: holds a JSON array, not one object per line (JSONL); write one JSON "
+                "object per line, or name the file .json"
+            )
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

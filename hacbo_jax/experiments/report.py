@@ -41,7 +41,11 @@ import yaml
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hacbo_jax.trainer.cli_common import usage_error  # noqa: E402
+from hacbo_jax.trainer.cli_common import (  # noqa: E402
+    add_overwrite_argument,
+    check_output_target,
+    cli_main,
+)
 from hacbo_jax.trainer.logs import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
 
 __all__ = [
@@ -420,8 +424,13 @@ def summary_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) -> Path:
-    """Load the runs, write the figures and report.md into ``out_dir``; returns report.md."""
+def write_report(
+    run_dirs: Sequence[str | Path], out_dir: str | Path | None = None, *, overwrite: bool = True
+) -> Path:
+    """Load the runs, write the figures and report.md into ``out_dir``; returns report.md.
+
+    ``overwrite`` False: refuse (ValueError) a non-empty ``out_dir``, or, for the default target
+    (the run directory, or report/ for several), one that already holds a report.md."""
     if not run_dirs:
         raise RunDirError("no run directory given")
     runs = [load_run(d) for d in run_dirs]
@@ -430,6 +439,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         Path(out_dir)
         if out_dir is not None
         else (Path(run_dirs[0]) if len(runs) == 1 else Path("report"))
+    )
+    check_output_target(
+        out, overwrite=overwrite, files=None if out_dir is not None else ["report.md"]
     )
     out.mkdir(parents=True, exist_ok=True)
     figures = [plot_loss(runs, out / "loss.png"), plot_exact_match(runs, out / "exact_match.png")]
@@ -447,6 +459,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     return report
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.report") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
@@ -457,10 +470,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.repo
         default=None,
         help="output directory (default: the run directory, or report/ for several)",
     )
+    add_overwrite_argument(parser, "an earlier report in the output directory")
     args = parser.parse_args(argv)
-    try:
-        report = write_report(args.run_dirs, args.out)
-    except RunDirError as e:
-        return usage_error(parser.prog, e)
+    report = write_report(args.run_dirs, args.out, overwrite=args.overwrite)
     print(f"wrote {report} and figures in {report.parent}")
     return 0

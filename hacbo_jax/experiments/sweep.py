@@ -2,7 +2,7 @@
 
     python -m train.sweep --config configs/compare_cpu.yaml \\
         [--methods adamw,blac,hacbo,hacbo_gamma0] [--trials 4] [--lo 1e-5] [--hi 3e-3] \\
-        [--seed 0] [--out runs/sweep] [--write configs/lrs/compare_cpu.yaml] [key=value ...]
+        [--seed 0] [--out runs/sweep/<config>] [--write OUT/lrs.yaml] [--overwrite] [key=value ...]
 
 For each method, a TPE study (``optuna.samplers.TPESampler(seed=...)``, so the search is
 reproducible) draws the base learning rate log-uniformly from [lo, hi]
@@ -11,7 +11,10 @@ fine-tuning run per trial (the base config with any ``key=value`` overrides, e.g
 ``optim.max_steps=30`` for a smaller budget), seed ``--seed``. The objective is the run's final
 exact match on the held-out evaluation problems, maximised. The best rate per method goes into
 ``--write`` under ``lr:`` (other methods already in that file are kept), with every trial listed
-for the record. Runs go to ``OUT/<method>/trial<k>/``.
+for the record. Runs go to ``OUT/<method>/trial<k>/``; ``OUT`` defaults to
+``runs/sweep/<config name>`` in the working directory and ``--write`` to ``OUT/lrs.yaml``. The
+shipped rates (``configs/lrs/*.yaml`` of the checkout or the installed package) are never
+rewritten unless ``--write`` names one and ``--overwrite`` is given.
 
 The default budget is small (4 trials per method): enough to avoid a rate that is off by an
 order of magnitude, not a fine optimum. Note that TPE draws its first ``n_startup_trials`` (10)
@@ -29,8 +32,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, usage_error
-from hacbo_jax.trainer.config import Config, ConfigError, load_config
+from hacbo_jax.trainer.cli_common import (
+    add_overrides_argument,
+    add_overwrite_argument,
+    check_output_target,
+    cli_main,
+    command_line,
+)
+from hacbo_jax.trainer.config import Config, load_config
 from hacbo_jax.experiments.methods import COMPARED_METHODS, method_overrides, parse_methods
 
 __all__ = ["sweep_method", "sweep", "write_lrs", "main"]
@@ -136,12 +145,15 @@ def sweep(
     base_config: str | Path,
     methods: Sequence[str] = COMPARED_METHODS,
     *,
-    write: str | Path = "configs/lrs/compare_cpu.yaml",
+    write: str | Path | None = None,
     command: str | None = None,
     log: Callable[[str], None] = print,
     **kwargs: Any,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`sweep_method` for every method, then :func:`write_lrs`; returns the results."""
+    """:func:`sweep_method` for every method, then :func:`write_lrs` (``write`` None:
+    ``OUT/lrs.yaml`` of the trial runs' directory); returns the results."""
+    if write is None:
+        write = Path(kwargs.get("out_dir", "runs/sweep")) / "lrs.yaml"
     results = {}
     for method in methods:
         results[method] = sweep_method(base_config, method, **kwargs)
@@ -162,6 +174,29 @@ def sweep(
     return results
 
 
+def _shipped_configs_dirs() -> list[Path]:
+    """The directories whose files ship with the code: the config tree (the checkout's configs/
+    or the installed package's) and the package itself."""
+    from hacbo_jax.trainer.config.load import CONFIGS_DIR
+
+    import hacbo_jax
+
+    return [Path(CONFIGS_DIR).resolve(), Path(hacbo_jax.__file__).parent.resolve()]
+
+
+def _check_write_target(write: Path, overwrite: bool) -> None:
+    target = write.resolve()
+    if not overwrite and any(target.is_relative_to(d) for d in _shipped_configs_dirs()):
+        raise ValueError(
+            f"--write {str(write)!r} is a shipped file of hacbo_jax (under "
+            f"{_shipped_configs_dirs()[0]}); write elsewhere, or pass --overwrite to replace it"
+        )
+    if write.is_dir():
+        raise ValueError(f"--write {str(write)!r} is a directory, not a file")
+    write.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not at the end
+
+
+@cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.sweep") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
@@ -177,45 +212,49 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
     parser.add_argument("--hi", type=float, default=3e-3, help="highest learning rate")
     parser.add_argument("--seed", type=int, default=0, help="TPE seed and run seed")
     parser.add_argument(
-        "--out", default="runs/sweep", help="trial runs go to OUT/<method>/trial<k>"
+        "--out",
+        default=None,
+        help="trial runs go to OUT/<method>/trial<k> (default runs/sweep/<config name>)",
     )
     parser.add_argument(
-        "--write", default="configs/lrs/compare_cpu.yaml", help="output lrs file"
+        "--write", default=None, help="output lrs file (default OUT/lrs.yaml; merged into)"
     )
+    add_overwrite_argument(parser, "a shipped lrs file named by --write")
     add_overrides_argument(parser, "dotted overrides for every trial run (e.g. optim.max_steps=30)")
     args = parser.parse_args(argv)
     command = command_line(prog, argv)
-    try:
-        methods = parse_methods(args.methods)
-        _check_bounds(args.lo, args.hi)
-        if args.trials < 1:
-            raise ValueError(f"--trials {args.trials}: must be >= 1")
-        for method in methods:  # validate before the first run starts
-            load_config(
-                args.config, [*args.overrides, *method_overrides(method), f"optim.lr={args.lo!r}"]
+    out = Path(args.out) if args.out is not None else Path("runs/sweep") / Path(args.config).stem
+    write = Path(args.write) if args.write is not None else out / "lrs.yaml"
+    methods = parse_methods(args.methods)
+    _check_bounds(args.lo, args.hi)
+    if args.trials < 1:
+        raise ValueError(f"--trials {args.trials}: must be >= 1")
+    check_output_target(out, overwrite=True)  # a file is refused; trial runs are checked below
+    for method in methods:  # validate before the first run starts
+        load_config(
+            args.config, [*args.overrides, *method_overrides(method), f"optim.lr={args.lo!r}"]
+        )
+        trials_dir = out / method
+        if trials_dir.is_dir() and any(trials_dir.iterdir()):
+            # finetune never overwrites a run: say so before the first trial, not at it
+            raise ValueError(
+                f"--out {out}: {trials_dir} already holds trial runs of an earlier "
+                "sweep (never overwritten); choose another --out or delete it"
             )
-            trials_dir = Path(args.out) / method
-            if trials_dir.is_dir() and any(trials_dir.iterdir()):
-                # finetune never overwrites a run: say so before the first trial, not at it
-                raise ValueError(
-                    f"--out {args.out}: {trials_dir} already holds trial runs of an earlier "
-                    "sweep (never overwritten); choose another --out or delete it"
-                )
-    except (ConfigError, ValueError) as e:
-        return usage_error(parser.prog, e)
+    _check_write_target(write, args.overwrite)
     from hacbo_jax.experiments.compare.base import enable_compilation_cache
 
-    enable_compilation_cache(Path(args.out) / "jax_cache")
+    enable_compilation_cache(out / "jax_cache")
     sweep(
         args.config,
         methods,
-        write=args.write,
+        write=write,
         command=command,
         trials=args.trials,
         lo=args.lo,
         hi=args.hi,
         seed=args.seed,
-        out_dir=args.out,
+        out_dir=out,
         overrides=args.overrides,
     )
     return 0

@@ -1,12 +1,13 @@
 """Export any checkpoint of a run as a Hugging Face model directory.
 
-    python -m train.export_checkpoint RUN_DIR --step N --out DIR
+    python -m train.export_checkpoint RUN_DIR --step N --out DIR [--overwrite]
 
 The run's own ``config.yaml`` rebuilds its parts (:func:`~hacbo_jax.trainer.run_parts.build_run`),
 the checkpoint of step N is restored onto them, and the params are written with
 ``save_pretrained`` together with the tokenizer. The controller state of that step is written
 beside them (``controller_state.npz``: one array per field) so that tools such as the curvature
-probe can read HACBO's curvature EMA without orbax.
+probe can read HACBO's curvature EMA without orbax. A non-empty ``--out`` (an earlier export)
+is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hacbo_jax.trainer.checkpoint import CheckpointError
-from hacbo_jax.trainer.cli_common import usage_error
-from hacbo_jax.trainer.config_fields import ConfigError
+from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
 
 __all__ = ["export_checkpoint", "main"]
 
@@ -39,6 +38,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None, out_dir: str | Path
     with Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep) as ckpt:
         state, _ = ckpt.restore(step, abstract_target=parts.state)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "controller_state.npz").unlink(missing_ok=True)  # an earlier export's (--overwrite)
     parts.model_at(state.params).save_pretrained(out_dir)
     parts.tokenizer.save_pretrained(out_dir)
     controller_state = find_controller_state(state.opt_state)
@@ -52,14 +52,22 @@ def export_checkpoint(run_dir: str | Path, step: int | None, out_dir: str | Path
     return out_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export_checkpoint", description=__doc__)
+@cli_main
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m train.export_checkpoint"
+) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
+    add_overwrite_argument(parser, "an earlier export in --out")
     args = parser.parse_args(argv)
-    try:
-        print(export_checkpoint(args.run_dir, args.step, args.out))
-    except (ConfigError, CheckpointError, OSError) as e:  # bad run directory or step
-        return usage_error(parser.prog, e)
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step {args.step}: must be >= 0")
+    if not (args.run_dir / "config.yaml").is_file():
+        raise ValueError(f"RUN_DIR {str(args.run_dir)!r} is not a run directory (no config.yaml)")
+    check_output_target(args.out, overwrite=args.overwrite)
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before the restore
+    out = export_checkpoint(args.run_dir, args.step, args.out)
+    print(f"wrote {out}")
     return 0

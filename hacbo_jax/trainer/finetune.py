@@ -11,7 +11,9 @@ position and the micro-dev buffer, so ``--resume`` continues the run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +21,7 @@ from typing import Sequence
 import yaml
 
 from hacbo_jax.trainer import distributed
-from hacbo_jax.trainer.cli_common import usage_error
+from hacbo_jax.trainer.cli_common import cli_main
 from hacbo_jax.trainer.config import (
     Config,
     ConfigError,
@@ -27,17 +29,81 @@ from hacbo_jax.trainer.config import (
     parse_cli,
     save_config,
 )
-from hacbo_jax.trainer.config.validate import check_run_inputs, resume_differences
+from hacbo_jax.trainer.config.validate import (
+    check_output_dir,
+    check_run_inputs,
+    resume_differences,
+)
 from hacbo_jax.trainer.loop import TrainingLoop
+from hacbo_jax.trainer.run_lock import LOCK_NAME, hold_run_lock
 from hacbo_jax.trainer.run_parts import build_run
 
-__all__ = ["EXIT_DIVERGED", "EXIT_PREEMPTED", "main", "run"]
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NONFINITE",
+    "EXIT_PREEMPTED",
+    "EXIT_USAGE",
+    "main",
+    "run",
+]
 
+EXIT_USAGE = 2  # invalid config/input, output_dir holds a run (no --resume), or is locked
 EXIT_DIVERGED = 3  # the run stopped after divergence.max_consecutive_nonfinite skipped steps
+# The run reached its end but its result is not finite: no step had a finite loss, or the final
+# training loss, eval loss or parameters are NaN/inf (summary.json: "nonfinite", "nonfinite_reason").
+EXIT_NONFINITE = 4
+# SIGINT (Ctrl-C): checkpointed at the next step boundary, continue with --resume (128 + 2).
+EXIT_INTERRUPTED = 130
 # SIGTERM (pre-emption): checkpointed at the next step boundary, continue with --resume. The
 # shell's status of a process ended by SIGTERM (128 + 15), so that `finetune && report` does not
 # go on as if the run had finished.
 EXIT_PREEMPTED = 143
+
+
+def _entries(run_dir: Path) -> list[Path]:
+    """What ``run_dir`` holds besides its lock file (nothing when it does not exist)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
+
+
+def _interrupted_before_first_checkpoint(run_dir: Path) -> bool:
+    """``run_dir`` holds a run's files (its ``config.yaml``) but no complete checkpoint: the
+    run was killed before its first checkpoint was on disk (orbax writes a step into
+    ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only when complete)."""
+    ckpt = run_dir / "checkpoints"
+    complete = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+    return (run_dir / "config.yaml").is_file() and not complete
+
+
+def _output_dir_problems(cfg: Config, problems: list[str], *, resume: bool, restart: bool):
+    """``problems`` without those of the output directory that do not apply: on a restart
+    (``--resume`` with no complete checkpoint, which starts afresh) and for a directory that
+    holds nothing but the lock file (the directory of a run that never wrote anything)."""
+    run_dir = Path(cfg.output_dir)
+    ignore: list[str] = []
+    if restart:
+        ignore = check_output_dir(cfg, resume=True)
+    elif not resume and run_dir.is_dir() and not _entries(run_dir):
+        ignore = check_output_dir(cfg, resume=False)
+    return [p for p in problems if p not in ignore]
+
+
+def _clear_for_restart(run_dir: Path) -> None:
+    """Removes what an interrupted run left in ``run_dir`` (the lock file stays: it is held)."""
+    left = _entries(run_dir)
+    print(
+        f"resume: {run_dir} holds no complete checkpoint (the run was stopped before its first "
+        "checkpoint was on disk); starting it again from step 0 in that directory, removing "
+        "what it left: " + ", ".join(p.name for p in left),
+        file=sys.stderr,
+    )
+    for p in left:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _check_resume(cfg: Config, problems: list[str]) -> tuple[list[str], dict | None]:
@@ -81,20 +147,65 @@ def run(
     (:func:`~hacbo_jax.trainer.config.validate.check_run_inputs`; on ``resume`` also the
     requested config against the run's): ConfigError lists every problem. A non-empty
     ``output_dir`` is never overwritten; ``resume=True`` on a finished run returns its summary
-    (with ``"already_finished": True``) and changes nothing.
+    (with ``"already_finished": True``) and changes nothing. ``resume=True`` on a directory
+    that holds a run's files but no complete checkpoint (killed before or during its first
+    save) starts that run again from step 0 there, removing what it left (said on stderr).
+
+    One process at a time owns ``output_dir``: it holds an exclusive ``flock`` on
+    ``output_dir/.run.lock`` (:mod:`hacbo_jax.trainer.run_lock`) from before it writes anything
+    until it returns; another process gets :class:`~hacbo_jax.trainer.run_lock.RunLocked` (a
+    ConfigError) at once.
     """
     distributed.maybe_initialize()  # before anything touches a device
+    run_dir = Path(cfg.output_dir)
+    with contextlib.ExitStack() as stack:
+        # A live run has made its lock file: refuse before anything else, writing nothing.
+        locked = (run_dir / LOCK_NAME).is_file()
+        if locked:
+            stack.enter_context(hold_run_lock(run_dir))
+        return _run_owned(
+            cfg, stack, locked, resume=resume, show_progress=show_progress, stop_after=stop_after
+        )
+
+
+def _run_owned(
+    cfg: Config,
+    stack: contextlib.ExitStack,
+    locked: bool,
+    *,
+    resume: bool,
+    show_progress: bool,
+    stop_after: int | None,
+) -> dict:
+    """:func:`run` once ``output_dir``'s lock is held (``locked``) or the directory has no lock
+    file yet (it is taken, in ``stack``, before anything is written)."""
+    run_dir = Path(cfg.output_dir)
+    restart = resume and _interrupted_before_first_checkpoint(run_dir)
     problems = check_run_inputs(cfg, resume=resume)
+    problems = _output_dir_problems(cfg, problems, resume=resume, restart=restart)
     allowed: list[str] = []
-    if resume and not problems:
+    if resume and not restart and not problems:
         allowed, finished = _check_resume(cfg, problems)
         if finished is not None and not problems:
             return {**finished, "already_finished": True}
     if problems:
         raise ConfigError("cannot start the run:\n" + "\n".join(f"  - {p}" for p in problems))
     parts = build_run(cfg)
-    run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not locked:  # the directory had no lock file: take the lock now
+        stack.enter_context(hold_run_lock(run_dir))
+        # another process may have run in the directory between the checks and the lock
+        now = _interrupted_before_first_checkpoint(run_dir) if resume else restart
+        late = _output_dir_problems(
+            cfg, check_output_dir(cfg, resume=resume), resume=resume, restart=now
+        )
+        if now != restart:
+            late.append(f"output_dir = {cfg.output_dir!r}: changed by another process meanwhile")
+        if late:
+            raise ConfigError("cannot start the run:\n" + "\n".join(f"  - {p}" for p in late))
+    if restart:
+        _clear_for_restart(run_dir)
+        resume = False
     if allowed:
         print("resume: changed settings (allowed):\n  " + "\n  ".join(allowed), file=sys.stderr)
         with open(run_dir / "resume_changes.jsonl", "a") as f:
@@ -103,25 +214,26 @@ def run(
     return TrainingLoop(parts, resume=resume, show_progress=show_progress).run(stop_after)
 
 
+# Bad input found at any point (a ConfigError once the data is known, a full disk, an
+# unwritable path) is one line and exit 2, as for every entry point.
+@cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.finetune") -> int:
     cfg, args = parse_cli(argv, prog=prog)
-    try:
-        summary = run(cfg, resume=args.resume)
-    except ConfigError as e:  # found once the data is known (e.g. the micro-dev pool's size)
-        return usage_error(prog, e)
+    summary = run(cfg, resume=args.resume)
     if summary.get("already_finished"):
         print(
             f"the run in {cfg.output_dir} already finished at step {summary.get('steps')} "
             "(summary.json); nothing to resume, nothing changed"
         )
-        return EXIT_DIVERGED if summary.get("diverged") else 0
+        return _exit_status(summary)
     if "stopped_at" in summary:
+        signame = summary.get("signal", "SIGTERM")
         print(
-            f"received SIGTERM: checkpointed step {summary['stopped_at']} in {cfg.output_dir}; "
+            f"received {signame}: checkpointed step {summary['stopped_at']} in {cfg.output_dir}; "
             "continue with --resume",
             file=sys.stderr,
         )
-        return EXIT_PREEMPTED
+        return EXIT_INTERRUPTED if signame == "SIGINT" else EXIT_PREEMPTED
     before = summary["initial_exact_match"]
     before = "" if before is None else f"{100 * before:.1f}% (base model) -> "
     print(
@@ -130,4 +242,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.fine
         f"on {summary['eval_examples']} held-out problems after {summary['steps']} steps "
         f"({summary['wall_time_s']:.0f} s); run directory: {cfg.output_dir}"
     )
-    return EXIT_DIVERGED if summary["diverged"] else 0
+    if summary.get("nonfinite"):
+        print(
+            f"the run's result is not finite: {summary.get('nonfinite_reason')} "
+            f"(summary.json in {cfg.output_dir}); exit status {EXIT_NONFINITE}",
+            file=sys.stderr,
+        )
+    return _exit_status(summary)
+
+
+def _exit_status(summary: dict) -> int:
+    if summary.get("diverged"):
+        return EXIT_DIVERGED
+    return EXIT_NONFINITE if summary.get("nonfinite") else 0

@@ -82,6 +82,7 @@ class TrainingLoop:
         }
         self.last_loss, self.diverged = math.nan, False
         self.preempted = False
+        self.stop_signal: str | None = None  # "SIGTERM" / "SIGINT": stop at the step boundary
         self.interval = _Interval(time.perf_counter())
 
     # ---- resources ---------------------------------------------------------------------
@@ -285,14 +286,45 @@ class TrainingLoop:
                 return step
         return None
 
-    def _on_sigterm(self, signum, frame) -> None:
-        """Pre-emption notice: finish the current step, checkpoint, return (see ``run``)."""
+    def _on_stop_signal(self, signum, frame) -> None:
+        """SIGTERM (pre-emption notice) or SIGINT (Ctrl-C): finish the current step (and a save
+        or compilation under way), checkpoint at the step boundary, return (see ``run``). The
+        handler only sets a flag: no KeyboardInterrupt is raised into JAX or orbax, where it
+        could be swallowed (a GC callback) or leave a save half-done. A second SIGINT aborts
+        at once, with the shell's status of a process killed by SIGINT (130)."""
+        name = signal.Signals(signum).name
+        if self.preempted and signum == signal.SIGINT and self.stop_signal == "SIGINT":
+            print("second SIGINT: aborting now, without a checkpoint", file=sys.stderr)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        if not self.preempted:
+            self.stop_signal = name
+            print(
+                f"\nreceived {name}: the run will checkpoint at the next step boundary and stop"
+                + (" (press Ctrl-C again to abort at once, without a checkpoint)"
+                   if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+            )
         self.preempted = True
+
+    def _install_signal_handlers(self, stack: contextlib.ExitStack) -> None:
+        """SIGTERM and SIGINT go to :meth:`_on_stop_signal` for the whole run; the previous
+        handlers come back when it ends (only the main thread may install handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.signal(signum, self._on_stop_signal)
+            if previous is not None:  # None: installed outside Python, cannot be restored
+                stack.callback(signal.signal, signum, previous)
 
     def run(self, stop_after: int | None = None) -> dict:
         """The whole run; the summary (also written to ``summary.json``), or ``{"stopped_at":
         step}`` when ``stop_after`` stopped it early (as a pre-empted job would)."""
         with contextlib.ExitStack() as stack:
+            # before the restore, the first evaluation and compilation: a signal during any of
+            # them stops the run at the first step boundary
+            self._install_signal_handlers(stack)
             start_step = self._open(stack)
             self.progress = tqdm(
                 total=self.parts.total_steps,
@@ -302,15 +334,16 @@ class TrainingLoop:
                 dynamic_ncols=True,
             )
             stack.callback(self.progress.close)
-            if threading.current_thread() is threading.main_thread():
-                previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-                stack.callback(signal.signal, signal.SIGTERM, previous)
             self.skipped_total = int(jax.device_get(self.state.opt_state.total_notfinite))
             stopped_at = self._steps(start_step, stop_after)
             if stopped_at is not None:
                 self.ckpt.wait()
                 if self.preempted:
-                    return {"stopped_at": stopped_at, "preempted": True}
+                    return {
+                        "stopped_at": stopped_at,
+                        "preempted": True,
+                        "signal": self.stop_signal or "SIGTERM",
+                    }
                 return {"stopped_at": stopped_at}
             return self._finish()
 
@@ -346,6 +379,9 @@ class TrainingLoop:
             export_dir = self.run_dir / "hf_model"
             parts.model_at(self.state.params).save_pretrained(export_dir)
             parts.tokenizer.save_pretrained(export_dir)
+        nonfinite_reason = self._nonfinite_reason(final_step, eval_loss)
+        if nonfinite_reason is not None:
+            print(f"run ended with a non-finite result: {nonfinite_reason}", file=sys.stderr)
         kwh, source, mean_watts = self.energy.read()
         stats = controller_stats(cfg.controller.kind, cfg.controller.hyper, self.state.opt_state)
         summary = {
@@ -363,6 +399,9 @@ class TrainingLoop:
             "generation_programs": self.counters.get("generation_programs", 0),
             "final_train_loss": self.last_loss,
             "diverged": self.diverged,
+            # the run reached its end but its result is not usable (finetune.EXIT_NONFINITE)
+            "nonfinite": nonfinite_reason is not None,
+            "nonfinite_reason": nonfinite_reason,
             "skipped_steps": self.skipped_total,
             "train_examples": len(parts.task.train),
             "train_truncated": parts.train_arrays.num_truncated,
@@ -379,6 +418,34 @@ class TrainingLoop:
         self.ckpt.wait()  # the final checkpoint is on disk before the run counts as finished
         self.logger.write_summary(summary)
         return summary
+
+    def _nonfinite_reason(self, final_step: int, eval_loss: float) -> str | None:
+        """Why the finished run's result is not finite, or None: no step had a finite loss and
+        gradient, or the final training loss, eval loss or parameters are NaN/inf. (A diverged
+        run is reported as such: its parameters are the last good ones.)"""
+        if self.diverged:
+            return None
+        reasons = []
+        applied = final_step - self.skipped_total
+        if final_step > 0 and applied <= 0:
+            reasons.append(
+                f"no finite step: all {final_step} steps had a non-finite loss or gradient and "
+                "were skipped (parameters never updated)"
+            )
+        bad = [
+            jax.tree_util.keystr(path, simple=True, separator="/")
+            for path, leaf in jax.tree_util.tree_flatten_with_path(self.state.params)[0]
+            if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)
+            and not bool(jax.device_get(jax.numpy.isfinite(leaf).all()))
+        ]
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            reasons.append(f"non-finite parameters: {', '.join(bad[:5])}{more}")
+        if final_step > 0 and not math.isfinite(self.last_loss):
+            reasons.append(f"final training loss {self.last_loss}")
+        if self.parts.eval_loss is not None and not math.isfinite(eval_loss):
+            reasons.append(f"final eval loss {eval_loss}")
+        return "; ".join(reasons) or None
 
 
 def _process_cpu_seconds() -> float:

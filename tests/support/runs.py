@@ -14,8 +14,10 @@ CONFIG = CONFIGS_DIR / "tiny_cpu.yaml"
 
 
 def quick_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    """tiny_cpu.yaml scaled down to 12 steps: K = 3, refresh every 4 steps, logs every 2."""
-    return [
+    """tiny_cpu.yaml scaled down to 12 steps: K = 3, refresh every 4 steps, logs every 2.
+    A key given again (in ``extra``) replaces the earlier value, as load_config would: the
+    command line refuses a key given twice."""
+    base = [
         f"model.path={model_dir}",
         f"output_dir={output_dir}",
         "data.synthetic.n_train=96",
@@ -39,8 +41,9 @@ def quick_overrides(model_dir: Path, output_dir: Path, *extra: str) -> list[str]
         "logging.every=2",
         "checkpoint.every=5",
         "checkpoint.keep=2",
-        *extra,
     ]
+    last = {item.partition("=")[0].strip(): item for item in [*base, *extra]}
+    return list(last.values())
 
 
 def quick_config(model_dir: Path, output_dir: Path, *extra: str):

@@ -40,7 +40,7 @@ from hacbo_jax.experiments.autolrs.algorithm import AutoLRSState, autolrs_run
 from hacbo_jax.data import gsm8k as data_lib
 from hacbo_jax.trainer import distributed
 from hacbo_jax.trainer.checkpoint import Checkpointer
-from hacbo_jax.trainer.cli_common import usage_error
+from hacbo_jax.trainer.cli_common import cli_main
 from hacbo_jax.trainer.config import Config, ConfigError, parse_cli, save_config
 from hacbo_jax.experiments.report import plot_autolrs_schedule
 from hacbo_jax.trainer.run_parts import RunParts, arrays_of, build_run
@@ -162,12 +162,10 @@ def run(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> 
     return summary
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "hacbo-autolrs") -> int:
     cfg, args = parse_cli(argv, prog=prog, description="AutoLRS-driven AdamW fine-tuning")
-    try:
-        summary = run(cfg, resume=args.resume)
-    except (ConfigError, ValueError) as e:
-        return usage_error(prog, e)
+    summary = run(cfg, resume=args.resume)
     print(
         f"[autolrs] exact match {100 * summary['final_exact_match']:.1f}% after "
         f"{summary['steps']} steps ({summary['effective_steps']} at chosen rates); schedule "

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, usage_error
+from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, cli_main
 from hacbo_jax.experiments.compare.base import (
     comparable_config,
     enable_compilation_cache,
@@ -351,6 +351,7 @@ def _parse_seeds(args: argparse.Namespace) -> list[int]:
     return list(range(args.first_seed, args.first_seed + args.seeds))
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.compare") -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
@@ -379,33 +380,30 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.comp
     add_overrides_argument(parser, "dotted overrides applied to the base config for every run")
     args = parser.parse_args(argv)
     command = command_line(prog, argv)
-    try:
-        seeds = _parse_seeds(args)
-        methods = parse_methods(args.methods)
-        lrs = load_lrs(args.lrs) if args.lrs else None
-        if args.report_only:
-            report = write_comparison_report(
-                args.out,
-                methods,
-                seeds,
-                args.report_dir,
-                command=command,
-                command_label="Report rebuilt from existing runs with:",
+    seeds = _parse_seeds(args)
+    methods = parse_methods(args.methods)
+    lrs = load_lrs(args.lrs) if args.lrs else None
+    if args.report_only:
+        report = write_comparison_report(
+            args.out,
+            methods,
+            seeds,
+            args.report_dir,
+            command=command,
+            command_label="Report rebuilt from existing runs with:",
+        )
+        print(f"wrote {report}")
+        incomplete = incomplete_runs(Path(args.out), methods, seeds)
+        if incomplete:
+            print(
+                f"warning: the report covers {len(methods) * len(seeds) - len(incomplete)} of "
+                f"{len(methods) * len(seeds)} runs; not finished:\n"
+                + "\n".join(f"  {m} seed {s}: {why}" for m, s, why in incomplete),
+                file=sys.stderr,
             )
-            print(f"wrote {report}")
-            incomplete = incomplete_runs(Path(args.out), methods, seeds)
-            if incomplete:
-                print(
-                    f"warning: the report covers {len(methods) * len(seeds) - len(incomplete)} of "
-                    f"{len(methods) * len(seeds)} runs; not finished:\n"
-                    + "\n".join(f"  {m} seed {s}: {why}" for m, s, why in incomplete),
-                    file=sys.stderr,
-                )
-            return 0
-        # validate every run's config before the first one starts
-        plan_runs(args.config, methods, seeds, args.out, args.overrides, lrs)
-    except (ConfigError, ValueError) as e:
-        return usage_error(parser.prog, e)
+        return 0
+    # validate every run's config before the first one starts
+    plan_runs(args.config, methods, seeds, args.out, args.overrides, lrs)
     enable_compilation_cache(args.jax_cache or Path(args.out) / "jax_cache")
     run_comparison(
         args.config,

@@ -1,11 +1,12 @@
 """HVP curvature probe of a Qwen3 checkpoint (console script ``hacbo-probe-curvature``).
 
-    hacbo-probe-curvature MODEL_DIR --out DIR [--hacbo-state PATH] [--data PATH.npz]
+    hacbo-probe-curvature MODEL_DIR --out DIR [--hacbo-state PATH] [--data PATH.npz] [--overwrite]
 
 Per (block, sub-module) of the Qwen3 labels (``qwen3_labels``): top Hessian eigenvalue, Hutchinson
 trace, RMS gradient and, with ``--hacbo-state``, HACBO's curvature EMA; then Spearman correlations
 with permutation p-values (:mod:`hacbo_jax.experiments.curvature.probe`). Writes ``curvature.csv``,
-``curvature.json`` and ``curvature.png`` under ``--out``.
+``curvature.json`` and ``curvature.png`` under ``--out`` (``--prefix`` names them; files of an
+earlier probe with the same prefix are refused unless ``--overwrite``).
 
 The loss is the mean next-token cross-entropy over the real tokens of a fixed probe batch: the
 ``--data`` .npz (``input_ids`` and optionally ``attention_mask``, int [R, L]), or by default
@@ -22,7 +23,34 @@ from pathlib import Path
 
 import numpy as np
 
-from hacbo_jax.trainer.cli_common import usage_error
+from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
+
+_MAGIC = {b"\x93NUMPY": ".npy", b"PK\x03\x04": ".npz (zip)", b"\x80": "pickle"}
+
+
+def _what_is(path: Path) -> str:
+    """A few words on what the file at ``path`` holds, for an error message."""
+    head = path.read_bytes()[:512]
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            return f"a {kind} file"
+    if not head:
+        return "an empty file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of unknown format"
+    return "a text file"
+
+
+def _load_numpy(path: Path, option: str, expected: str):
+    """``np.load`` with an error that says what was expected and what the file is."""
+    try:
+        return np.load(path)
+    except (ValueError, OSError, EOFError) as e:  # numpy calls anything unknown "pickled data"
+        raise ValueError(
+            f"{option} {str(path)!r}: expected {expected}, but it is {_what_is(path)}"
+        ) from e
 
 
 def load_probe_batch(model_dir: Path, data: str | None, rows: int, seq_len: int, seed: int):
@@ -31,7 +59,9 @@ def load_probe_batch(model_dir: Path, data: str | None, rows: int, seq_len: int,
         path = Path(data)
         if not path.is_file():
             raise ValueError(f"--data {data!r} is not a file")
-        with np.load(path) as arrays:
+        with _load_numpy(path, "--data", "a .npz of numpy arrays (np.savez)") as arrays:
+            if not hasattr(arrays, "files"):
+                raise ValueError(f"--data {data!r}: expected a .npz of arrays, got a single .npy")
             if "input_ids" not in arrays:
                 raise ValueError(f"--data {data!r} has no 'input_ids' array (has {list(arrays)})")
             ids = np.asarray(arrays["input_ids"], np.int32)
@@ -101,19 +131,33 @@ def load_curvature(path: str) -> np.ndarray:
         return np.asarray(found[0], np.float64)
     if not source.is_file():
         raise ValueError(f"--hacbo-state {path!r} is neither a file nor a checkpoint directory")
+    expected = "a .npy, .npz or .json state file"
     if source.suffix == ".npy":
-        return np.load(source)
+        array = _load_numpy(source, "--hacbo-state", f"{expected} (np.save)")
+        if not isinstance(array, np.ndarray):
+            array.close()
+            raise ValueError(f"--hacbo-state {path!r}: a .npz archive named .npy; rename it .npz")
+        return array
     if source.suffix == ".npz":
-        with np.load(source) as arrays:
+        with _load_numpy(source, "--hacbo-state", f"{expected} (np.savez)") as arrays:
             if "curvature" not in arrays:
                 raise ValueError(f"--hacbo-state {path!r} has no 'curvature' array")
             return np.asarray(arrays["curvature"])
     if source.suffix == ".json":
-        document = json.loads(source.read_text())
+        try:
+            document = json.loads(source.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"--hacbo-state {path!r}: expected {expected}, but it is {_what_is(source)} "
+                f"that is not JSON ({e})"
+            ) from None
         if not isinstance(document, dict) or "curvature" not in document:
             raise ValueError(f"--hacbo-state {path!r} has no top-level 'curvature' list")
         return np.asarray(document["curvature"], np.float64)
-    raise ValueError(f"--hacbo-state {path!r}: expected .npy, .npz, .json or a checkpoint dir")
+    raise ValueError(
+        f"--hacbo-state {path!r}: expected a .npy, .npz or .json state file or a checkpoint "
+        f"directory, but it is {_what_is(source)} named {source.suffix or 'without a suffix'}"
+    )
 
 
 def parse_args(argv=None, prog: str = "hacbo-probe-curvature") -> argparse.Namespace:
@@ -134,6 +178,7 @@ def parse_args(argv=None, prog: str = "hacbo-probe-curvature") -> argparse.Names
     parser.add_argument("--trace-tol", type=float, default=1e-3)
     parser.add_argument("--trace-max-probes", type=int, default=100)
     parser.add_argument("--n-resamples", type=int, default=10_000)
+    add_overwrite_argument(parser, "an earlier probe's files (same --prefix) in --out")
     return parser.parse_args(argv)
 
 
@@ -141,12 +186,24 @@ def run(args: argparse.Namespace) -> dict:
     from hacbo_jax.experiments.curvature.probe import probe_curvature, rank_correlations, write_outputs
 
     model_dir = Path(args.model_dir)
+    if model_dir.is_file():
+        raise ValueError(
+            f"MODEL_DIR {args.model_dir!r} is a file, not a checkpoint directory (with config.json)"
+        )
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{args.model_dir!r} is not a checkpoint directory (no config.json)")
     for name in ("rows", "seq_len", "max_iters", "trace_max_probes", "n_resamples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "/" in args.prefix or args.prefix in ("", ".", ".."):
+        raise ValueError(f"--prefix {args.prefix!r}: must be a file name, not a path")
+    out = check_output_target(
+        args.out,
+        overwrite=getattr(args, "overwrite", False),
+        files=[f"{args.prefix}.{ext}" for ext in ("csv", "json", "png")],
+    )
     curvature = None if args.hacbo_state is None else load_curvature(args.hacbo_state)
+    out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before the probe runs
     ids, mask = load_probe_batch(model_dir, args.data, args.rows, args.seq_len, args.seed)
     params, labels, loss_fn = load_model_and_loss(model_dir, ids, mask)
     rows = probe_curvature(
@@ -180,11 +237,8 @@ def run(args: argparse.Namespace) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+@cli_main
 def main(argv=None, *, prog: str = "hacbo-probe-curvature") -> int:
     """Runs the tool; exit status 2 with a one-line message (no traceback) on bad input."""
-    args = parse_args(argv, prog)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        return usage_error(prog, e)
+    run(parse_args(argv, prog))
     return 0

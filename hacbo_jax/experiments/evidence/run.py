@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, usage_error
+from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, cli_main
 from hacbo_jax.experiments.compare.run import UTC_TIME_FORMAT, RunSpec, execute_runs
 from hacbo_jax.experiments.compare.base import enable_compilation_cache, ensure_base_eval
 from hacbo_jax.trainer.config import ConfigError, load_config
@@ -399,6 +399,7 @@ def _record_part_time(out_dir: Path, part: str, command: str, elapsed: float, co
     path.write_text(yaml.safe_dump(history, sort_keys=False))
 
 
+@cli_main
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -407,10 +408,7 @@ def main(
 ) -> int:
     parser, args = _parse(argv, prog)
     command = command_line(prog, argv)
-    try:
-        specs = plan(args)  # every run's config is validated before the first one starts
-    except (ConfigError, ValueError) as e:
-        return usage_error(parser.prog, e)
+    specs = plan(args)  # every run's config is validated before the first one starts
     if args.part == "report":
         from hacbo_jax.experiments.evidence.report import write_evidence_report
 

@@ -1,7 +1,7 @@
 """lr x wd trajectory-invariance sweep on the embedded model's pre-training task
 (console script ``hacbo-sweep-lrwd``).
 
-    hacbo-sweep-lrwd --out DIR --lr 2e-3 --wd 0.5 --steps 3000 [--full] [model sizes]
+    hacbo-sweep-lrwd --out DIR --lr 2e-3 --wd 0.5 --steps 3000 [--full] [--overwrite] [model sizes]
 
 Trains a small tied-embedding Qwen3 from scratch (sizes set by the flags; the defaults are a
 micro model that runs end to end on CPU) as a causal LM on packed synthetic-task documents
@@ -9,7 +9,8 @@ tokenised with the embedded model's tokenizer, with plain AdamW (beta = (0.9, 0.
 no decay on norm scales, constant LR after ``--warmup``) for every run of the grid of
 :mod:`hacbo_jax.experiments.lrwd.sweep`, logs step, eta, lambda, gamma, train_loss, val_loss and grad_norm (global,
 before clipping) every ``--log-every`` steps to ``DIR/runs/{run}.jsonl``, and writes
-``lrwd.csv``, ``lrwd.json`` and ``lrwd.png``. Prints T x gamma and warns below 1.
+``lrwd.csv``, ``lrwd.json`` and ``lrwd.png``. Prints T x gamma and warns below 1. A non-empty
+``--out`` (an earlier sweep) is refused unless ``--overwrite``.
 
 The model/data glue is ``make_train_fn`` below and nothing else.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hacbo_jax.assets import ASSETS_DIR
-from hacbo_jax.trainer.cli_common import usage_error
+from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
 
 DEFAULT_TOKENIZER = ASSETS_DIR / "tiny-qwen3-gsm"
 
@@ -150,6 +151,7 @@ def parse_args(argv=None, prog: str = "hacbo-sweep-lrwd") -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=2)
     p.add_argument("--num-kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=32)
+    add_overwrite_argument(p, "an earlier sweep in --out")
     return p.parse_args(argv)
 
 
@@ -166,6 +168,8 @@ def run(args: argparse.Namespace):
         raise ValueError("--steps / --log-every must give at least 5 logged points to smooth")
     if not (args.tokenizer / "tokenizer.json").is_file():
         raise ValueError(f"--tokenizer {str(args.tokenizer)!r} has no tokenizer.json")
+    check_output_target(args.out, overwrite=getattr(args, "overwrite", False))
+    args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
     result = run_sweep(
         make_train_fn(args),
         anchor=(args.lr, args.wd),
@@ -188,11 +192,8 @@ def run(args: argparse.Namespace):
     return result
 
 
+@cli_main
 def main(argv=None, *, prog: str = "hacbo-sweep-lrwd") -> int:
     """Runs the tool; exit status 2 with a one-line message (no traceback) on bad input."""
-    args = parse_args(argv, prog)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        return usage_error(prog, e)
+    run(parse_args(argv, prog))
     return 0

@@ -10,7 +10,12 @@ import yaml
 
 from hacbo_jax.trainer.cli_common import add_overrides_argument, usage_error
 from hacbo_jax.trainer.config.keys import describe_keys
-from hacbo_jax.trainer.config.load import config_to_dict, load_config, shipped_configs
+from hacbo_jax.trainer.config.load import (
+    config_to_dict,
+    duplicate_overrides,
+    load_config,
+    shipped_configs,
+)
 from hacbo_jax.trainer.config.schema import Config
 from hacbo_jax.trainer.config_fields import ConfigError
 
@@ -82,8 +87,15 @@ def parse_cli(
         action="store_true",
         help="print the resolved config and the derived step counts, then exit",
     )
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may come before, between or after the flags
+    # ("--config x --resume optim.lr=1e-4"), not only in one run after --config.
+    args = parser.parse_intermixed_args(argv)
     try:
+        duplicates = duplicate_overrides(args.overrides)
+        if duplicates:
+            raise ConfigError(
+                "invalid command line:\n" + "\n".join(f"  - {p}" for p in duplicates)
+            )
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         raise SystemExit(usage_error(parser.prog, e)) from None

@@ -30,6 +30,7 @@ from hacbo_jax.trainer.config.validate import (
     check_data_rows,
     check_finite,
     check_method_label,
+    check_model_limits,
     cross_checks,
     resolve_paths,
     resolve_tokenizer,
@@ -71,6 +72,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+def duplicate_overrides(overrides: Sequence[str]) -> list[str]:
+    """Problems for keys given more than once in a command line's overrides (the last would win
+    silently, as a duplicate YAML key would; both are refused). Programs that layer overrides
+    (a sweep adding its own after a config's) call :func:`load_config` directly, where the last
+    one wins."""
+    seen: dict[str, str] = {}
+    problems = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            continue  # reported by apply_overrides
+        if key in seen:
+            problems.append(
+                f"override {key!r} given twice ({seen[key]!r}, then {item!r}); give each key "
+                "once"
+            )
+        else:
+            seen[key] = item
+    return problems
 
 
 def apply_overrides(raw: dict, overrides: Sequence[str], problems: list[str]) -> dict:
@@ -131,6 +154,8 @@ def config_from_dict(
     check_finite(cfg, problems, bad)
     check_method_label(cfg, problems, bad)
     check_data_rows(cfg, problems, bad)
+    if check_paths:
+        check_model_limits(cfg, problems, bad)
     cross_checks(cfg, problems, bad)
     if problems:
         raise ConfigError(f"invalid config ({name}):\n" + "\n".join(f"  - {p}" for p in problems))

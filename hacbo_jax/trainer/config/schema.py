@@ -15,6 +15,27 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from hacbo_jax.trainer.config_fields import in_range, mesh_size_check, option
+
+# Seeds feed jax.random.PRNGKey and numpy generators: 32-bit unsigned.
+UINT32_MAX = 2**32 - 1
+# A static bound on data.max_len (2**20 tokens); the model's max_position_embeddings bounds it
+# further, checked against config.json (validate.check_model_limits / check_run_inputs).
+MAX_LEN = 1 << 20
+
+
+def _at_least_at_most(lo: int, hi: int, why: str):
+    """Integers ``lo..hi``; the text says the lower bound first (the usual mistake) and why
+    there is an upper one."""
+    allowed = f">= {lo} and <= {hi} ({why})"
+
+    def check(v):
+        return None if v is None or lo <= v <= hi else f"a value {allowed}"
+
+    check.allowed = allowed  # type: ignore[attr-defined]
+    return check
+
+
+SEED_RANGE = _at_least_at_most(0, UINT32_MAX, "a 32-bit unsigned seed")
 from hacbo_jax.trainer.controller_registry import (
     CONTROLLERS,
     AdaGradSelectConfig,
@@ -101,7 +122,7 @@ class SyntheticConfig:
     )
     n_train: int = option(4096, in_range(1), help="synthetic training problems")
     n_eval: int = option(256, in_range(1), help="synthetic evaluation problems")
-    seed: int = option(0, in_range(0), help="seed of the synthetic problem streams")
+    seed: int = option(0, SEED_RANGE, help="seed of the synthetic problem streams")
 
 
 @dataclass(frozen=True)
@@ -143,7 +164,10 @@ class DataConfig:
     eval_split: str = option("test", help="hub split for evaluation")
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     max_len: int = option(
-        512, in_range(8), help="tokens per training example (longer ones are truncated)"
+        512,
+        _at_least_at_most(8, MAX_LEN, "and at most the model's max_position_embeddings"),
+        help="tokens per training example (longer ones are truncated); at most the model's "
+        "max_position_embeddings",
     )
     # Packing (segment ids, per-segment positions) gives the same examples and loss as padding
     # with far fewer computed token slots (hacbo_jax.data.packing). Micro-dev and evaluation
@@ -393,7 +417,9 @@ class AutoLRSSection:
     rewind_data: bool = option(
         False, help="AutoLRS: candidates restart from the snapshot's data position"
     )
-    bo_seed: int = option(0, in_range(0), help="AutoLRS: seed of the Bayesian optimisation")
+    bo_seed: int = option(
+        0, SEED_RANGE, help="AutoLRS: seed of the Bayesian optimisation"
+    )
 
     def build(self) -> Any:
         """The :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` (ValueError on an inconsistent combination)."""
@@ -406,7 +432,9 @@ class AutoLRSSection:
 class Config:
     output_dir: Optional[str] = option(None, help="run directory (null = runs/<config file stem>)")
     seed: int = option(
-        0, in_range(0), help="seed of the model's RNG, the data order and the held-out split"
+        0,
+        SEED_RANGE,
+        help="seed of the model's RNG, the data order and the held-out split",
     )
     method: Optional[str] = option(
         None, help="name of the run in comparisons (null = controller.kind)"

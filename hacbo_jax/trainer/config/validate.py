@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import difflib
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from hacbo_jax.trainer.config.schema import Config
 from hacbo_jax.trainer.config_fields import ConfigError
@@ -187,6 +190,16 @@ def cross_checks(cfg: Config, problems: list[str], bad: set[str]) -> None:
             f"optim.warmup_steps = {o.warmup_steps}: must be < optim.max_steps = {o.max_steps}"
         )
         warmup_ok = False
+    if (
+        ok("microdev.refresh_fraction", "microdev.refresh_every")
+        and m.refresh_every > 0
+        and m.refresh_fraction == 0
+    ):
+        problems.append(
+            f"microdev.refresh_fraction = {m.refresh_fraction}: must be > 0 when "
+            f"microdev.refresh_every = {m.refresh_every} (a refresh would replace nothing); "
+            "set microdev.refresh_every=0 to keep the buffer fixed"
+        )
     if ok("microdev.batch_size", "microdev.size") and m.batch_size > m.size:
         problems.append(
             f"microdev.batch_size = {m.batch_size}: must be <= microdev.size = {m.size}"
@@ -373,6 +386,20 @@ def _count_rows(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def jsonl_is_array(path: str | Path) -> bool:
+    """True when a ``.jsonl`` file's first non-blank character opens a JSON array (a ``.json``
+    list saved under the wrong name), so that it is reported as such."""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(4096):
+                stripped = chunk.lstrip()
+                if stripped:
+                    return stripped[:1] == b"["
+    except OSError:
+        return False
+    return False
+
+
 def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
     """An empty ``data.train_file``, or one with no rows left after ``data.heldout_size``, is
     reported as such (not as a batch larger than a negative number of examples)."""
@@ -381,6 +408,16 @@ def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
         return
     # Rows are lines only in JSONL; JSON and Parquet files are counted when they are read
     # (hacbo_jax.data.formats), which reports an empty file the same way.
+    for key in ("train_file", "eval_file"):
+        path = getattr(d, key)
+        if f"data.{key}" not in bad and Path(path).suffix == ".jsonl" and jsonl_is_array(path):
+            problems.append(
+                f"data.{key} = {path!r}: holds a JSON array, not one object per line (JSONL); "
+                "write one JSON object per line, or name the file .json"
+            )
+            bad.add(f"data.{key}")
+    if "data.train_file" in bad:
+        return
     if not Path(d.train_file).is_file() or Path(d.train_file).suffix != ".jsonl":
         return
     rows = _count_rows(d.train_file)
@@ -463,9 +500,37 @@ def resume_differences(saved: Config, requested: Config) -> tuple[list[str], lis
 # ---------------------------------------------------------------------------------------------
 
 
-def _safetensors_shapes(path: Path, problems: list[str]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header (8-byte length + JSON), checking
-    that the file is as long as the header says (a truncated download fails here)."""
+# safetensors dtypes a model's weights may have (an integer or quantised tensor is not a weight
+# this port can train), and the bits that mark a non-finite value (all exponent bits set).
+FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_EXPONENT_BITS = {
+    "F64": (np.uint64, 0x7FF0000000000000),
+    "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+}
+_DTYPE_NAMES = {"I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                "U32": "uint32", "I64": "int64", "U64": "uint64", "BOOL": "bool"}
+_CHUNK = 1 << 24  # elements per finiteness check (bounded memory for any tensor size)
+
+# Upper bounds on a config.json's sizes: beyond them the file is certainly not a model this port
+# can build (and building even its abstract shape would take unbounded time).
+MODEL_LIMITS = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 19,
+    "num_hidden_layers": 1024,
+    "num_attention_heads": 1024,
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,
+    "max_position_embeddings": 1 << 24,
+}
+
+
+def _safetensors_header(path: Path, problems: list[str]) -> tuple[dict[str, dict], int]:
+    """``(tensor name -> header entry {dtype, shape, data_offsets}, offset of the data)`` of a
+    safetensors file (8-byte length + JSON), checking that the file is as long as the header
+    says (a truncated download fails here)."""
     import json
     import struct
 
@@ -479,24 +544,151 @@ def _safetensors_shapes(path: Path, problems: list[str]) -> dict[str, tuple[int,
             header = json.loads(f.read(length))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        shapes, end = {}, 0
+        entries, end = {}, 0
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            shapes[name] = tuple(info["shape"])
-            end = max(end, int(info["data_offsets"][1]))
+            shape = tuple(int(n) for n in info["shape"])
+            start, stop = (int(x) for x in info["data_offsets"])
+            if not isinstance(info["dtype"], str) or any(n < 0 for n in shape) or stop < start:
+                raise ValueError(f"bad header entry for {name!r}")
+            entries[name] = {"dtype": info["dtype"], "shape": shape, "data_offsets": (start, stop)}
+            end = max(end, stop)
         if 8 + length + end > size:
             raise ValueError(f"truncated: tensors need {8 + length + end} bytes, file has {size}")
-        return shapes
+        return entries, 8 + length
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
         problems.append(f"{where}: not a readable safetensors file ({e}); must be a complete one")
+        return {}, 0
+
+
+def _safetensors_shapes(path: Path, problems: list[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header."""
+    return {name: e["shape"] for name, e in _safetensors_header(path, problems)[0].items()}
+
+
+def _nonfinite_count(path: Path, entry: dict, data_start: int) -> int:
+    """NaN and inf values of one floating tensor of a safetensors file (read in chunks through a
+    memory map; bfloat16, which numpy has no dtype for, by its exponent bits)."""
+    uint, mask = _EXPONENT_BITS[entry["dtype"]]
+    start, stop = entry["data_offsets"]
+    count = (stop - start) // np.dtype(uint).itemsize
+    if count == 0:
+        return 0
+    values = np.memmap(path, dtype=uint, mode="r", offset=data_start + start, shape=(count,))
+    bad = 0
+    for i in range(0, count, _CHUNK):
+        bad += int(np.count_nonzero((values[i : i + _CHUNK] & uint(mask)) == uint(mask)))
+    del values
+    return bad
+
+
+def _check_weight_values(
+    headers: dict[str, tuple[Path, dict, int]], problems: list[str], path: str
+) -> None:
+    """Every tensor floating (by its header) and finite (by its values)."""
+    not_float, nonfinite = [], []
+    for name, (file, entry, data_start) in sorted(headers.items()):
+        if entry["dtype"] not in FLOAT_DTYPES:
+            kind = entry["dtype"]
+            not_float.append(f"{name} ({kind}: {_DTYPE_NAMES.get(kind, kind.lower())})")
+            continue
+        try:
+            bad = _nonfinite_count(file, entry, data_start)
+        except (OSError, ValueError) as e:
+            problems.append(f"model.path = {path!r}: {name} cannot be read ({e})")
+            continue
+        if bad:
+            n = math.prod(entry["shape"])
+            nonfinite.append(f"{name} ({bad} of {n} values NaN or inf)")
+    if not_float:
+        problems.append(
+            f"model.path = {path!r}: {len(not_float)} tensors are not floating point: "
+            + _shown(not_float)
+            + f"; weights must be one of {', '.join(FLOAT_DTYPES)} (a quantised checkpoint "
+            "cannot be fine-tuned here; use the original floating-point weights)"
+        )
+    if nonfinite:
+        problems.append(
+            f"model.path = {path!r}: {len(nonfinite)} tensors hold non-finite values: "
+            + _shown(nonfinite)
+            + "; every weight must be finite (the download or the export that wrote them is "
+            "broken)"
+        )
+
+
+def _shown(items: list[str], limit: int = 6) -> str:
+    return "; ".join(items[:limit]) + (
+        f"; ... {len(items) - limit} more" if len(items) > limit else ""
+    )
+
+
+def _config_limits_problems(raw: Any, where: Path) -> list[str]:
+    """Sizes in config.json that are not positive integers within :data:`MODEL_LIMITS`."""
+    if not isinstance(raw, dict):
+        return [f"model.path: {where}: must be a JSON object, got {type(raw).__name__}"]
+    problems = []
+    for key, hi in MODEL_LIMITS.items():
+        if key not in raw or (raw[key] is None and key in ("head_dim", "num_key_value_heads")):
+            continue
+        value = raw[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+            problems.append(
+                f"model.path: {where}: {key} = {value!r}: must be an integer in [1, {hi}]"
+            )
+    heads = raw.get("num_attention_heads")
+    kv = raw.get("num_key_value_heads")
+    if not problems and isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        problems.append(
+            f"model.path: {where}: num_attention_heads = {heads}: must be a multiple of "
+            f"num_key_value_heads = {kv}"
+        )
+    return problems
+
+
+def model_limits(path: str) -> dict[str, Any]:
+    """``{max_position_embeddings, vocab_size}`` of a local model directory's config.json (the
+    values it gives that are positive integers), ``{}`` for a hub id or an unreadable file."""
+    import json
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
         return {}
+    if not isinstance(raw, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, default in (("max_position_embeddings", 32768), ("vocab_size", None)):
+        value = raw.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[key] = value
+    return out
 
 
-def check_model_dir(path: str) -> list[str]:
-    """Problems of a local model directory: config.json (valid JSON, a supported model_type),
-    the safetensors files (complete headers) and every tensor present with the shape the config
-    implies. The model is only built abstractly (``nnx.eval_shape``), no weights are read."""
+def check_model_limits(cfg: Config, problems: list[str], bad: set[str]) -> None:
+    """``data.max_len`` within the model's ``max_position_embeddings`` (a local model's
+    config.json; a hub id's is checked when the run starts, :func:`check_run_inputs`)."""
+    if {"data.max_len", "model.path"} & bad:
+        return
+    limit = model_limits(cfg.model.path).get("max_position_embeddings")
+    if limit is not None and cfg.data.max_len > limit:
+        problems.append(
+            f"data.max_len = {cfg.data.max_len}: must be <= the model's "
+            f"max_position_embeddings = {limit} ({Path(cfg.model.path) / 'config.json'}); "
+            "longer rows have no trained positions"
+        )
+        bad.add("data.max_len")
+
+
+def check_model_dir(path: str, info: dict[str, Any] | None = None) -> list[str]:
+    """Problems of a local model directory: config.json (valid JSON, sizes in range, a supported
+    model_type), the safetensors files (complete headers), exactly the tensors the config implies
+    (none missing, none extra, each with its shape), every tensor floating point and finite.
+
+    The model is only built abstractly (``nnx.eval_shape``); the weights' values are read once,
+    through a memory map, for the finiteness check. ``info`` (when given) receives the model's
+    ``config`` (Qwen3Config) and ``n_params`` (the parameters' element count).
+    """
     import json
 
     directory = Path(path)
@@ -507,6 +699,9 @@ def check_model_dir(path: str) -> list[str]:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         return [f"model.path: {directory / 'config.json'}: not valid JSON ({e})"]
+    limits = _config_limits_problems(raw, directory / "config.json")
+    if limits:
+        return limits
     from flax import nnx
 
     from hacbo_jax.models import qwen3_hf
@@ -515,7 +710,7 @@ def check_model_dir(path: str) -> list[str]:
     try:
         config = qwen3_hf.config_from_hf(raw)
         abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)))
-    except (ValueError, TypeError, KeyError) as e:
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:
         return [f"model.path: {directory / 'config.json'}: {e}"]
     index = directory / "model.safetensors.index.json"
     files: dict[str, str] = {}
@@ -526,25 +721,44 @@ def check_model_dir(path: str) -> list[str]:
             return [f"model.path: {index}: not a valid tensor index ({e})"]
     elif not (directory / "model.safetensors").is_file():
         return [f"model.path = {path!r}: no model.safetensors or model.safetensors.index.json"]
-    shapes: dict[str, tuple[int, ...]] = {}
+    headers: dict[str, tuple[Path, dict, int]] = {}
     for name in sorted(set(files.values()) or {"model.safetensors"}):
-        shapes.update(_safetensors_shapes(directory / name, problems))
+        entries, data_start = _safetensors_header(directory / name, problems)
+        for tensor, entry in entries.items():
+            headers[tensor] = (directory / name, entry, data_start)
     if problems:
         return problems
-    wrong = []
+    shapes = {name: entry["shape"] for name, (_, entry, _) in headers.items()}
+    wrong, expected, n_params = [], set(), 0
     for var_path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         name = qwen3_hf.hf_name(var_path)
         want = qwen3_hf.param_to_hf_shape(var_path, tuple(var.shape))
+        expected.add(name)
+        n_params += math.prod(var.shape)
         if name not in shapes:
             wrong.append(f"{name} missing")
         elif shapes[name] != want:
             wrong.append(f"{name}: stored {shapes[name]}, config.json implies {want}")
+    # A tied checkpoint may still store lm_head.weight (from_pretrained ignores it).
+    tolerated = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    extra = sorted(set(shapes) - expected - tolerated)
     if wrong:
-        shown = "; ".join(wrong[:6]) + (f"; ... {len(wrong) - 6} more" if len(wrong) > 6 else "")
         problems.append(
             f"model.path = {path!r}: the weights do not match config.json ({len(wrong)} "
-            f"tensors): {shown}"
+            f"tensors): {_shown(wrong)}"
         )
+    if extra:
+        problems.append(
+            f"model.path = {path!r}: {len(extra)} stored tensors are not used by the model "
+            f"config.json describes (num_hidden_layers = {config.num_hidden_layers}, "
+            f"tie_word_embeddings = {config.tie_word_embeddings}): {_shown(extra)}; the "
+            "config.json must describe the weights exactly"
+        )
+    _check_weight_values(
+        {k: v for k, v in headers.items() if k in expected or k in tolerated}, problems, path
+    )
+    if info is not None:
+        info.update(config=config, n_params=n_params)
     return problems
 
 
@@ -610,6 +824,58 @@ def check_jsonl(key: str, path: str, max_shown: int = 5) -> list[str]:
     ]
 
 
+def check_vocab(vocab_size: int, tokenizer: Any, model_path: str) -> list[str]:
+    """The model's embedding has a row for every id the tokenizer can produce."""
+    ids = [len(tokenizer) - 1]
+    try:
+        ids += list(tokenizer.get_vocab().values())
+    except (AttributeError, TypeError, NotImplementedError):
+        pass
+    largest = max(ids)
+    if vocab_size > largest:
+        return []
+    return [
+        f"model.path = {model_path!r}: config.json's vocab_size = {vocab_size}: must be > the "
+        f"tokenizer's largest token id {largest} ({len(tokenizer)} tokens); ids beyond the "
+        "embedding give NaN losses. Use the tokenizer the model was trained with (model.tokenizer)"
+    ]
+
+
+# Bytes one checkpoint needs per parameter, in units of the parameter's own size: the weights
+# and AdamW's two moments (mu, nu), as orbax writes them (uncompressed).
+CHECKPOINT_COPIES = 3
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_disk(cfg: Config, n_params: int) -> list[str]:
+    """Free space where ``output_dir`` lives for at least one checkpoint: params + AdamW state
+    (:data:`CHECKPOINT_COPIES` x ``n_params`` x the bytes of ``model.param_dtype``). Skipped
+    when checkpoints are not written or the free space cannot be known."""
+    if cfg.output_dir is None:
+        return []
+    itemsize = 2 if cfg.model.param_dtype == "bfloat16" else 4
+    need = CHECKPOINT_COPIES * n_params * itemsize
+    where = _existing_parent(Path(cfg.output_dir))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return []
+    if free >= need:
+        return []
+    return [
+        f"output_dir = {cfg.output_dir!r}: {free / 2**20:,.1f} MiB free on {where}, but one "
+        f"checkpoint needs about {need / 2**20:,.1f} MiB ({CHECKPOINT_COPIES} x {n_params:,} "
+        f"parameters x {itemsize} bytes: weights and the AdamW moments); free space or choose "
+        "another output_dir"
+    ]
+
+
 def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
     """An existing run is never overwritten; the directory can be created; --resume needs a
     checkpoint."""
@@ -645,13 +911,27 @@ def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
     data rows, at least one answer token within ``data.max_len``, output directory), found
     without building the model or writing anything."""
     problems = check_output_dir(cfg, resume=resume)
-    model_problems = check_model_dir(cfg.model.path)
+    info: dict[str, Any] = {}
+    model_problems = check_model_dir(cfg.model.path, info)
     problems += model_problems
     if cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
         tokenizer = load_checked_tokenizer(cfg.model.tokenizer, problems, "model.tokenizer")
     else:
         tokenizer = load_checked_tokenizer(cfg.model.path, problems)
     d = cfg.data
+    model_config = info.get("config")
+    max_len_ok = True
+    if model_config is not None:
+        if d.max_len > model_config.max_position_embeddings:
+            problems.append(
+                f"data.max_len = {d.max_len}: must be <= the model's max_position_embeddings = "
+                f"{model_config.max_position_embeddings} (model.path = {cfg.model.path!r})"
+            )
+            max_len_ok = False
+        if tokenizer is not None:
+            problems += check_vocab(model_config.vocab_size, tokenizer, cfg.model.path)
+        if not problems:
+            problems += check_free_disk(cfg, info["n_params"])
     files_ok = True
     # Other formats and file types are checked row by row when they are read (formats.py).
     if (
@@ -670,7 +950,7 @@ def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
             if not found and _count_rows(path) == 0 and key == "eval_file":
                 problems.append(f"data.eval_file = {path!r}: has no rows")
                 files_ok = False
-    if tokenizer is not None and files_ok:
+    if tokenizer is not None and files_ok and max_len_ok:
         from hacbo_jax.data import gsm8k as data_lib
         from hacbo_jax.trainer.run_parts import load_task_data
 

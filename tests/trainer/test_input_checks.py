@@ -1,0 +1,295 @@
+"""Bad input gets one ConfigError before any work: weights, vocabulary, integer ranges, micro-dev
+refreshes, overrides, data that trains on nothing, free disk; and a property test that the
+config-checking path raises nothing but ConfigError / DataError."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+from hacbo_jax.data.formats import DataError, load_examples
+from hacbo_jax.trainer.config import ConfigError, load_config
+from hacbo_jax.trainer.config import validate
+from hacbo_jax.trainer.config.cli import parse_cli
+from hacbo_jax.trainer.config.keys import iter_keys
+from hacbo_jax.trainer.config.load import config_from_dict
+from hacbo_jax.trainer.config.validate import PACKAGE_ROOT, check_model_dir, check_run_inputs
+
+TINY = PACKAGE_ROOT / "assets" / "tiny-qwen3-gsm"
+GOOD = '{"question": "1+1?", "answer": "2 #### 2"}\n'
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    return shutil.copytree(TINY, tmp_path / "model")
+
+
+def _rewrite(model: Path, change) -> None:
+    weights = load_file(str(model / "model.safetensors"))
+    change(weights)
+    save_file(weights, str(model / "model.safetensors"))
+
+
+def _one_problem(problems: list[str], *needles: str) -> str:
+    text = "\n".join(problems)
+    for needle in needles:
+        assert needle in text, (needle, text)
+    return text
+
+
+# 1. Weights ----------------------------------------------------------------------------------
+
+
+def test_shipped_model_passes_the_weight_checks():
+    assert check_model_dir(str(TINY)) == []
+
+
+def test_integer_weights_are_refused_naming_tensor_and_dtype(model_copy):
+    name = "model.layers.0.mlp.up_proj.weight"
+    _rewrite(model_copy, lambda w: w.__setitem__(name, w[name].astype(np.int8)))
+    _one_problem(check_model_dir(str(model_copy)), name, "int8", "floating")
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensor(model_copy):
+    name = "model.layers.1.self_attn.q_proj.weight"
+
+    def poison(w):
+        w[name] = w[name].copy()
+        w[name][3, 5] = np.nan
+        w["model.norm.weight"] = np.full_like(w["model.norm.weight"], np.inf)
+
+    _rewrite(model_copy, poison)
+    text = _one_problem(check_model_dir(str(model_copy)), name, "model.norm.weight")
+    assert "NaN" in text or "non-finite" in text
+
+
+def test_bf16_nan_is_found(tmp_path):
+    # bfloat16 has no numpy dtype: the check reads its bits.
+    bits = np.array([0x3F80, 0x7FC0, 0xFF80, 0x0000], dtype=np.uint16)  # 1, nan, -inf, 0
+    header = {"t": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bits.tobytes())
+    assert validate._nonfinite_count(path, header["t"], 8 + len(raw)) == 2
+
+
+def test_fewer_layers_in_config_than_weights_lists_the_extra_tensors(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config.update(num_hidden_layers=3, layer_types=["full_attention"] * 3)
+    (model_copy / "config.json").write_text(json.dumps(config))
+    _one_problem(check_model_dir(str(model_copy)), "model.layers.3.", "not used", "num_hidden_layers")
+
+
+def test_missing_tensor_is_named(model_copy):
+    _rewrite(model_copy, lambda w: w.pop("model.layers.2.input_layernorm.weight"))
+    _one_problem(check_model_dir(str(model_copy)), "model.layers.2.input_layernorm.weight missing")
+
+
+# 2. Vocabulary -------------------------------------------------------------------------------
+
+
+def _quick(model: Path, out: Path, *extra: str):
+    return load_config(
+        "tiny_cpu",
+        [f"model.path={model}", f"output_dir={out}", "data.synthetic.n_train=64",
+         "optim.warmup_steps=0", *extra],
+    )
+
+
+def test_vocab_smaller_than_tokenizer_is_refused(model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    (model_copy / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    _rewrite(
+        model_copy,
+        lambda w: w.__setitem__("model.embed_tokens.weight", w["model.embed_tokens.weight"][:512]),
+    )
+    problems = check_run_inputs(_quick(model_copy, tmp_path / "o"), resume=False)
+    _one_problem(problems, "vocab_size = 512", "1023")
+
+
+# 3. Integer ranges ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [str(2**64), str(2**32), "-1"])
+def test_seed_must_fit_uint32(value):
+    with pytest.raises(ConfigError, match="seed"):
+        load_config("tiny_cpu", [f"seed={value}"])
+    assert load_config("tiny_cpu", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_max_len_beyond_the_model_is_refused_before_allocation():
+    with pytest.raises(ConfigError, match=r"data.max_len = 1000000000.*1048576"):
+        load_config("tiny_cpu", ["data.max_len=1000000000"])
+    with pytest.raises(ConfigError, match=r"data.max_len = 2048: must be <= .*1024"):
+        load_config("tiny_cpu", ["data.max_len=2048"])
+    assert load_config("tiny_cpu", ["data.max_len=1024"]).data.max_len == 1024
+
+
+# 4. Micro-dev refreshes ----------------------------------------------------------------------
+
+
+def test_refresh_fraction_zero_needs_refresh_every_zero():
+    with pytest.raises(ConfigError, match="microdev.refresh_fraction = 0.0.*refresh_every"):
+        load_config("tiny_cpu", ["microdev.refresh_fraction=0"])
+    cfg = load_config("tiny_cpu", ["microdev.refresh_fraction=0", "microdev.refresh_every=0"])
+    assert cfg.microdev.refresh_fraction == 0
+
+
+# 5. Overrides --------------------------------------------------------------------------------
+
+
+def test_same_override_twice_is_refused_naming_the_key():
+    from hacbo_jax.trainer.config.load import duplicate_overrides
+
+    (problem,) = duplicate_overrides(["optim.lr=1e-4", "seed=1", "optim.lr=0.5"])
+    assert "'optim.lr' given twice" in problem and "optim.lr=0.5" in problem
+    # Programs layering overrides (sweeps, helpers) call load_config: the last one wins.
+    assert load_config("tiny_cpu", ["optim.lr=1e-4", "optim.lr=0.5"]).optim.lr == 0.5
+
+
+def test_override_after_a_flag_is_accepted():
+    cfg, args = parse_cli(["--config", "tiny_cpu", "--resume", "optim.lr=0.001", "seed=3"])
+    assert args.resume and cfg.optim.lr == 0.001 and cfg.seed == 3
+    cfg, args = parse_cli(["--config", "tiny_cpu", "seed=4", "--resume", "optim.lr=0.002"])
+    assert args.resume and cfg.optim.lr == 0.002 and cfg.seed == 4
+
+
+def test_duplicate_override_on_the_cli_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--config", "tiny_cpu", "optim.lr=1e-4", "optim.lr=0.5"])
+    assert e.value.code == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+# 6. Data that trains on nothing --------------------------------------------------------------
+
+
+def _gsm(train: Path, test: Path) -> list[str]:
+    return ["data.task=gsm8k", f"data.train_file={train}", f"data.eval_file={test}",
+            "data.heldout_size=4", "microdev.size=4", "microdev.batch_size=4",
+            "optim.batch_size=4", "optim.warmup_steps=0"]
+
+
+def test_all_answers_empty_is_refused_naming_file_and_count(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"question": "q?", "answer": "  "}\n' * 9 + '{"question": "q", "answer": ""}\n')
+    with pytest.raises(DataError, match=rf"{train}.*empty.*all 10 rows"):
+        load_examples(train)
+    test = tmp_path / "test.jsonl"
+    test.write_text(GOOD * 4)
+    cfg = load_config("tiny_cpu", _gsm(train, test) + [f"output_dir={tmp_path / 'o'}"])
+    _one_problem(check_run_inputs(cfg, resume=False), str(train), "10", "empty")
+
+
+def test_json_array_in_jsonl_is_named_as_such(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps([json.loads(GOOD)] * 20))
+    test = tmp_path / "test.jsonl"
+    test.write_text(GOOD * 4)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", _gsm(train, test))
+    assert "a JSON array, not one object per line" in str(e.value) and str(train) in str(e.value)
+    assert "heldout_size" not in str(e.value)
+    with pytest.raises(DataError, match="a JSON array, not one object per line"):
+        load_examples(train)
+
+
+# 7. Free disk --------------------------------------------------------------------------------
+
+
+def test_too_little_disk_for_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    cfg = _quick(TINY, tmp_path / "o")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    _one_problem(check_run_inputs(cfg, resume=False), "output_dir", "free", "checkpoint")
+    monkeypatch.setattr(validate.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    assert not [p for p in check_run_inputs(cfg, resume=False) if "free" in p]
+
+
+# 8. Property test: nothing but ConfigError / DataError ---------------------------------------
+
+KEYS = [key for key, _, _ in iter_keys()]
+_values = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["nan", ".inf", "-.inf", "1e400", "1e-400", "null", "~", "true", "[1, 2]",
+                     "{a: 1}", "{", "[", "'", '"', "!!python/object:os.system", "&a x", "*a",
+                     "- 1\n- 2", "a: b: c", "", " ", "#1", "0x10", "1_000", "2**64"]),
+    st.text(max_size=20),
+)
+_keys = st.one_of(
+    st.sampled_from(KEYS),
+    st.sampled_from(KEYS).map(lambda k: k + ".x"),
+    st.text(alphabet="abc._=", max_size=12),
+)
+_overrides = st.lists(st.tuples(_keys, _values).map(lambda kv: f"{kv[0]}={kv[1]}"), max_size=5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_overrides)
+def test_any_overrides_give_a_config_or_a_config_error(overrides):
+    try:
+        config_from_dict({"data": {"task": "synthetic"}}, overrides, check_paths=False)
+    except ConfigError:
+        pass
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+_row = st.one_of(
+    st.fixed_dictionaries({"question": _json, "answer": _json}),
+    _json,
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(_row, max_size=6), st.booleans())
+def test_any_jsonl_rows_give_examples_or_a_data_error(tmp_path_factory, rows, as_array):
+    path = tmp_path_factory.mktemp("rows") / "train.jsonl"
+    text = json.dumps(rows, allow_nan=True) if as_array else "".join(
+        json.dumps(r, allow_nan=True) + "\n" for r in rows
+    )
+    path.write_text(text)
+    problems: list[str] = []
+    validate.check_jsonl("data.train_file", str(path))  # never raises
+    try:
+        load_examples(path)
+    except DataError:
+        pass
+    cfg = config_from_dict({}, check_paths=False)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_file=str(path)))
+    validate.check_data_rows(cfg, problems, set())
+
+
+_hf_keys = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "tie_word_embeddings", "rope_theta", "rms_norm_eps", "model_type", "layer_types"]
+_hf_value = st.one_of(
+    st.integers(min_value=-3, max_value=2**40), st.floats(), st.none(), st.text(max_size=6),
+    st.booleans(), st.sampled_from(["qwen3", "qwen2", "llama", "gpt2"]), st.lists(st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(st.sampled_from(_hf_keys), _hf_value, max_size=8), st.booleans())
+def test_any_model_config_gives_problems_not_exceptions(tmp_path_factory, changes, start_from_real):
+    model = tmp_path_factory.mktemp("m")
+    base = json.loads((TINY / "config.json").read_text()) if start_from_real else {}
+    (model / "config.json").write_text(json.dumps({**base, **changes}, allow_nan=True))
+    (model / "model.safetensors").symlink_to(TINY / "model.safetensors")
+    problems = check_model_dir(str(model))
+    assert isinstance(problems, list)
+    assert isinstance(validate.model_limits(str(model)), dict)
