@@ -33,6 +33,7 @@ from hacbo_jax.trainer.config.validate import (
     check_output_dir,
     check_run_inputs,
     resume_differences,
+    stopped_before_first_checkpoint,
 )
 from hacbo_jax.trainer.loop import TrainingLoop
 from hacbo_jax.trainer.run_lock import LOCK_NAME, hold_run_lock
@@ -61,38 +62,9 @@ EXIT_INTERRUPTED = 130
 EXIT_PREEMPTED = 143
 
 
-def _entries(run_dir: Path) -> list[Path]:
-    """What ``run_dir`` holds besides its lock file (nothing when it does not exist)."""
-    if not run_dir.is_dir():
-        return []
-    return sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
-
-
-def _interrupted_before_first_checkpoint(run_dir: Path) -> bool:
-    """``run_dir`` holds a run's files (its ``config.yaml``) but no complete checkpoint: the
-    run was killed before its first checkpoint was on disk (orbax writes a step into
-    ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only when complete)."""
-    ckpt = run_dir / "checkpoints"
-    complete = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-    return (run_dir / "config.yaml").is_file() and not complete
-
-
-def _output_dir_problems(cfg: Config, problems: list[str], *, resume: bool, restart: bool):
-    """``problems`` without those of the output directory that do not apply: on a restart
-    (``--resume`` with no complete checkpoint, which starts afresh) and for a directory that
-    holds nothing but the lock file (the directory of a run that never wrote anything)."""
-    run_dir = Path(cfg.output_dir)
-    ignore: list[str] = []
-    if restart:
-        ignore = check_output_dir(cfg, resume=True)
-    elif not resume and run_dir.is_dir() and not _entries(run_dir):
-        ignore = check_output_dir(cfg, resume=False)
-    return [p for p in problems if p not in ignore]
-
-
 def _clear_for_restart(run_dir: Path) -> None:
     """Removes what an interrupted run left in ``run_dir`` (the lock file stays: it is held)."""
-    left = _entries(run_dir)
+    left = sorted(p for p in run_dir.iterdir() if p.name != LOCK_NAME)
     print(
         f"resume: {run_dir} holds no complete checkpoint (the run was stopped before its first "
         "checkpoint was on disk); starting it again from step 0 in that directory, removing "
@@ -180,9 +152,8 @@ def _run_owned(
     """:func:`run` once ``output_dir``'s lock is held (``locked``) or the directory has no lock
     file yet (it is taken, in ``stack``, before anything is written)."""
     run_dir = Path(cfg.output_dir)
-    restart = resume and _interrupted_before_first_checkpoint(run_dir)
+    restart = resume and stopped_before_first_checkpoint(run_dir)
     problems = check_run_inputs(cfg, resume=resume)
-    problems = _output_dir_problems(cfg, problems, resume=resume, restart=restart)
     allowed: list[str] = []
     if resume and not restart and not problems:
         allowed, finished = _check_resume(cfg, problems)
@@ -195,11 +166,8 @@ def _run_owned(
     if not locked:  # the directory had no lock file: take the lock now
         stack.enter_context(hold_run_lock(run_dir))
         # another process may have run in the directory between the checks and the lock
-        now = _interrupted_before_first_checkpoint(run_dir) if resume else restart
-        late = _output_dir_problems(
-            cfg, check_output_dir(cfg, resume=resume), resume=resume, restart=now
-        )
-        if now != restart:
+        late = check_output_dir(cfg, resume=resume)
+        if restart != (resume and stopped_before_first_checkpoint(run_dir)):
             late.append(f"output_dir = {cfg.output_dir!r}: changed by another process meanwhile")
         if late:
             raise ConfigError("cannot start the run:\n" + "\n".join(f"  - {p}" for p in late))

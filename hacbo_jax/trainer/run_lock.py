@@ -12,7 +12,7 @@ import fcntl
 from pathlib import Path
 from typing import IO, Iterator
 
-from hacbo_jax.trainer.config import ConfigError
+from hacbo_jax.trainer.config_fields import ConfigError
 
 __all__ = ["LOCK_NAME", "RunLocked", "hold_run_lock", "try_lock"]
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from hacbo_jax.trainer.config.schema import Config
 from hacbo_jax.trainer.config_fields import ConfigError
+from hacbo_jax.trainer.run_lock import LOCK_NAME
 from hacbo_jax.data.synthetic import PRESETS
 
 # Relative paths in a config are looked up in the current directory, then here: the installed
@@ -876,25 +877,39 @@ def check_free_disk(cfg: Config, n_params: int) -> list[str]:
     ]
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The finished checkpoint steps in ``run_dir/checkpoints`` (orbax writes a step into
+    ``<step>.orbax-checkpoint-tmp-*`` and renames it to ``<step>`` only once it is complete)."""
+    ckpt = Path(run_dir) / "checkpoints"
+    return [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
+
+
+def stopped_before_first_checkpoint(run_dir: Path) -> bool:
+    """``run_dir`` holds a run's files (its ``config.yaml``) but no complete checkpoint: the run
+    was killed before, or during, its first checkpoint save. ``--resume`` starts it again."""
+    return (Path(run_dir) / "config.yaml").is_file() and not complete_checkpoints(run_dir)
+
+
 def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
     """An existing run is never overwritten; the directory can be created; --resume needs a
-    checkpoint."""
+    checkpoint, or a run stopped before its first one (which then starts again from step 0).
+    The run lock file alone (:data:`~hacbo_jax.trainer.run_lock.LOCK_NAME`) is no run."""
     out = Path(cfg.output_dir)
     if resume:
-        ckpt = out / "checkpoints"
-        steps = [p for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-        if not steps:
-            return [
-                f"--resume: no checkpoint in {ckpt} (output_dir = {cfg.output_dir!r}); "
-                "drop --resume to start the run, or give the output_dir of the run to continue"
-            ]
-        return []
+        if complete_checkpoints(out) or stopped_before_first_checkpoint(out):
+            return []
+        return [
+            f"--resume: no checkpoint in {out / 'checkpoints'} and no run's config.yaml "
+            f"(output_dir = {cfg.output_dir!r}); drop --resume to start the run, or give the "
+            "output_dir of the run to continue"
+        ]
     if out.exists() and not out.is_dir():
         return [f"output_dir = {cfg.output_dir!r}: exists and is not a directory"]
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         return [
             f"output_dir = {cfg.output_dir!r}: already holds a run (never overwritten); "
-            "continue it with --resume, or choose another output_dir"
+            "continue it with --resume (a run stopped before its first checkpoint starts "
+            "again from step 0), or choose another output_dir"
         ]
     parent = out
     while not parent.exists():
