@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import shutil
 import sys
@@ -59,6 +58,7 @@ from hacbo_jax.experiments.compare.report import (
     incomplete_runs,
     write_comparison_report,
 )
+from hacbo_jax.trainer.run_lock import try_lock
 from hacbo_jax.trainer.config import Config, ConfigError, config_to_dict, load_config
 from hacbo_jax.experiments.methods import (
     ABLATIONS,
@@ -209,16 +209,12 @@ def _run_lock(run_dir: Path) -> Iterator[bool]:
     an interrupted run leaves no lock behind to clean up."""
     path = run_lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    held = try_lock(path)
+    if held is None:
+        yield False
+        return
+    with held:  # closing the file releases the lock
+        yield True
 
 
 def execute_runs(
