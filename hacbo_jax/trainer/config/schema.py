@@ -274,7 +274,21 @@ def _controller_config_type() -> type:
     kind_help = f"controller after AdamW ({after}) or wrapping it ({wrapping}); none = plain AdamW"
     return dataclasses.make_dataclass(
         "ControllerConfig",
-        [("kind", Literal[kinds], option("hacbo", help=kind_help)), *sections],
+        [
+            ("kind", Literal[kinds], option("hacbo", help=kind_help)),
+            (
+                "skip_weight_grads",
+                bool,
+                option(
+                    False,
+                    help="skip the weight gradients of blocks whose update is known to be zero "
+                    "(AdaGradSelect's drawn selection, BLAC's frozen blocks, HACBO probation "
+                    "with gamma 0) on steps that do not measure; those blocks' gradients are "
+                    "then 0, also in the clip norm (docs/training.md)",
+                ),
+            ),
+            *sections,
+        ],
         namespace={
             "interval": property(interval),
             "hyper": property(hyper),
