@@ -9,20 +9,23 @@ from hacbo_jax.controllers.adagradselect import (
     AdaGradSelectState,
     adagradselect,
     adagradselect_epsilon,
+    adagradselect_idle_units,
     adagradselect_num_selected,
     adagradselect_stats,
 )
-from hacbo_jax.controllers.blac import BLACState, blac, blac_multipliers
+from hacbo_jax.controllers.blac import BLACState, blac, blac_idle_blocks, blac_multipliers
 from hacbo_jax.controllers.compose import (
     accumulate_gradients,
     controlled_leaves,
     dev_sign_sketch,
     outside_controllers,
     train_grads_from_updates,
+    zero_blocks,
 )
 from hacbo_jax.controllers.hacbo import (
     HACBOState,
     hacbo,
+    hacbo_idle_blocks,
     hacbo_multipliers,
     hacbo_starvation,
     hacbo_submodule_shares,
@@ -43,6 +46,10 @@ __all__ = [
     "adagradselect_epsilon",
     "adagradselect_num_selected",
     "adagradselect_stats",
+    "adagradselect_idle_units",
+    "blac_idle_blocks",
+    "hacbo_idle_blocks",
+    "zero_blocks",
     "label_by_rules",
     "accumulate_gradients",
     "train_grads_from_updates",

@@ -195,6 +195,70 @@ def _keep_masks(
     )
 
 
+def _branch_and_draw(
+    state: AdaGradSelectState,
+    *,
+    k: int,
+    steps_per_epoch: Any,
+    epsilon0: Any,
+    epsilon_decay: Any,
+    dirichlet_alpha: Any,
+    draw: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Steps 2-4 of :func:`adagradselect` that need no gradient: ``(next key, epsilon_t,
+    explore, the k units of the Dirichlet draw)``. Shared by the update and by
+    :func:`adagradselect_idle_units`, so that a selection planned before the backward pass is
+    the one the update makes."""
+    t = state.count + 1
+    num_units = state.freq.shape[0]
+    epsilon = adagradselect_epsilon(t, steps_per_epoch, epsilon0, epsilon_decay)
+    key, key_branch, key_draw = jax.random.split(
+        jax.random.wrap_key_data(state.key, impl=_KEY_IMPL), 3
+    )
+    explore = jax.random.uniform(key_branch) < epsilon
+    alpha = dirichlet_alpha + state.freq.astype(jnp.float32)
+    if draw == "top_k":
+        _, by_draw = jax.lax.top_k(jax.random.dirichlet(key_draw, alpha), k)
+    else:
+        key_pi, key_choice = jax.random.split(key_draw)
+        pi = jax.random.dirichlet(key_pi, alpha)
+        by_draw = jax.random.choice(key_choice, num_units, (k,), replace=False, p=pi)
+    return key, epsilon, explore, by_draw
+
+
+def adagradselect_idle_units(
+    state: AdaGradSelectState,
+    *,
+    pct: float,
+    steps_per_epoch: int,
+    epsilon0: float = 1.0,
+    epsilon_decay: float | None = None,
+    dirichlet_alpha: float = 1.0,
+    draw: str = "top_k",
+) -> jax.Array:
+    """bool[U]: the units the *next* update of :func:`adagradselect` (same hyper-parameters)
+    will leave out, known before its gradient exists.
+
+    The branch (uniform < epsilon_t) and the Dirichlet draw depend only on the state's key,
+    count and frequencies, so on a Dirichlet step the selection is known in advance and every
+    other unit's update is exactly zero: a training step can skip those units' weight gradients
+    (``hacbo_jax.models.qwen3``'s ``weight_grads``). On an epsilon (top-k by gradient norm) step
+    the selection needs the gradient itself: all False (nothing can be skipped).
+    """
+    num_units = state.freq.shape[0]
+    _, _, explore, by_draw = _branch_and_draw(
+        state,
+        k=adagradselect_num_selected(pct, num_units),
+        steps_per_epoch=steps_per_epoch,
+        epsilon0=epsilon0,
+        epsilon_decay=epsilon_decay,
+        dirichlet_alpha=dirichlet_alpha,
+        draw=draw,
+    )
+    drawn = jnp.zeros([num_units], bool).at[by_draw].set(True)
+    return jnp.where(explore, False, ~drawn)
+
+
 def adagradselect(
     labels: PyTree | Callable[[PyTree], PyTree],
     inner: optax.GradientTransformation,
@@ -383,19 +447,16 @@ def adagradselect(
 
         t = state.count + 1
         scores = unit_scores(grad_leaves, leaf_unit, num_units)
-        epsilon = adagradselect_epsilon(t, steps_per_epoch, epsilon0, epsilon_decay)
-        key, key_branch, key_draw = jax.random.split(
-            jax.random.wrap_key_data(state.key, impl=_KEY_IMPL), 3
+        key, epsilon, explore, by_draw = _branch_and_draw(
+            state,
+            k=k,
+            steps_per_epoch=steps_per_epoch,
+            epsilon0=epsilon0,
+            epsilon_decay=epsilon_decay,
+            dirichlet_alpha=dirichlet_alpha,
+            draw=draw,
         )
-        explore = jax.random.uniform(key_branch) < epsilon
         _, by_score = jax.lax.top_k(scores, k)
-        alpha = dirichlet_alpha + state.freq.astype(jnp.float32)
-        if draw == "top_k":
-            _, by_draw = jax.lax.top_k(jax.random.dirichlet(key_draw, alpha), k)
-        else:
-            key_pi, key_choice = jax.random.split(key_draw)
-            pi = jax.random.dirichlet(key_pi, alpha)
-            by_draw = jax.random.choice(key_choice, num_units, (k,), replace=False, p=pi)
         chosen = jnp.where(explore, by_score, by_draw)
         selected = jnp.zeros([num_units], bool).at[chosen].set(True)
 

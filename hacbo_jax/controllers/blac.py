@@ -72,6 +72,14 @@ def blac_multipliers(state: BLACState) -> jax.Array:
     return jnp.where(state.frozen, 0.0, l_active * state.layer_weights).astype(jnp.float32)
 
 
+def blac_idle_blocks(state: BLACState) -> jax.Array:
+    """bool[B]: the blocks whose update the next BLAC step will set to exactly 0 whatever the
+    gradient, as long as that step does not measure: the frozen ones (multiplier 0, and
+    freezing is irreversible). A training step may skip their weight gradients. (A measurement
+    step can freeze more blocks, but only after reading their gradients.)"""
+    return jnp.asarray(state.frozen, bool)
+
+
 def blac_weights(agreement: jax.Array, frozen: jax.Array, kept: jax.Array) -> jax.Array:
     """w over the non-frozen blocks (reference, BLAC): a / S with S = sum of their a if S > 0, else
     the ``kept`` weights renormalised over them (uniform over them if those sum to 0); 0 for

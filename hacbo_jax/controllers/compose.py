@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from hacbo_jax.controllers._groups import UNCONTROLLED, pack_sign_codes, resolve_layout
+from hacbo_jax.controllers._groups import STACKED, UNCONTROLLED, pack_sign_codes, resolve_layout
 from hacbo_jax.controllers.adagradselect import AdaGradSelectState
 from hacbo_jax.controllers.blac import BLACState
 from hacbo_jax.controllers.hacbo import HACBOState
@@ -94,6 +94,30 @@ def controlled_leaves(labels: Any, params: PyTree) -> PyTree:
     """
     layout = resolve_layout(labels, params, None, allow_stacked=True)
     return layout.treedef.unflatten([b != UNCONTROLLED for b in layout.leaf_block])
+
+
+def zero_blocks(labels: Any, tree: PyTree, blocks: jax.Array) -> PyTree:
+    """``tree`` (params-shaped, e.g. a gradient) with every leaf of the blocks that ``blocks``
+    (bool[B]) marks set to exactly 0: a ``"{b}/{submodule}"`` leaf when ``blocks[b]``, slice b
+    of a stacked ``"*/{submodule}"`` leaf; other leaves unchanged. ``jnp.where``, so a NaN in a
+    zeroed block does not survive.
+
+    This is the gradient a training step sees when it skips those blocks' weight gradients:
+    the step zeroes the blocks' remaining (norm, bias) gradients with it, and a dense step
+    that applies it gives the skipping step's exact reference.
+    """
+    layout = resolve_layout(labels, tree, None, allow_stacked=True)
+    leaves = layout.treedef.flatten_up_to(tree)
+    out = []
+    for leaf, b in zip(leaves, layout.leaf_block):
+        if b == UNCONTROLLED or not isinstance(leaf, jax.Array):
+            out.append(leaf)
+        elif b == STACKED:
+            mask = blocks[: leaf.shape[0]].reshape((leaf.shape[0],) + (1,) * (leaf.ndim - 1))
+            out.append(jnp.where(mask, jnp.zeros_like(leaf), leaf))
+        else:
+            out.append(jnp.where(blocks[b], jnp.zeros_like(leaf), leaf))
+    return layout.treedef.unflatten(out)
 
 
 # The sketch of a leaf no controller reads (dev_sign_sketch with ``controlled``).

@@ -208,6 +208,18 @@ def hacbo_starvation(
     )
 
 
+def hacbo_idle_blocks(state: HACBOState, *, gamma: float, probation: bool = True) -> jax.Array:
+    """bool[B]: the blocks whose update the next HACBO step will set to exactly 0 whatever the
+    gradient, if that step does not measure: with ``gamma = 0`` the blocks in probation
+    (gamma * fake_int8(.) = 0); with gamma > 0, or without probation, none. Probation changes
+    only on measurement steps, and a measurement reads every block's gradient (a block leaves
+    probation on its sign-cosine), so only the steps between measurements may skip. ``gamma``
+    must be a Python or NumPy number (a skip decision is made when the step is built)."""
+    if _groups._is_concrete_number(gamma) and float(gamma) == 0.0 and probation:
+        return jnp.asarray(state.probation, bool)
+    return jnp.zeros(jnp.shape(state.probation), bool)
+
+
 def hacbo(
     labels: PyTree | Callable[[PyTree], PyTree],
     *,

@@ -37,6 +37,7 @@ __all__ = [
     "Qwen3Config",
     "Qwen3ForCausalLM",
     "positions_from_mask",
+    "einsum_skippable_weight_grad",
     "positions_from_segments",
 ]
 
@@ -206,11 +207,57 @@ class Linear(nnx.Module):
         )
         self.bias = nnx.Param(jnp.zeros(out_shape, param_dtype)) if use_bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.einsum, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    def __call__(self, x: jax.Array, weight_grad: jax.Array | None = None) -> jax.Array:
+        """``weight_grad`` (bool scalar, traced): whether the backward pass computes this
+        projection's kernel gradient (:func:`einsum_skippable_weight_grad`); None: always."""
+        x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+        if weight_grad is None:
+            y = jnp.einsum(self.einsum, x, kernel)
+        else:
+            y = einsum_skippable_weight_grad(self.einsum, x, kernel, weight_grad)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_skippable_weight_grad(
+    spec: str, x: jax.Array, kernel: jax.Array, weight_grad: jax.Array
+) -> jax.Array:
+    """``einsum(spec, x, kernel)`` whose backward pass computes the kernel's gradient only when
+    ``weight_grad`` (a traced bool scalar) is True, and returns zeros otherwise.
+
+    The input gradient is always computed: the layers below need it. The kernel gradient (a
+    contraction over every token, as costly as the forward matmul) sits under ``lax.cond``, so
+    a block whose update is known to be zero this step skips that work at run time while every
+    selection runs the same compiled program (the flag is data). Both gradients are the
+    transposes JAX's own autodiff of the einsum would use (``jax.vjp`` of it), so a computed
+    gradient equals the plain einsum's. ``weight_grad`` must not be batched by ``vmap`` (a
+    batched predicate turns the ``cond`` into a select that computes both branches); under
+    ``lax.scan`` each layer gets its own scalar.
+    """
+    del weight_grad
+    return jnp.einsum(spec, x, kernel)
+
+
+def _skippable_fwd(spec, x, kernel, weight_grad):
+    return jnp.einsum(spec, x, kernel), (x, kernel, weight_grad)
+
+
+def _skippable_bwd(spec, residuals, g):
+    x, kernel, weight_grad = residuals
+    _, input_vjp = jax.vjp(lambda x_: jnp.einsum(spec, x_, kernel), x)
+    (dx,) = input_vjp(g)
+
+    def kernel_grad():
+        _, kernel_vjp = jax.vjp(lambda k_: jnp.einsum(spec, x, k_), kernel)
+        return kernel_vjp(g)[0]
+
+    dkernel = jax.lax.cond(weight_grad, kernel_grad, lambda: jnp.zeros_like(kernel))
+    return dx, dkernel, None
+
+
+einsum_skippable_weight_grad.defvjp(_skippable_fwd, _skippable_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -418,6 +465,12 @@ def library_attention(q, k, v, mask: AttentionMask, *, scale: float, implementat
     )
 
 
+def _project(linear: nnx.Module, x: jax.Array, weight_grad: jax.Array | None) -> jax.Array:
+    """``linear(x)``, passing ``weight_grad`` on only when it is set (an adapter wrapper that
+    replaces a projection need not know the argument unless skipping is used)."""
+    return linear(x) if weight_grad is None else linear(x, weight_grad=weight_grad)
+
+
 class Qwen3Attention(nnx.Module):
     """Grouped-query self-attention with per-head q/k RMSNorm and RoPE."""
 
@@ -456,12 +509,14 @@ class Qwen3Attention(nnx.Module):
         self.scale = h**-0.5
         self.attention_impl = attention_impl
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
-        q, k = self.q_proj(x), self.k_proj(x)
+    def __call__(
+        self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None, weight_grad=None
+    ):
+        q, k = _project(self.q_proj, x, weight_grad), _project(self.k_proj, x, weight_grad)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x)
+        v = _project(self.v_proj, x, weight_grad)
         if cache is not None:
             # Left-padded batches write all rows at the same slot, so one dynamic slice suffices.
             k = jax.lax.dynamic_update_slice(
@@ -478,7 +533,7 @@ class Qwen3Attention(nnx.Module):
             out = library_attention(
                 q, k, v, mask, scale=self.scale, implementation=self.attention_impl
             )
-        return self.o_proj(out), cache
+        return _project(self.o_proj, out, weight_grad), cache
 
 
 class Qwen3MLP(nnx.Module):
@@ -497,8 +552,10 @@ class Qwen3MLP(nnx.Module):
         self.up_proj = Linear("BTD,DF->BTF", (d,), (f,), **common)
         self.down_proj = Linear("BTF,FD->BTD", (f,), (d,), **common)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, weight_grad=None):
+        gate = _project(self.gate_proj, x, weight_grad)
+        up = _project(self.up_proj, x, weight_grad)
+        return _project(self.down_proj, jax.nn.silu(gate) * up, weight_grad)
 
 
 class Qwen3DecoderLayer(nnx.Module):
@@ -526,15 +583,23 @@ class Qwen3DecoderLayer(nnx.Module):
         )
         self.mlp = Qwen3MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def __call__(
+        self, x, cos, sin, mask: AttentionMask, cache=None, cache_index=None, weight_grad=None
+    ):
+        """``weight_grad``: None, or a traced bool scalar saying whether the backward pass
+        computes this layer's projection kernel gradients (False: zeros, only the input
+        gradient flows on; :func:`einsum_skippable_weight_grad`). Norm weights and biases
+        always get theirs (elementwise work)."""
+        attn, cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, cache_index, weight_grad
+        )
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), weight_grad)
         return x, cache
 
 
-def _remat_layer(layer: Qwen3DecoderLayer, x, cos, sin, mask):
-    return layer(x, cos, sin, mask)[0]
+def _remat_layer(layer: Qwen3DecoderLayer, x, cos, sin, mask, weight_grad=None):
+    return layer(x, cos, sin, mask, weight_grad=weight_grad)[0]
 
 
 def _checkpoint_policy(remat: str):
@@ -605,40 +670,54 @@ class Qwen3Model(nnx.Module):
         mask: AttentionMask | jax.Array,
         cache: KVCache | None = None,
         cache_index=None,
+        weight_grads: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
+        """``weight_grads``: None, or bool[L], whether each decoder layer's projection kernel
+        gradients are computed in the backward pass (training without a cache only)."""
+        if weight_grads is not None and cache is not None:
+            raise ValueError("weight_grads is for training; it cannot be used with a KV cache")
         if not isinstance(mask, AttentionMask):
             mask = AttentionMask(explicit=mask)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.rope_scaling)
         if self.scan_layers:
-            return self._scan(x, cos, sin, mask, cache, cache_index)
+            return self._scan(x, cos, sin, mask, cache, cache_index, weight_grads)
         new_cache = []
         for i, layer in enumerate(self.layers):
+            flag = None if weight_grads is None else weight_grads[i]
             if cache is None and self.remat != "none":
                 policy = _checkpoint_policy(self.remat)
-                x = nnx.remat(_remat_layer, policy=policy)(layer, x, cos, sin, mask)
+                x = nnx.remat(_remat_layer, policy=policy)(layer, x, cos, sin, mask, flag)
             else:
                 x, layer_cache = layer(
-                    x, cos, sin, mask, None if cache is None else cache[i], cache_index
+                    x,
+                    cos,
+                    sin,
+                    mask,
+                    None if cache is None else cache[i],
+                    cache_index,
+                    weight_grad=flag,
                 )
                 new_cache.append(layer_cache)
         return self.norm(x), (None if cache is None else tuple(new_cache))
 
-    def _scan(self, x, cos, sin, mask, cache, cache_index):
+    def _scan(self, x, cos, sin, mask, cache, cache_index, weight_grads=None):
         """``lax.scan`` over the stacked layer state; the cache (if any) is the stacked pair
-        (keys, values) [L, B, S, K, H], scanned alongside and returned restacked."""
+        (keys, values) [L, B, S, K, H], scanned alongside and returned restacked.
+        ``weight_grads`` bool[L] (if given) is scanned alongside: layer i reads its own flag."""
         graphdef, layer_state = nnx.split(self.layers)
 
         if cache is None:
 
-            def body(x, state):
-                return nnx.merge(graphdef, state)(x, cos, sin, mask)[0], None
+            def body(x, xs):
+                state, flag = xs
+                return nnx.merge(graphdef, state)(x, cos, sin, mask, weight_grad=flag)[0], None
 
             if self.remat != "none":
                 body = jax.checkpoint(
                     body, policy=_checkpoint_policy(self.remat), prevent_cse=False
                 )
-            x, _ = jax.lax.scan(body, x, layer_state)
+            x, _ = jax.lax.scan(body, x, (layer_state, weight_grads))
             return self.norm(x), None
 
         def body_cached(x, xs):
@@ -761,6 +840,7 @@ class Qwen3ForCausalLM(nnx.Module):
         *,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        weight_grads: jax.Array | None = None,
     ) -> jax.Array:
         """Final-norm hidden states [B, T, D] in the compute dtype (``lm_logits`` maps them).
 
@@ -770,6 +850,11 @@ class Qwen3ForCausalLM(nnx.Module):
         block-diagonal causal mask (a token attends to earlier tokens of its own segment only)
         and, unless ``positions`` int[B, T] is given, RoPE positions restarting at 0 in every
         segment (:func:`positions_from_segments`). ``attention_mask`` must then be None.
+
+        ``weight_grads`` bool[L] (traced; None = all True): whether the backward pass computes
+        decoder layer i's projection kernel gradients. A False layer passes the input gradient
+        through and returns zero kernel gradients, skipping that work at run time; the forward
+        pass is unchanged (:func:`einsum_skippable_weight_grad`).
         """
         if segment_ids is not None:
             if attention_mask is not None:
@@ -792,7 +877,14 @@ class Qwen3ForCausalLM(nnx.Module):
             mask = AttentionMask(segment_ids=valid, packed=False)
             if positions is None:
                 positions = positions_from_mask(valid)
-        h, _ = self.model(input_ids, positions, mask)
+        if weight_grads is not None:
+            weight_grads = jnp.asarray(weight_grads, jnp.bool_)
+            if weight_grads.shape != (self.config.num_hidden_layers,):
+                raise ValueError(
+                    f"weight_grads must be bool[{self.config.num_hidden_layers}] (one flag per "
+                    f"decoder layer), got shape {weight_grads.shape}"
+                )
+        h, _ = self.model(input_ids, positions, mask, weight_grads=weight_grads)
         return h
 
     def lm_logits(self, h: jax.Array) -> jax.Array:

@@ -38,6 +38,7 @@ from hacbo_jax import (
     hacbo,
     hacbo_starvation,
 )
+from hacbo_jax.controllers import adagradselect_idle_units, blac_idle_blocks, hacbo_idle_blocks
 from hacbo_jax.trainer.config_fields import in_range, option
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "ControllerEntry",
     "HACBOConfig",
     "build_controller",
+    "controller_idle_blocks",
     "controller_stats",
     "controller_warning",
     "find_controller_state",
@@ -192,6 +194,9 @@ class ControllerEntry:
       warning: ``warning(state, hyper_config) -> str | None``: a known failure mode of the
         defaults that the state shows (HACBO's sub-module starvation, AdaGradSelect's lock-in);
         the loop prints it once it persists over several log points.
+      idle_blocks: ``idle_blocks(state, hyper_config, **run_args) -> bool[B or more]``: the
+        blocks whose next update is exactly zero whatever the gradient, on a step that does not
+        measure (traced; ``controller.skip_weight_grads`` skips their weight gradients).
     """
 
     config_type: type | None = None
@@ -202,14 +207,46 @@ class ControllerEntry:
     measures: bool = False
     run_args: tuple[str, ...] = ()
     warning: Callable[[Any, Any], str | None] | None = None
+    idle_blocks: Callable[..., Any] | None = None
+
+
+def _hacbo_idle(state: HACBOState, hyper: HACBOConfig) -> jax.Array:
+    return hacbo_idle_blocks(state, gamma=hyper.gamma, probation=hyper.probation)
+
+
+def _blac_idle(state: BLACState, hyper: BLACConfig) -> jax.Array:
+    return blac_idle_blocks(state)
+
+
+def _adagradselect_idle(
+    state: AdaGradSelectState, hyper: AdaGradSelectConfig, *, steps_per_epoch: int, seed: int
+) -> jax.Array:
+    del seed  # read once by init; the state's key carries it
+    return adagradselect_idle_units(
+        state,
+        pct=hyper.pct,
+        steps_per_epoch=steps_per_epoch,
+        epsilon0=hyper.epsilon0,
+        epsilon_decay=hyper.epsilon_decay,
+        dirichlet_alpha=hyper.dirichlet_alpha,
+        draw=hyper.draw,
+    )
 
 
 # Insertion order is the order of the allowed values in config messages.
 CONTROLLERS: dict[str, ControllerEntry] = {
     "none": ControllerEntry(),
-    "blac": ControllerEntry(BLACConfig, blac, BLACState, _blac_stats, measures=True),
+    "blac": ControllerEntry(
+        BLACConfig, blac, BLACState, _blac_stats, measures=True, idle_blocks=_blac_idle
+    ),
     "hacbo": ControllerEntry(
-        HACBOConfig, hacbo, HACBOState, _hacbo_stats, measures=True, warning=_hacbo_warning
+        HACBOConfig,
+        hacbo,
+        HACBOState,
+        _hacbo_stats,
+        measures=True,
+        warning=_hacbo_warning,
+        idle_blocks=_hacbo_idle,
     ),
     "adagradselect": ControllerEntry(
         AdaGradSelectConfig,
@@ -219,6 +256,7 @@ CONTROLLERS: dict[str, ControllerEntry] = {
         wraps=True,
         run_args=("steps_per_epoch", "seed"),
         warning=_adagradselect_warning,
+        idle_blocks=_adagradselect_idle,
     ),
 }
 
@@ -276,6 +314,29 @@ def find_controller_state(opt_state: Any) -> Any | None:
         if found is not None:
             return found
     return None
+
+
+def controller_idle_blocks(
+    kind: str, hyper: Any, num_blocks: int, **run_args: Any
+) -> Callable[[Any], jax.Array] | None:
+    """``opt_state -> bool[num_blocks]``: the blocks whose next update controller ``kind``
+    (built from ``hyper``) will set to exactly zero whatever the gradient, if that step does
+    not measure; None for a controller that never knows this in advance (``none``).
+
+    Traced inside the training step, before its backward pass: the step then skips those
+    blocks' weight gradients (``controller.skip_weight_grads``).
+    """
+    entry = controller_entry(kind)
+    if entry.idle_blocks is None:
+        return None
+    hyper = entry.config_type() if hyper is None else hyper
+    kwargs = {n: run_args[n] for n in entry.run_args}
+
+    def idle(opt_state: Any) -> jax.Array:
+        state = find_controller_state(opt_state)
+        return entry.idle_blocks(state, hyper, **kwargs)[:num_blocks]
+
+    return idle
 
 
 def controller_stats(kind: str, hyper: Any, opt_state: Any) -> dict[str, Any] | None:

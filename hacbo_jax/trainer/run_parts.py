@@ -22,7 +22,7 @@ from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
 from hacbo_jax.data import gsm8k as data_lib
 from hacbo_jax.trainer import distributed
 from hacbo_jax.trainer.config import Config, check_mesh, check_pool_size, check_warmup
-from hacbo_jax.trainer.controller_registry import measures
+from hacbo_jax.trainer.controller_registry import controller_idle_blocks, measures
 from hacbo_jax.trainer.evaluate import (
     EvalResult,
     end_token_ids,
@@ -40,6 +40,7 @@ from hacbo_jax.trainer.step import (
     StepShardings,
     TrainState,
     TrainSteps,
+    WeightGradSkip,
     make_loss_fn,
     make_train_steps,
     step_shardings,
@@ -257,6 +258,24 @@ def _initial_state(tx, params, rng, shardings: StepShardings | None) -> TrainSta
     )
 
 
+def weight_grad_skip(
+    cfg: Config, labels: Any, num_layers: int, steps_per_epoch: int
+) -> WeightGradSkip | None:
+    """The step's :class:`WeightGradSkip` when ``controller.skip_weight_grads`` is on and the
+    controller can tell idle blocks in advance (None otherwise: the dense step). The label
+    tree's blocks are the decoder layers (``qwen3_labels``)."""
+    if not cfg.controller.skip_weight_grads:
+        return None
+    idle = controller_idle_blocks(
+        cfg.controller.kind,
+        cfg.controller.hyper,
+        num_layers,
+        steps_per_epoch=steps_per_epoch,
+        seed=cfg.seed,
+    )
+    return None if idle is None else WeightGradSkip(idle, labels)
+
+
 def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     """Builds every part of the run ``cfg`` describes; ConfigError when the loaded data or the
     devices contradict it (checks in :mod:`hacbo_jax.trainer.config.validate`).
@@ -277,6 +296,7 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
+    num_layers = model.config.num_hidden_layers
     del model
     labels = qwen3_labels(params)
     controller = cfg.controller.build(
@@ -303,6 +323,12 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         logits_chunk=cfg.model.logits_chunk,
         # the dev program back-propagates only to what the controller reads
         controlled=None if interval is None else controlled_leaves(labels, params),
+        skip=weight_grad_skip(
+            cfg,
+            labels,
+            num_layers,
+            cfg.steps_per_epoch(len(task.train)),
+        ),
     )
     eval_loss = make_eval_loss(
         make_loss_fn(graphdef, rest, logits_chunk=cfg.model.logits_chunk),

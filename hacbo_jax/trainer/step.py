@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax.trainer import sharding as sharding_lib
-from hacbo_jax.controllers.compose import dev_sign_sketch
+from hacbo_jax.controllers.compose import dev_sign_sketch, zero_blocks
 from hacbo_jax.trainer.controller_registry import find_controller_state
 from hacbo_jax.trainer.recipes import QWEN3_RULES
 
@@ -59,6 +59,28 @@ class PackedRows(NamedTuple):
     positions: jax.Array  # int32 [..., L]
     targets: jax.Array  # int32 [..., L]
     loss_mask: jax.Array  # float32 [..., L]
+
+
+class WeightGradSkip(NamedTuple):
+    """How a step skips the weight gradients of blocks whose update is known to be zero.
+
+    ``idle_blocks(opt_state) -> bool[L]`` (traced before the backward pass;
+    :func:`~hacbo_jax.trainer.controller_registry.controller_idle_blocks`) marks decoder layer
+    i idle when the controller will set its whole update to exactly 0 this step. The step then
+    (a) passes ``weight_grads = ~idle`` to the model, whose backward pass computes those layers'
+    input gradients but not their projection kernel gradients (a ``lax.cond`` per layer: the
+    selection is data, one compiled program), and (b) zeroes every leaf of the idle layers
+    (``labels``: the controller's label tree; :func:`~hacbo_jax.controllers.compose.zero_blocks`),
+    so norms and biases too. Everything after the gradient (clip norm, non-finite check,
+    AdamW, the controller) sees that gradient. ``compute=False`` computes the dense gradient
+    and only zeroes it: the exact reference the skipping step is tested against.
+
+    Only the step that does not measure skips (a measurement reads every block's gradient).
+    """
+
+    idle_blocks: Callable[[Any], jax.Array]
+    labels: Any
+    compute: bool = True
 
 
 class TrainState(NamedTuple):
@@ -267,14 +289,18 @@ def chunked_answer_nll(
     return total, jnp.sum(weights)
 
 
-def hidden_states(model: Any, batch: Batch | PackedRows) -> jax.Array:
+def hidden_states(
+    model: Any, batch: Batch | PackedRows, weight_grads: jax.Array | None = None
+) -> jax.Array:
     """The model's final hidden states for a padded :class:`Batch` or :class:`PackedRows`
-    (block-diagonal causal mask and per-segment positions: the model's packed forward)."""
+    (block-diagonal causal mask and per-segment positions: the model's packed forward).
+    ``weight_grads`` (bool[L] or None) is passed on only when set."""
+    kwargs = {} if weight_grads is None else {"weight_grads": weight_grads}
     if isinstance(batch, PackedRows):
         return model.hidden_states(
-            batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions
+            batch.input_ids, segment_ids=batch.segment_ids, positions=batch.positions, **kwargs
         )
-    return model.hidden_states(batch.input_ids, batch.attention_mask)
+    return model.hidden_states(batch.input_ids, batch.attention_mask, **kwargs)
 
 
 def make_loss_fn(
@@ -286,11 +312,12 @@ def make_loss_fn(
     under ``jit``, so one step function serves packed training batches and padded dev batches).
     ``logits_chunk``: compute the vocabulary projection and cross-entropy that many positions
     at a time (:func:`chunked_answer_nll`); None computes the full logits at once.
+    ``weight_grads`` (optional third argument, bool[L]): see :class:`WeightGradSkip`.
     """
 
-    def loss_fn(params: Any, batch: Batch | PackedRows):
+    def loss_fn(params: Any, batch: Batch | PackedRows, weight_grads: jax.Array | None = None):
         model = nnx.merge(graphdef, nnx.State(params), rest)
-        hidden = hidden_states(model, batch)
+        hidden = hidden_states(model, batch, weight_grads)
         if logits_chunk is None:
             return answer_nll(model.lm_logits(hidden), batch)
         return chunked_answer_nll(model.lm_logits, hidden, batch, logits_chunk)
@@ -298,16 +325,20 @@ def make_loss_fn(
     return loss_fn
 
 
-def _mean_gradient(loss_fn, params, micro_batches: Batch, constrain=lambda grads: grads):
+def _mean_gradient(
+    loss_fn, params, micro_batches: Batch, constrain=lambda grads: grads, weight_grads=None
+):
     """Gradient of (sum of NLL) / (answer tokens) over all micro-batches, accumulated by scan.
 
-    ``constrain`` pins the accumulator's layout (on a mesh: the params' shardings).
+    ``constrain`` pins the accumulator's layout (on a mesh: the params' shardings);
+    ``weight_grads`` (bool[L] or None) is the model's (:class:`WeightGradSkip`).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    extra = () if weight_grads is None else (weight_grads,)
 
     def accumulate(carry, micro):
         nll_sum, count, grads = carry
-        (nll, n), g = grad_fn(params, micro)
+        (nll, n), g = grad_fn(params, micro, *extra)
         grads = constrain(jax.tree.map(jnp.add, grads, g))
         return (nll_sum + nll, count + n, grads), None
 
@@ -333,6 +364,7 @@ def make_train_step(
     logits_chunk: int | None = None,
     dev_signs_argument: bool = False,
     controlled: Any = None,
+    skip: WeightGradSkip | None = None,
 ) -> Callable[..., tuple[TrainState, StepMetrics]]:
     """The jitted step.
 
@@ -344,7 +376,9 @@ def make_train_step(
     gradient's :func:`~hacbo_jax.controllers.compose.dev_sign_sketch` from
     :func:`make_dev_signs_fn`, and gives it to the controller as ``dev_grads`` (no dev backward
     in this program); ``controlled``: the mask that program was made with (its empty sketches
-    are placed replicated on a mesh).
+    are placed replicated on a mesh). ``skip``: skip the weight gradients of the blocks the
+    controller will not update (:class:`WeightGradSkip`; only in a step without
+    ``uses_dev_grads``, since a measurement reads every block's gradient).
 
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
     :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
@@ -358,7 +392,13 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
         rng, dev_key = jax.random.split(state.rng)
-        loss, count, grads = _mean_gradient(loss_fn, state.params, batch, constrain_grads)
+        idle = None if skip is None or uses_dev_grads else skip.idle_blocks(state.opt_state)
+        weight_grads = None if idle is None or not skip.compute else ~idle
+        loss, count, grads = _mean_gradient(
+            loss_fn, state.params, batch, constrain_grads, weight_grads
+        )
+        if idle is not None:
+            grads = constrain_grads(zero_blocks(skip.labels, grads, idle))
         # A non-finite loss must skip the step even if its gradient happens to be finite.
         grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
 
@@ -558,6 +598,7 @@ def make_train_steps(
     logits_chunk: int | None = None,
     separate_dev_pass: bool = True,
     controlled: Any = None,
+    skip: WeightGradSkip | None = None,
 ) -> TrainSteps:
     """:class:`TrainSteps` of a run: ``interval`` = the measuring controller's K, or None (no
     controller, or one that takes no dev gradient: one compiled step serves as both).
@@ -568,8 +609,10 @@ def make_train_steps(
     controller's ``lax.cond`` (the same numbers; a higher peak). ``controlled`` (a bool tree
     like the params, :func:`~hacbo_jax.controllers.compose.controlled_leaves`): the separate
     dev program back-propagates to the controlled leaves only (the same measurement, less work).
+    ``skip`` (:class:`WeightGradSkip`): the step that does not measure (``ordinary``; for a
+    controller without measurements the only one) skips idle blocks' weight gradients.
     """
-    make = lambda uses_dev_grads, dev_signs_argument=False: make_train_step(
+    make = lambda uses_dev_grads, dev_signs_argument=False, skip=None: make_train_step(
         graphdef,
         rest,
         tx,
@@ -581,8 +624,9 @@ def make_train_steps(
         logits_chunk=logits_chunk,
         dev_signs_argument=dev_signs_argument,
         controlled=controlled,
+        skip=skip,
     )
-    ordinary = make(False)
+    ordinary = make(False, skip=skip)
     if interval is None:
         return TrainSteps(ordinary, ordinary, None)
     if not separate_dev_pass:

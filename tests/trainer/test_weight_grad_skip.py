@@ -1,0 +1,161 @@
+"""Skipping the weight gradients of idle blocks in the training step
+(``controller.skip_weight_grads``): the skipping step equals, in every update and every state,
+the dense step that computes the same gradients and zeroes the idle blocks (bitwise here), for
+AdaGradSelect, BLAC with frozen blocks and HACBO gamma = 0 with blocks in probation, on
+unrolled and scanned layers; and each controller's idle blocks are the ones its update leaves
+at exactly zero."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from hacbo_jax.trainer.controller_registry import (
+    AdaGradSelectConfig,
+    BLACConfig,
+    HACBOConfig,
+    build_controller,
+    controller_idle_blocks,
+    find_controller_state,
+)
+from hacbo_jax.trainer.recipes import qwen3_labels
+from hacbo_jax.trainer.step import (
+    Batch,
+    TrainState,
+    WeightGradSkip,
+    build_optimizer,
+    learning_rate_schedule,
+    make_train_step,
+)
+
+CFG = Qwen3Config(
+    vocab_size=61,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    initializer_range=0.2,
+)
+LAYERS = CFG.num_hidden_layers
+STEPS = 5
+STEPS_PER_EPOCH = 3  # AdaGradSelect: epsilon is 0 from step 3 on, so later steps draw
+
+
+def _batches(seed=0, accum=1, micro=3, length=9):
+    rs = np.random.RandomState(seed)
+    out = []
+    for _ in range(STEPS):
+        ids = rs.randint(1, CFG.vocab_size, (accum, micro, length)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[:, 0, -2:] = 0
+        loss_mask = np.zeros(ids.shape, np.float32)
+        loss_mask[..., 3:-2] = 1.0
+        targets = np.roll(ids, -1, axis=-1)
+        out.append(Batch(*(jnp.asarray(x) for x in (ids, mask, targets, loss_mask))))
+    return out
+
+
+def _controller(kind):
+    if kind == "adagradselect":
+        return AdaGradSelectConfig(pct=0.25)
+    if kind == "blac":
+        return BLACConfig(interval=1000)  # no measurement in these steps
+    return HACBOConfig(interval=1000, gamma=0.0)
+
+
+def _preset(kind, opt_state):
+    """BLAC: blocks 1 and 2 frozen; HACBO: blocks 0 and 2 in probation (half the blocks)."""
+    state = find_controller_state(opt_state)
+    if kind == "blac":
+        new = state._replace(frozen=jnp.asarray([False, True, True, False]))
+    elif kind == "hacbo":
+        new = state._replace(probation=jnp.asarray([True, False, True, False]))
+    else:
+        return opt_state
+    return jax.tree.map(lambda x: new if x is state else x, opt_state, is_leaf=lambda x: x is state)
+
+
+@functools.cache
+def _run(kind, scan, compute, clip=1.0):
+    """(host states after each step, idle blocks before each step) of STEPS steps; ``compute``
+    None: the default dense step, True: skipping, False: the dense step zeroing idle blocks."""
+    model = Qwen3ForCausalLM(CFG, scan_layers=scan, remat="full", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    labels = qwen3_labels(params)
+    hyper = _controller(kind)
+    run_args = {"steps_per_epoch": STEPS_PER_EPOCH, "seed": 0}
+    controller = build_controller(kind, labels, hyper, **run_args)
+    schedule = learning_rate_schedule(1e-2, 1, 100)
+    tx = build_optimizer(
+        schedule=schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=clip, controller=controller
+    )
+    idle = controller_idle_blocks(kind, hyper, LAYERS, **run_args)
+    skip = None if compute is None else WeightGradSkip(idle, labels, compute=compute)
+    step = make_train_step(
+        graphdef, rest, tx, schedule, dev_batch_size=1, uses_dev_grads=False, skip=skip
+    )
+    state = TrainState(
+        jnp.int32(0), params, _preset(kind, tx.init(params)), jax.random.key_data(jax.random.key(0))
+    )
+    dev = jax.tree.map(lambda x: x[0], _batches(seed=9)[0])
+    idle_seen, states = [], []
+    for batch in _batches():
+        idle_seen.append(np.asarray(idle(state.opt_state)))
+        state, metrics = step(state, batch, dev)
+        assert bool(metrics.finite)
+        states.append(jax.device_get(state))
+    return states, np.stack(idle_seen)
+
+
+@pytest.mark.parametrize("kind", ["adagradselect", "blac", "hacbo"])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
+def test_skipping_step_equals_the_dense_step_with_idle_blocks_zeroed(kind, scan):
+    skipped, idle = _run(kind, scan, compute=True)
+    reference, reference_idle = _run(kind, scan, compute=False)
+    np.testing.assert_array_equal(idle, reference_idle)
+    assert idle.any(), "the test must exercise idle blocks"
+    assert not idle.all()
+    for got, want in zip(skipped, reference):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "adagradselect",
+        pytest.param("blac", marks=pytest.mark.slow),
+        pytest.param("hacbo", marks=pytest.mark.slow),
+    ],
+)
+def test_idle_blocks_are_exactly_the_blocks_whose_update_is_zero(kind):
+    """Without skipping (the dense step), the blocks a controller declares idle before a step
+    get exactly zero parameter change at that step."""
+    states, idle = _run(kind, scan=True, compute=None)
+    previous = None
+    for state, idle_now in zip(states, idle):
+        if previous is not None:
+            layers_before = previous.params["model"]["layers"]
+            layers_after = state.params["model"]["layers"]
+            for before, after in zip(jax.tree.leaves(layers_before), jax.tree.leaves(layers_after)):
+                moved = np.any(
+                    np.asarray(before) != np.asarray(after), axis=tuple(range(1, before.ndim))
+                )
+                assert not np.any(moved & idle_now), (kind, idle_now, moved)
+        previous = state
+
+
+def test_adagradselect_idle_units_are_empty_on_epsilon_steps_and_drawn_otherwise():
+    _, idle = _run("adagradselect", scan=True, compute=None)
+    k = 1  # pct 0.25 of 4 blocks
+    assert not idle[0].any()  # step 1 always takes the epsilon branch
+    for row in idle[STEPS_PER_EPOCH:]:  # epsilon 0: every step draws k blocks
+        assert int((~row).sum()) == k
