@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 
 def _import_transformers_quietly():
@@ -32,9 +34,13 @@ def _import_transformers_quietly():
     return transformers
 
 
-_transformers = _import_transformers_quietly()
-AutoTokenizer = _transformers.AutoTokenizer
-PreTrainedTokenizerFast = _transformers.PreTrainedTokenizerFast
+def __getattr__(name: str) -> Any:
+    """``AutoTokenizer`` and ``PreTrainedTokenizerFast``, imported from transformers on first
+    use: the config checks that only look at tokenizer files (which directory, whether it has
+    one) refuse bad input in a second instead of after transformers' import."""
+    if name in ("AutoTokenizer", "PreTrainedTokenizerFast"):
+        return getattr(_import_transformers_quietly(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -46,7 +52,7 @@ DEFAULT_VOCAB_SIZE = 1024
 
 def train_tokenizer(
     texts: Iterable[str], *, vocab_size: int = DEFAULT_VOCAB_SIZE, min_frequency: int = 2
-) -> PreTrainedTokenizerFast:
+) -> "PreTrainedTokenizerFast":
     """Trains a byte-level BPE with individually split digits on ``texts``.
 
     Args:
@@ -59,6 +65,9 @@ def train_tokenizer(
       A fast tokenizer with ``pad_token`` (id 0), ``eos_token`` (id 1) and ``bos_token`` (id 2).
       It adds no special tokens by itself; callers append EOS where a document ends.
     """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    PreTrainedTokenizerFast = _import_transformers_quietly().PreTrainedTokenizerFast
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
         raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs >= {minimum}")
@@ -88,13 +97,13 @@ def train_tokenizer(
     )
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) -> None:
+def save_tokenizer(tokenizer: "PreTrainedTokenizerFast", directory: str | Path) -> None:
     """Writes ``tokenizer.json`` and ``tokenizer_config.json`` (+ special-token map) to ``directory``."""
     Path(directory).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(directory))
 
 
-def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(directory: str | Path) -> "PreTrainedTokenizerFast":
     """Loads a tokenizer saved by :func:`save_tokenizer` (or any HF fast tokenizer directory)."""
 
     path = Path(directory)
@@ -102,7 +111,7 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
         raise FileNotFoundError(
             f"no tokenizer.json in {path}; expected a Hugging Face tokenizer directory"
         )
-    return AutoTokenizer.from_pretrained(str(path))
+    return _import_transformers_quietly().AutoTokenizer.from_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------- which tokenizer

@@ -74,9 +74,12 @@ def load_lrs(path: str | Path) -> dict[str, float]:
     """The ``lr`` mapping (method -> base learning rate) of a ``hacbo_jax.experiments.sweep`` output file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except OSError as e:
         raise ValueError(f"--lrs {str(path)!r}: cannot be read ({e.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"--lrs {str(path)!r}: not a readable YAML file ({first})") from None
     lrs = raw.get("lr") if isinstance(raw, dict) else None
     if not isinstance(lrs, dict) or not lrs:
         raise ValueError(

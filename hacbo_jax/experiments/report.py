@@ -42,11 +42,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hacbo_jax.trainer.cli_common import (  # noqa: E402
+    ArgumentParser,
     add_overwrite_argument,
     check_output_target,
     cli_main,
 )
-from hacbo_jax.trainer.logs import EVAL_FILE, METRICS_FILE, SUMMARY_FILE, read_jsonl  # noqa: E402
+from hacbo_jax.trainer.logs import EVAL_FILE, METRICS_FILE, SUMMARY_FILE  # noqa: E402
 
 __all__ = [
     "Run",
@@ -190,6 +191,39 @@ def _finite(value: Any) -> bool:
 _NUMERIC_METRICS = ("loss", "lr", "grad_norm", "update_norm", "tokens_per_s", "epoch")
 
 
+def _read_run_jsonl(path: Path) -> list[Any]:
+    """The JSON lines of a run's ``path``; a torn last line (a crash while writing) is skipped,
+    any other line that is not JSON, or bytes that are not UTF-8, are a RunDirError naming the
+    file and the line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path}: not UTF-8 text (byte {e.start}); not a file a run wrote") from None
+    lines = [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = []
+    for k, (number, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1 and not text.endswith("\n"):
+                continue  # torn last line
+            raise RunDirError(f"{path}: line {number} is not JSON ({e.msg})") from None
+    return rows
+
+
+def _read_run_json(path: Path) -> dict:
+    """A run's JSON object file (summary.json): RunDirError naming it unless it is one."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunDirError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise RunDirError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise RunDirError(f"{path}: holds a JSON {type(value).__name__}, not the object a run writes")
+    return value
+
+
 def load_run(run_dir: str | Path) -> Run:
     """Load a run directory; RunDirError when it has no readable metrics.jsonl."""
     path = Path(run_dir)
@@ -203,7 +237,7 @@ def load_run(run_dir: str | Path) -> Run:
             f"{path}: no {METRICS_FILE}; a run directory written by hacbo_jax.trainer.finetune "
             f"holds {METRICS_FILE}, {EVAL_FILE}, {SUMMARY_FILE} and config.yaml"
         )
-    metrics = read_jsonl(metrics_path)
+    metrics = _read_run_jsonl(metrics_path)
     bad = [
         row for row in metrics if not isinstance(row, dict) or not isinstance(row.get("step"), int)
     ]
@@ -220,17 +254,16 @@ def load_run(run_dir: str | Path) -> Run:
                     f"got {value!r}"
                 )
     metrics.sort(key=lambda row: row["step"])
-    evals = read_jsonl(path / EVAL_FILE) if (path / EVAL_FILE).is_file() else []
+    evals = _read_run_jsonl(path / EVAL_FILE) if (path / EVAL_FILE).is_file() else []
+    if any(not isinstance(row, dict) for row in evals):
+        raise RunDirError(f"{path / EVAL_FILE}: every line must be a JSON object")
     summary = config = None
     if (path / SUMMARY_FILE).is_file():
-        try:
-            summary = json.loads((path / SUMMARY_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise RunDirError(f"{path / SUMMARY_FILE}: not valid JSON ({e})") from None
+        summary = _read_run_json(path / SUMMARY_FILE)
     if (path / "config.yaml").is_file():
         try:
-            config = yaml.safe_load((path / "config.yaml").read_text())
-        except yaml.YAMLError as e:
+            config = yaml.safe_load((path / "config.yaml").read_bytes().decode("utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             config = None
             print(
                 f"warning: {path / 'config.yaml'}: not valid YAML ({e}); ignored", file=sys.stderr
@@ -461,7 +494,7 @@ def write_report(
 
 @cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.report") -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")

@@ -11,7 +11,9 @@ fine-tuning run per trial (the base config with any ``key=value`` overrides, e.g
 ``optim.max_steps=30`` for a smaller budget), seed ``--seed``. The objective is the run's final
 exact match on the held-out evaluation problems, maximised. The best rate per method goes into
 ``--write`` under ``lr:`` (other methods already in that file are kept), with every trial listed
-for the record. Runs go to ``OUT/<method>/trial<k>/``; ``OUT`` defaults to
+for the record. A method the file already records (an earlier sweep's rate and trials) is
+refused before the first trial unless ``--overwrite`` is given, and so is a file that is not
+such an lrs file: recorded trials are never dropped silently. Runs go to ``OUT/<method>/trial<k>/``; ``OUT`` defaults to
 ``runs/sweep/<config name>`` in the working directory and ``--write`` to ``OUT/lrs.yaml``. The
 shipped rates (``configs/lrs/*.yaml`` of the checkout or the installed package) are never
 rewritten unless ``--write`` names one and ``--overwrite`` is given.
@@ -33,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
     add_overrides_argument,
     add_overwrite_argument,
     check_output_target,
@@ -120,15 +123,54 @@ def sweep_method(
     }
 
 
+def read_lrs_file(path: str | Path) -> dict[str, Any]:
+    """The content of an existing lrs file (``{}`` if there is none), checked: a YAML mapping
+    whose ``lr`` maps methods to positive numbers and whose ``trials`` maps methods to lists of
+    mappings. Anything else is a ValueError naming the file: merging into it would drop it."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    where = f"--write {str(path)!r}"
+    try:
+        loaded = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{where}: not a readable YAML lrs file ({first}); "
+                         "fix or move it, or write elsewhere") from None
+    if loaded is None:
+        return {}
+    shape = "a mapping with 'lr: {method: rate}' and 'trials: {method: [...]}' (as train.sweep writes it)"
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: holds a {type(loaded).__name__}, not {shape}; fix or move "
+                         "it, or write elsewhere")
+    lrs, trials = loaded.get("lr") or {}, loaded.get("trials") or {}
+    problems = []
+    if not isinstance(lrs, dict):
+        problems.append(f"lr is {lrs!r}")
+    else:
+        for method, value in lrs.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                problems.append(f"lr.{method} = {value!r} is not a positive number")
+    if not isinstance(trials, dict):
+        problems.append(f"trials is {trials!r}")
+    else:
+        for method, value in trials.items():
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                problems.append(f"trials.{method} = {value!r} is not a list of trials")
+    if problems:
+        raise ValueError(f"{where}: not {shape}: " + "; ".join(problems) + "; fix or move it, "
+                         "or write elsewhere")
+    return loaded
+
+
 def write_lrs(
     path: str | Path, results: Mapping[str, Mapping[str, Any]], *, header: str = ""
 ) -> Path:
-    """Write (merge into) a ``--lrs`` file: ``lr: {method: best}`` and ``trials: {method: [...]}``."""
+    """Write (merge into) a ``--lrs`` file: ``lr: {method: best}`` and ``trials: {method: [...]}``.
+    The other methods of an existing file are kept (with their trials); a method swept again
+    replaces its entry (``main`` refuses that without ``--overwrite``)."""
     path = Path(path)
-    existing: dict[str, Any] = {}
-    if path.is_file():
-        loaded = yaml.safe_load(path.read_text())
-        existing = loaded if isinstance(loaded, dict) else {}
+    existing = read_lrs_file(path)
     lrs = dict(existing.get("lr") or {})
     trials = dict(existing.get("trials") or {})
     for method, result in results.items():
@@ -184,7 +226,10 @@ def _shipped_configs_dirs() -> list[Path]:
     return [Path(CONFIGS_DIR).resolve(), Path(hacbo_jax.__file__).parent.resolve()]
 
 
-def _check_write_target(write: Path, overwrite: bool) -> None:
+def _check_write_target(write: Path, overwrite: bool, methods: Sequence[str] = ()) -> None:
+    """Before any trial: ``write`` is not a shipped file (without ``overwrite``), not a
+    directory, and, if it exists, a readable lrs file that records none of ``methods`` (their
+    recorded trials would be replaced; ``overwrite`` allows it). Other methods are merged."""
     target = write.resolve()
     if not overwrite and any(target.is_relative_to(d) for d in _shipped_configs_dirs()):
         raise ValueError(
@@ -193,12 +238,21 @@ def _check_write_target(write: Path, overwrite: bool) -> None:
         )
     if write.is_dir():
         raise ValueError(f"--write {str(write)!r} is a directory, not a file")
+    existing = read_lrs_file(write)
+    recorded = set(existing.get("lr") or {}) | set(existing.get("trials") or {})
+    again = [m for m in methods if m in recorded]
+    if again and not overwrite:
+        raise ValueError(
+            f"--write {str(write)!r} already records {', '.join(again)} (an earlier sweep's "
+            "rate and trials, which this sweep would replace); pass --overwrite to replace "
+            "them, or write elsewhere (its other methods are always kept)"
+        )
     write.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails now, not at the end
 
 
 @cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.sweep") -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("--config", required=True, help="base config (YAML)")
@@ -219,7 +273,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
     parser.add_argument(
         "--write", default=None, help="output lrs file (default OUT/lrs.yaml; merged into)"
     )
-    add_overwrite_argument(parser, "a shipped lrs file named by --write")
+    add_overwrite_argument(
+        parser, "a shipped lrs file named by --write, or the entries of the swept methods in it"
+    )
     add_overrides_argument(parser, "dotted overrides for every trial run (e.g. optim.max_steps=30)")
     args = parser.parse_args(argv)
     command = command_line(prog, argv)
@@ -241,7 +297,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.swee
                 f"--out {out}: {trials_dir} already holds trial runs of an earlier "
                 "sweep (never overwritten); choose another --out or delete it"
             )
-    _check_write_target(write, args.overwrite)
+    _check_write_target(write, args.overwrite, methods)
     from hacbo_jax.experiments.compare.base import enable_compilation_cache
 
     enable_compilation_cache(out / "jax_cache")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 __all__ = [
+    "ArgumentParser",
     "EXPECTED_ERRORS",
     "add_overrides_argument",
     "add_overwrite_argument",
@@ -34,6 +35,38 @@ def usage_error(prog: str, error: Exception) -> int:
     """Prints ``PROG: error: ...`` (argparse's format) and returns exit status 2."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     return 2
+
+
+def repeated_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """The options of ``parser`` that take a value and appear more than once in ``argv``
+    (``--out a --out=b``): argparse would keep the last one silently."""
+    counts: dict[str, int] = {}
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("-"):
+            continue
+        action = parser._option_string_actions.get(token.split("=", 1)[0])
+        if action is None or action.nargs == 0 or isinstance(action, argparse._AppendAction):
+            continue  # a flag may be repeated harmlessly; an appending option is meant to be
+        name = action.option_strings[-1]
+        counts[name] = counts.get(name, 0) + 1
+    return [name for name, n in counts.items() if n > 1]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, refusing an option that takes a value given twice (argparse keeps the
+    last one silently, as YAML would a duplicate key): ``PROG: error: ...`` and exit 2."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = sys.argv[1:] if args is None else list(args)
+        repeated = repeated_options(self, argv)
+        if repeated:
+            self.error(
+                "; ".join(f"option {name} given twice" for name in repeated)
+                + " (argparse would keep the last silently); give each option once"
+            )
+        return super().parse_known_args(args, namespace)
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser, help: str) -> None:

@@ -18,7 +18,12 @@ from typing import Sequence
 
 import numpy as np
 
-from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
+from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
+    add_overwrite_argument,
+    check_output_target,
+    cli_main,
+)
 
 __all__ = ["export_checkpoint", "main"]
 
@@ -56,7 +61,7 @@ def export_checkpoint(run_dir: str | Path, step: int | None, out_dir: str | Path
 def main(
     argv: Sequence[str] | None = None, *, prog: str = "python -m train.export_checkpoint"
 ) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser = ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")

@@ -276,3 +276,169 @@ def test_bad_arguments_exit_2_without_traceback(case, tmp_path, monkeypatch, cap
         status = e.code
     _expect_usage_error(status, capsys, prog)
     assert not Path(UNWRITABLE).exists()
+
+
+# ---- 5. odd usage found by the hostile-input harness (scripts/hostile_round.py) ----
+
+
+_REPEATED = {
+    "report": ("hacbo_jax.experiments.report", ["RUN", "--out", "a", "--out", "b"]),
+    "export": ("hacbo_jax.trainer.export", ["RUN", "--step", "1", "--step", "2", "--out", "e"]),
+    "sweep": ("hacbo_jax.experiments.sweep", ["--config", "tiny_cpu", "--trials", "1", "--trials", "2"]),
+    "compare": ("hacbo_jax.experiments.compare.run", ["--config", "tiny_cpu", "--config=adamw"]),
+    "evidence": ("hacbo_jax.experiments.evidence.run", ["tune", "--seeds", "1", "--seeds", "2"]),
+    "curvature": ("hacbo_jax.experiments.curvature.run", ["M", "--out", "o", "--rows", "1", "--rows=2"]),
+    "lrwd": ("hacbo_jax.experiments.lrwd.run", ["--out", "o", "--out", "p"]),
+    "finetune": ("hacbo_jax.trainer.finetune", ["--config", "tiny_cpu", "--config", "adamw"]),
+    "autolrs": ("hacbo_jax.experiments.autolrs.run", ["--config", "tiny_cpu", "--config", "adamw"]),
+    "pretrain": ("train.pretrain_base", ["--steps", "1", "--steps", "2"]),
+}
+
+
+@pytest.mark.parametrize("tool", sorted(_REPEATED))
+def test_an_option_given_twice_is_refused(tool, tmp_path, monkeypatch, capsys):
+    """argparse keeps the last of a repeated option silently (``--out a --out b`` wrote to b);
+    like a key given twice in the overrides, it is refused, naming the option."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    module, argv = _REPEATED[tool]
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "given twice" in err and "Traceback" not in err, err
+    option = next(a for a in argv[::-1] if a.startswith("--")).split("=")[0]
+    assert option in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_option_repeated_in_the_parser_helper_counts_equals_forms():
+    from hacbo_jax.trainer.cli_common import ArgumentParser
+
+    parser = ArgumentParser(prog="tool")
+    parser.add_argument("--out")
+    parser.add_argument("--flag", action="store_true")
+    parser.add_argument("rest", nargs="*")
+    assert parser.parse_args(["--flag", "--flag", "--out", "x", "a=--out"]).out == "x"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out=x", "--out", "y"])
+
+
+RECORDED_LRS = """# an earlier sweep
+lr: {adamw: 0.001, hacbo: 0.002}
+trials:
+  adamw: [{lr: 0.001, exact_match: 0.5, final_train_loss: 1.0, diverged: false}]
+  hacbo: [{lr: 0.002, exact_match: 0.6, final_train_loss: 1.0, diverged: false}]
+"""
+
+
+def _sweep_argv(tmp_path, write, *methods):
+    return ["--config", "tiny_cpu", "--methods", ",".join(methods), "--trials", "1",
+            "--out", str(tmp_path / "o"), "--write", str(write)]  # fmt: skip
+
+
+def test_sweep_never_drops_the_trials_recorded_in_an_existing_lrs_file(
+    tmp_path, monkeypatch, capsys
+):
+    """--write into an lrs.yaml outside the package: other methods' entries are merged (kept);
+    a method the file already records is refused before any trial (its recorded trials would
+    be replaced) unless --overwrite is given."""
+    import yaml
+
+    from hacbo_jax.experiments import sweep
+    from hacbo_jax.experiments.compare import base
+
+    monkeypatch.setattr(sweep, "_default_run_fn", _fake_run)
+    monkeypatch.setattr(base, "enable_compilation_cache", lambda path: None)
+    write = tmp_path / "mine" / "lrs.yaml"
+    write.parent.mkdir()
+    write.write_text(RECORDED_LRS)
+    before = _digest(write)
+    status = sweep.main(_sweep_argv(tmp_path, write, "adamw"))
+    _expect_usage_error(status, capsys, "python -m train.sweep", "adamw", str(write), "--overwrite")
+    assert _digest(write) == before and not (tmp_path / "o" / "adamw").exists()
+    assert sweep.main(_sweep_argv(tmp_path, write, "blac")) == 0
+    data = yaml.safe_load(write.read_text())
+    assert data["lr"]["adamw"] == 0.001 and data["lr"]["hacbo"] == 0.002 and "blac" in data["lr"]
+    assert len(data["trials"]["adamw"]) == 1 and len(data["trials"]["hacbo"]) == 1
+    assert sweep.main([*_sweep_argv(tmp_path / "again", write, "adamw"), "--overwrite"]) == 0
+    assert yaml.safe_load(write.read_text())["lr"]["hacbo"] == 0.002
+
+
+@pytest.mark.parametrize(
+    "text", ["lr: [", "- 1\n- 2\n", "lr: 5\n", "lr: {adamw: fast}\n", "trials: {adamw: 3}\n"]
+)
+def test_sweep_refuses_an_unreadable_lrs_file_before_any_trial(text, tmp_path, monkeypatch, capsys):
+    from hacbo_jax.experiments import sweep
+
+    calls = []
+    monkeypatch.setattr(sweep, "_default_run_fn", lambda cfg, **kw: calls.append(cfg))
+    write = tmp_path / "lrs.yaml"
+    write.write_text(text)
+    status = sweep.main(_sweep_argv(tmp_path, write, "blac"))
+    _expect_usage_error(status, capsys, "python -m train.sweep", str(write))
+    assert calls == [] and write.read_text() == text
+
+
+def test_report_names_a_run_file_that_is_not_utf8_or_not_an_object(one_run, tmp_path, capsys):
+    from hacbo_jax.experiments import report as R
+
+    prog = "python -m train.report"
+    metrics = one_run / "metrics.jsonl"
+    saved = metrics.read_bytes()
+    metrics.write_bytes(saved + b"\x80\xff\n")
+    _expect_usage_error(R.main([str(one_run), "--out", str(tmp_path / "a")]), capsys, prog, "metrics.jsonl")
+    metrics.write_bytes(saved)
+    (one_run / "summary.json").write_text("[1, 2]")
+    _expect_usage_error(R.main([str(one_run), "--out", str(tmp_path / "b")]), capsys, prog, "summary.json")
+    (one_run / "summary.json").write_bytes(b"{\"steps\": \"\xe9\"}")
+    _expect_usage_error(R.main([str(one_run), "--out", str(tmp_path / "c")]), capsys, prog, "summary.json")
+
+
+def test_evidence_report_of_no_runs_is_refused_writing_nothing(tmp_path, capsys):
+    from hacbo_jax.experiments.evidence import run as E
+
+    (tmp_path / "ev").mkdir()
+    status = E.main(["report", "--out", str(tmp_path / "ev"), "--report-dir", str(tmp_path / "rep")])
+    _expect_usage_error(status, capsys, "python -m train.evidence", str(tmp_path / "ev"))
+    assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--steps", "0"], "--steps"),
+        (["--vocab-size", "0"], "--vocab-size"),
+        (["--num-heads", "3"], "--num-kv-heads"),
+        (["--gsm8k-share", "2"], "--gsm8k-share"),
+        (["--lr", "nan"], "--lr"),
+        (["--task", "zzz"], "zzz"),
+    ],
+)
+def test_pretrain_base_checks_its_arguments_before_any_work(argv, needle, tmp_path, monkeypatch, capsys):
+    from hacbo_jax.trainer import pretrain_base
+    from train.pretrain_base import main
+
+    monkeypatch.setattr(pretrain_base, "main", lambda argv: pytest.fail("work started"))
+    status = main(["--out", str(tmp_path / "base"), *argv])
+    err = capsys.readouterr().err
+    assert status == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_pretrain_base_never_replaces_a_non_empty_out_without_overwrite(tmp_path, monkeypatch, capsys):
+    """The builder removes its output directory before saving: a directory holding anything
+    else is refused before the training, unless --overwrite is given."""
+    from hacbo_jax.trainer import pretrain_base
+    from train.pretrain_base import main
+
+    calls = []
+    monkeypatch.setattr(pretrain_base, "main", lambda argv: calls.append(argv))
+    taken = _non_empty(tmp_path)
+    _expect_usage_error(main(["--out", str(taken)]), capsys, "python -m train.pretrain_base", "not empty", "--overwrite")
+    (tmp_path / "f").write_text("x")
+    _expect_usage_error(main(["--out", str(tmp_path / "f")]), capsys, "python -m train.pretrain_base", "is a file")
+    assert calls == [] and (taken / "earlier.txt").is_file()
+    assert main(["--out", str(taken), "--overwrite"]) == 0 and calls == [["--out", str(taken)]]
+    assert main([]) == 0  # the default: the embedded model's own directory, rebuilt

@@ -47,7 +47,12 @@ from pathlib import Path
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, cli_main
+from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
+    add_overrides_argument,
+    cli_main,
+    command_line,
+)
 from hacbo_jax.experiments.compare.base import (
     comparable_config,
     enable_compilation_cache,
@@ -349,7 +354,7 @@ def _parse_seeds(args: argparse.Namespace) -> list[int]:
 
 @cli_main
 def main(argv: Sequence[str] | None = None, *, prog: str = "python -m train.compare") -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("--config", required=True, help="base config (YAML)")

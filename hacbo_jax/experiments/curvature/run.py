@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
+from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
+    add_overwrite_argument,
+    check_output_target,
+    cli_main,
+)
 
 _MAGIC = {b"\x93NUMPY": ".npy", b"PK\x03\x04": ".npz (zip)", b"\x80": "pickle"}
 
@@ -161,7 +166,7 @@ def load_curvature(path: str) -> np.ndarray:
 
 
 def parse_args(argv=None, prog: str = "hacbo-probe-curvature") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", help="Hugging Face Qwen3 checkpoint directory")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--prefix", default="curvature", help="output file name prefix")

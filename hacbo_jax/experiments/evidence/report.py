@@ -572,8 +572,15 @@ def write_evidence_report(
     """Writes ``summary.json`` first, then the figures and ``report.md`` from it; returns the
     report's path."""
     out_dir, report_dir = Path(out_dir), Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    if not out_dir.is_dir():
+        raise ValueError(f"--out {str(out_dir)!r}: not a directory (the evidence runs' --out)")
     summary = build_summary(out_dir)
+    if not summary["methods"] and not summary["stability"]:
+        raise ValueError(
+            f"--out {str(out_dir)!r}: no finished run of the budget or stability part to report "
+            "on (run those parts with this --out first)"
+        )
+    report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     summary = json.loads((report_dir / SUMMARY_FILE).read_text())  # the report reads the file
     figures = {}

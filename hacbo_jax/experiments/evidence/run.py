@@ -41,7 +41,12 @@ from typing import Any
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, command_line, cli_main
+from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
+    add_overrides_argument,
+    cli_main,
+    command_line,
+)
 from hacbo_jax.experiments.compare.run import UTC_TIME_FORMAT, RunSpec, execute_runs
 from hacbo_jax.experiments.compare.base import enable_compilation_cache, ensure_base_eval
 from hacbo_jax.trainer.config import ConfigError, load_config
@@ -286,7 +291,7 @@ class Args:
 
 
 def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentParser, Args]:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
     )
     parser.add_argument("part", choices=("tune", "budget", "stability", "report"))

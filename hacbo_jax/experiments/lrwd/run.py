@@ -23,7 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from hacbo_jax.assets import ASSETS_DIR
-from hacbo_jax.trainer.cli_common import add_overwrite_argument, check_output_target, cli_main
+from hacbo_jax.trainer.cli_common import (
+    ArgumentParser,
+    add_overwrite_argument,
+    check_output_target,
+    cli_main,
+)
 
 DEFAULT_TOKENIZER = ASSETS_DIR / "tiny-qwen3-gsm"
 
@@ -127,7 +132,7 @@ def make_train_fn(args: argparse.Namespace):
 
 
 def parse_args(argv=None, prog: str = "hacbo-sweep-lrwd") -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--lr", type=float, default=2.0**-9, help="anchor eta_0")
     p.add_argument("--wd", type=float, default=0.5, help="anchor lambda_0")

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import yaml
 
-from hacbo_jax.trainer.cli_common import add_overrides_argument, usage_error
+from hacbo_jax.trainer.cli_common import ArgumentParser, add_overrides_argument, usage_error
 from hacbo_jax.trainer.config.keys import describe_keys
 from hacbo_jax.trainer.config.load import (
     config_to_dict,
@@ -64,7 +64,7 @@ def parse_cli(
     convention for usage errors), so no work starts. ``--print-config`` prints the resolved
     config and the derived step counts and exits with status 0. ``--help`` lists every key.
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         allow_abbrev=False,  # "--resum" must not pass for "--resume"
         description=description,
