@@ -249,9 +249,31 @@ def _resolve_checkpoint_dir(path_or_hub_id) -> str:
         return path
     if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
         raise ValueError(f"{path!r} is neither a checkpoint directory nor a hub id 'org/name'")
-    from huggingface_hub import snapshot_download
+    return hub_snapshot(path, ["*.json", "*.safetensors"])
 
-    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+
+def hub_snapshot(hub_id: str, allow_patterns: list[str], what: str = "hub id") -> str:
+    """The local directory of ``hub_id``'s files (the Hugging Face cache; downloaded when the hub
+    is reachable). Any failure -- offline and not cached, no network, no such repository, a
+    gated one -- is a ValueError of one line naming ``what`` and the id, not the hub client's
+    multi-line exception."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(hub_id, allow_patterns=allow_patterns)
+    except Exception as e:  # the hub client raises many types (OSError, HTTPError, ValueError)
+        if constants.HF_HUB_OFFLINE:
+            raise ValueError(
+                f"{what} {hub_id!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                "and the hub is offline (HF_HUB_OFFLINE=1); download it once while online, or give "
+                "a local model directory"
+            ) from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{what} {hub_id!r}: cannot be fetched from the Hugging Face hub (offline, no network, "
+            f"or no such repository: {type(e).__name__}: {first}); check the id and the "
+            "network, or give a local model directory"
+        ) from None
 
 
 def _checkpoint_files(directory: str) -> dict[str, str]:

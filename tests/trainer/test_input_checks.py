@@ -133,6 +133,19 @@ def test_max_len_beyond_the_model_is_refused_before_allocation():
     assert load_config("tiny_cpu", ["data.max_len=1024"]).data.max_len == 1024
 
 
+@pytest.mark.parametrize(
+    "key", ["optim.max_steps", "optim.epochs", "checkpoint.every", "logging.every",
+            "data.synthetic.n_train", "controller.hacbo.interval"],
+)
+def test_integers_beyond_int32_are_refused_naming_the_key(key):
+    """Step counters and sizes live in int32 on the device: 10**30 as optim.max_steps once ran
+    (epochs decided the length) and would overflow the step counter of a longer run."""
+    with pytest.raises(ConfigError, match=rf"{key} = 10{{30}}|{key} = 1000000000000000000000000000000: must be < 2\*\*31"):
+        load_config("tiny_cpu", [f"{key}={10**30}"])
+    with pytest.raises(ConfigError, match=rf"{key} = 2147483648: must be < 2\*\*31"):
+        load_config("tiny_cpu", [f"{key}={2**31}"])
+
+
 # 4. Micro-dev refreshes ----------------------------------------------------------------------
 
 
@@ -293,3 +306,61 @@ def test_any_model_config_gives_problems_not_exceptions(tmp_path_factory, change
     problems = check_model_dir(str(model))
     assert isinstance(problems, list)
     assert isinstance(validate.model_limits(str(model)), dict)
+
+
+# 8. Hugging Face hub ids while offline ------------------------------------------------------
+
+
+def _offline_cli(tmp_path, *argv: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"),
+           "PYTHONPATH": str(PACKAGE_ROOT.parent)}  # fmt: skip
+    env.pop("HACBO_TRACEBACK", None)
+    return subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override, hub_id",
+    [("model.path=no-such-org/no-such-model", "no-such-org/no-such-model"),
+     ("model.tokenizer=no-such-org/no-such-tokenizer", "no-such-org/no-such-tokenizer")],
+)
+@pytest.mark.parametrize("print_config", [False, True])
+def test_hub_id_offline_is_a_one_line_refusal_naming_the_id(tmp_path, override, hub_id, print_config):
+    argv = ["-m", "train.finetune", "--config", "tiny_cpu", f"output_dir={tmp_path / 'run'}",
+            override, *(["--print-config"] if print_config else [])]  # fmt: skip
+    done = _offline_cli(tmp_path, *argv)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and hub_id in done.stderr and "offline" in done.stderr, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_from_pretrained_of_a_hub_id_offline_raises_one_line_naming_the_id(tmp_path):
+    script = ("from hacbo_jax.models.qwen3_hf import from_pretrained\n"
+              "try:\n    from_pretrained('no-such-org/no-such-model')\n"
+              "except ValueError as e:\n    print('VALUEERROR', e)\n")  # fmt: skip
+    done = _offline_cli(tmp_path, "-c", script)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    assert line.startswith("VALUEERROR") and "no-such-org/no-such-model" in line and "offline" in line
+
+
+def test_print_config_reports_weight_and_vocabulary_problems(model_copy, capsys):
+    """--print-config runs the cheap model checks (config.json, the tensor set and shapes from
+    the safetensors headers, the tokenizer against the vocabulary) after printing the config;
+    not the finiteness scan of every weight nor the data, which the run itself checks."""
+    _rewrite(model_copy, lambda w: w.pop("model.norm.weight"))
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--config", "tiny_cpu", f"model.path={model_copy}", "--print-config"])
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert "optim:" in captured.out  # the config is still printed
+    assert "model.norm.weight missing" in captured.err and "Traceback" not in captured.err
+    with pytest.raises(SystemExit) as e:
+        parse_cli(["--config", "tiny_cpu", "--print-config"])
+    assert e.value.code == 0

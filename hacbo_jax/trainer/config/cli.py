@@ -101,5 +101,22 @@ def parse_cli(
         raise SystemExit(usage_error(parser.prog, e)) from None
     if args.print_config:
         print_config(cfg)
-        raise SystemExit(0)
+        raise SystemExit(_print_config_problems(parser.prog, cfg))
     return cfg, args
+
+
+def _print_config_problems(prog: str, cfg: Config) -> int:
+    """After ``--print-config``: the cheap model checks (a hub id resolved through the local
+    cache, config.json, the tensor names, shapes and dtypes from the safetensors headers, the
+    tokenizer against the vocabulary, data.max_len against the model), reported as the run
+    would (exit 2). Not the finiteness scan of every weight (a read of all of them) nor the
+    data rows and output directory: the run checks those before it starts."""
+    from hacbo_jax.trainer.config.validate import check_model_inputs
+
+    problems, _ = check_model_inputs(cfg, scan_values=False)
+    if not problems:
+        return 0
+    sys.stdout.flush()
+    return usage_error(
+        prog, "the run would not start:\n" + "\n".join(f"  - {p}" for p in problems)
+    )

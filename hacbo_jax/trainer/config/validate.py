@@ -350,9 +350,30 @@ def _float_fields(node: Any, prefix: str = ""):
             yield prefix + f.name, value
 
 
+INT32_LIMIT = 2**31  # step counters and sizes are int32 on the device
+
+
+def _int_fields(node: Any, prefix: str = ""):
+    """``(dotted key, value)`` of every integer-valued field of a config tree."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _int_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield prefix + f.name, value
+
+
 def check_finite(cfg: Config, problems: list[str], bad: set[str]) -> None:
-    """Every float key finite (YAML's ``.inf``, ``nan``, ``1e400`` parse as floats), and
-    ``optim.lr`` not absurd (<= :data:`MAX_LR`)."""
+    """Every float key finite (YAML's ``.inf``, ``nan``, ``1e400`` parse as floats), every
+    integer key but ``seed`` (uint32, checked by its own range) below 2**31, and ``optim.lr``
+    not absurd (<= :data:`MAX_LR`)."""
+    for key, value in _int_fields(cfg):
+        if key in bad or key == "seed" or value < INT32_LIMIT:
+            continue
+        problems.append(
+            f"{key} = {value}: must be < 2**31 (step counts and sizes are 32-bit integers)"
+        )
+        bad.add(key)
     for key, value in _float_fields(cfg):
         if key in bad:
             continue
@@ -681,7 +702,9 @@ def check_model_limits(cfg: Config, problems: list[str], bad: set[str]) -> None:
         bad.add("data.max_len")
 
 
-def check_model_dir(path: str, info: dict[str, Any] | None = None) -> list[str]:
+def check_model_dir(
+    path: str, info: dict[str, Any] | None = None, *, scan_values: bool = True
+) -> list[str]:
     """Problems of a local model directory: config.json (valid JSON, sizes in range, a supported
     model_type), the safetensors files (complete headers), exactly the tensors the config implies
     (none missing, none extra, each with its shape), every tensor floating point and finite.
@@ -755,9 +778,10 @@ def check_model_dir(path: str, info: dict[str, Any] | None = None) -> list[str]:
             f"tie_word_embeddings = {config.tie_word_embeddings}): {_shown(extra)}; the "
             "config.json must describe the weights exactly"
         )
-    _check_weight_values(
-        {k: v for k, v in headers.items() if k in expected or k in tolerated}, problems, path
-    )
+    if scan_values:
+        _check_weight_values(
+            {k: v for k, v in headers.items() if k in expected or k in tolerated}, problems, path
+        )
     if info is not None:
         info.update(config=config, n_params=n_params)
     return problems
@@ -921,32 +945,69 @@ def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
     return []
 
 
+def _local_dir(path: str, key: str, patterns: list[str], problems: list[str]) -> str | None:
+    """``path`` itself when it is a local directory, else (a hub id) its snapshot in the Hugging
+    Face cache, downloaded when online; None with the problem (one line naming the id: offline
+    and not cached, no network, no such repository) appended."""
+    if Path(path).is_dir():
+        return path
+    from hacbo_jax.models.qwen3_hf import hub_snapshot
+
+    try:
+        return hub_snapshot(path, patterns, what=f"{key} =")
+    except ValueError as e:
+        problems.append(str(e))
+        return None
+
+
+_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+
+
+def check_model_inputs(
+    cfg: Config, info: dict[str, Any] | None = None, *, scan_values: bool = True
+) -> tuple[list[str], Any]:
+    """``(problems, tokenizer or None)`` of the model and its tokenizer: config.json, the tensors
+    (``scan_values``: also every weight's finiteness, a read of all the weights), the tokenizer
+    files, the vocabulary against the tokenizer and ``data.max_len`` against the model. A hub
+    id is resolved through the local Hugging Face cache (downloaded when online) first."""
+    problems: list[str] = []
+    info = {} if info is None else info
+    model_dir = _local_dir(cfg.model.path, "model.path", ["*.json", "*.safetensors"], problems)
+    if model_dir is not None:
+        problems += check_model_dir(model_dir, info, scan_values=scan_values)
+    if cfg.model.tokenizer is not None and cfg.model.tokenizer == cfg.model.path:
+        tokenizer = model_dir and load_checked_tokenizer(model_dir, problems)  # said once
+    elif cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
+        found = _local_dir(cfg.model.tokenizer, "model.tokenizer", _TOKENIZER_PATTERNS, problems)
+        tokenizer = found and load_checked_tokenizer(found, problems, "model.tokenizer")
+    else:
+        tokenizer = model_dir and load_checked_tokenizer(model_dir, problems)
+    model_config = info.get("config")
+    if model_config is not None:
+        if cfg.data.max_len > model_config.max_position_embeddings:
+            problems.append(
+                f"data.max_len = {cfg.data.max_len}: must be <= the model's "
+                f"max_position_embeddings = {model_config.max_position_embeddings} "
+                f"(model.path = {cfg.model.path!r})"
+            )
+            info["max_len_ok"] = False
+        if tokenizer is not None:
+            problems += check_vocab(model_config.vocab_size, tokenizer, cfg.model.path)
+    return problems, tokenizer or None
+
+
 def check_run_inputs(cfg: Config, *, resume: bool) -> list[str]:
     """Every problem of the run's inputs that needs their content (model directory, tokenizer,
     data rows, at least one answer token within ``data.max_len``, output directory), found
     without building the model or writing anything."""
     problems = check_output_dir(cfg, resume=resume)
     info: dict[str, Any] = {}
-    model_problems = check_model_dir(cfg.model.path, info)
+    model_problems, tokenizer = check_model_inputs(cfg, info)
     problems += model_problems
-    if cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
-        tokenizer = load_checked_tokenizer(cfg.model.tokenizer, problems, "model.tokenizer")
-    else:
-        tokenizer = load_checked_tokenizer(cfg.model.path, problems)
     d = cfg.data
-    model_config = info.get("config")
-    max_len_ok = True
-    if model_config is not None:
-        if d.max_len > model_config.max_position_embeddings:
-            problems.append(
-                f"data.max_len = {d.max_len}: must be <= the model's max_position_embeddings = "
-                f"{model_config.max_position_embeddings} (model.path = {cfg.model.path!r})"
-            )
-            max_len_ok = False
-        if tokenizer is not None:
-            problems += check_vocab(model_config.vocab_size, tokenizer, cfg.model.path)
-        if not problems:
-            problems += check_free_disk(cfg, info["n_params"])
+    max_len_ok = info.get("max_len_ok", True)
+    if info.get("config") is not None and not problems:
+        problems += check_free_disk(cfg, info["n_params"])
     files_ok = True
     # Other formats and file types are checked row by row when they are read (formats.py).
     if (
