@@ -13,6 +13,7 @@ __all__ = [
     "ABLATIONS",
     "ALPHA",
     "COMPARED_METHODS",
+    "LORA_METHODS",
     "LR_FALLBACK",
     "METHODS",
     "REFERENCE_METHOD",
@@ -38,6 +39,15 @@ METHODS: dict[str, tuple[str, ...]] = {
     "hacbo_no_probation": ("controller.kind=hacbo", "controller.hacbo.probation=false"),
     "hacbo_debias": ("controller.kind=hacbo", "controller.hacbo.debias=true"),
 }
+# LoRA (rank 8 adapters on every projection, hacbo_jax.models.lora): AdamW, or a controller,
+# over the adapters only, grouped by (block, sub-module) as the kernels are in full fine-tuning.
+# Kept apart from METHODS so that "all" stays the full-fine-tuning grid; named in --methods
+# (and in a learning-rate file) like any other method.
+LORA_METHODS: dict[str, tuple[str, ...]] = {
+    "lora": ("controller.kind=none", "lora.rank=8"),
+    "lora_hacbo": ("controller.kind=hacbo", "lora.rank=8"),
+    "lora_adagradselect": ("controller.kind=adagradselect", "lora.rank=8"),
+}
 COMPARED_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "adagradselect")
 ABLATIONS = ("hacbo_no_curvature", "hacbo_no_refresh", "hacbo_no_probation", "hacbo_debias")
 LR_FALLBACK = {name: "hacbo" for name in ("hacbo_gamma0", "hacbo_share_uniform", *ABLATIONS)}
@@ -47,13 +57,15 @@ ALPHA = 0.05
 
 def method_overrides(method: str) -> tuple[str, ...]:
     """Config overrides of a named method (also sets ``method=<name>`` for the logs)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    return (*METHODS[method], f"method={method}")
+    known = {**METHODS, **LORA_METHODS}
+    if method not in known:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(known)}")
+    return (*known[method], f"method={method}")
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"adamw,hacbo"`` -> ["adamw", "hacbo"]; ``"all"`` -> every method; checks the names."""
+    """``"adamw,hacbo"`` -> ["adamw", "hacbo"]; ``"all"`` -> every method of :data:`METHODS`
+    (the LoRA ones are named explicitly); checks the names."""
     names = (
         list(METHODS)
         if text.strip() == "all"
@@ -61,7 +73,8 @@ def parse_methods(text: str) -> list[str]:
     )
     if not names:
         raise ValueError(
-            f"--methods {text!r}: give a comma-separated list of {', '.join(METHODS)}, or 'all'"
+            f"--methods {text!r}: give a comma-separated list of "
+            f"{', '.join([*METHODS, *LORA_METHODS])}, or 'all'"
         )
     for name in names:
         method_overrides(name)

@@ -182,7 +182,11 @@ class LoRALinear(nnx.Module):
         self.dropout_rate = settings.dropout
         self.dropout = nnx.Dropout(settings.dropout, rngs=rngs) if settings.dropout else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, weight_grad: jax.Array | None = None) -> jax.Array:
+        """``weight_grad`` (the layer's skip flag for kernel gradients) is accepted and not
+        used: the base kernel is frozen, so its gradient is never taken, and the adapter's
+        is a rank-r product not worth skipping (a controller's zero update still zeroes it)."""
+        del weight_grad
         y = self.base(x)
         h = x if self.dropout is None else self.dropout(x)
         lead = h.shape[: h.ndim - len(self.in_shape)]

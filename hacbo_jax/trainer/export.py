@@ -7,7 +7,8 @@ the checkpoint of step N is restored onto them, and the params are written with
 ``save_pretrained`` together with the tokenizer. The controller state of that step is written
 beside them (``controller_state.npz``: one array per field) so that tools such as the curvature
 probe can read HACBO's curvature EMA without orbax. A non-empty ``--out`` (an earlier export)
-is refused unless ``--overwrite`` is given.
+is refused unless ``--overwrite`` is given. A LoRA run's checkpoint is exported merged, and its
+adapters also in PEFT's format in ``adapter/`` inside ``--out``.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def export_checkpoint(run_dir: str | Path, step: int | None, out_dir: str | Path
         state, _ = ckpt.restore(step, abstract_target=parts.state)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "controller_state.npz").unlink(missing_ok=True)  # an earlier export's (--overwrite)
-    parts.model_at(state.params).save_pretrained(out_dir)
+    parts.model_at(state.params).save_pretrained(out_dir)  # a LoRA run's merged
     parts.tokenizer.save_pretrained(out_dir)
+    if parts.lora:
+        parts.save_adapter(state.params, out_dir / "adapter")
     controller_state = find_controller_state(state.opt_state)
     if controller_state is not None:
         fields = {

@@ -179,7 +179,11 @@ def _run_owned(
         with open(run_dir / "resume_changes.jsonl", "a") as f:
             f.write(json.dumps({"changes": allowed}) + "\n")
     save_config(cfg, run_dir / "config.yaml")
-    return TrainingLoop(parts, resume=resume, show_progress=show_progress).run(stop_after)
+    loop = TrainingLoop(parts, resume=resume, show_progress=show_progress)
+    summary = loop.run(stop_after)
+    if parts.lora and "stopped_at" not in summary:  # the run's end: its adapters, PEFT format
+        parts.save_adapter(loop.state.params, run_dir / "adapter")
+    return summary
 
 
 # Bad input found at any point (a ConfigError once the data is known, a full disk, an

@@ -10,6 +10,7 @@ state and the jitted step (:func:`hacbo_jax.trainer.step.make_train_step`). ``fi
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import jax
@@ -18,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from hacbo_jax.controllers import controlled_leaves
-from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+from hacbo_jax.models.lora import LoRASettings, add_lora, lora_problems, merge_lora, split_lora
+from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.data import gsm8k as data_lib
 from hacbo_jax.trainer import distributed
 from hacbo_jax.trainer.config import Config, check_mesh, check_pool_size, check_warmup
@@ -52,6 +54,7 @@ __all__ = [
     "RunParts",
     "TaskData",
     "build_run",
+    "check_lora",
     "load_model",
     "load_task_data",
     "load_tokenizer",
@@ -127,7 +130,9 @@ def load_tokenizer(cfg: Config) -> Any:
 
 
 def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
-    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer (:func:`load_tokenizer`)."""
+    """The model of ``cfg.model`` (dtypes, remat) and its tokenizer (:func:`load_tokenizer`);
+    with ``lora.rank`` set, with adapters on ``lora.targets`` (B = 0, or ``lora.adapter``'s)
+    and the base held in ``lora.base_dtype``."""
     model = Qwen3ForCausalLM.from_pretrained(
         cfg.model.path,
         dtype=DTYPES[cfg.model.dtype],
@@ -136,7 +141,61 @@ def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
         scan_layers=cfg.model.scan_layers,
         attention_impl=cfg.model.attention_impl,
     )
+    if cfg.lora.rank is not None:
+        check_lora(cfg, model.config)  # a hub model's config is known only now
+        lora = cfg.lora
+        add_lora(
+            model,
+            _lora_settings(cfg),
+            base_dtype=None if lora.base_dtype is None else DTYPES[lora.base_dtype],
+            rngs=nnx.Rngs(params=cfg.seed),
+        )
+        if lora.adapter is not None:
+            from hacbo_jax.models.lora_peft import load_adapter
+
+            load_adapter(model, lora.adapter)
     return model, load_tokenizer(cfg)
+
+
+def _lora_settings(cfg: Config) -> LoRASettings:
+    lora = cfg.lora
+    return LoRASettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+
+
+def check_lora(cfg: Config, model_config: Qwen3Config | None = None) -> None:
+    """ConfigError listing every reason why ``cfg.lora`` cannot go on the run's model: a rank
+    above a targeted projection's smaller dimension (:func:`~hacbo_jax.models.lora.lora_problems`),
+    ``lora.adapter`` without ``lora.rank``, or an adapter directory that does not match the
+    model or ``lora.*`` (:func:`~hacbo_jax.models.lora_peft.adapter_problems`). Reads
+    config.json (a local ``model.path``; pass ``model_config`` for a hub model) and the
+    adapter's shapes, never weights, so :func:`build_run` calls it before any work."""
+    from hacbo_jax.trainer.config import ConfigError
+
+    lora = cfg.lora
+    problems = []
+    if lora.rank is None:
+        if lora.adapter is not None:
+            problems.append(
+                f"lora.adapter = {lora.adapter!r}: needs lora.rank (and lora.alpha, "
+                "lora.targets) equal to the adapter's r, lora_alpha and target_modules"
+            )
+    else:
+        if model_config is None and os.path.isdir(cfg.model.path):
+            model_config = Qwen3Config.from_hf(cfg.model.path)
+        if model_config is not None:
+            problems += [
+                f"lora.rank = {lora.rank}: {p}"
+                for p in lora_problems(model_config, lora.rank, lora.targets)
+            ]
+            if lora.adapter is not None and not problems:
+                from hacbo_jax.models.lora_peft import adapter_problems
+
+                found, _ = adapter_problems(
+                    os.path.abspath(lora.adapter), model_config, _lora_settings(cfg)
+                )
+                problems += [f"lora.adapter: {p}" for p in found]
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 @dataclasses.dataclass
@@ -177,6 +236,8 @@ class RunParts:
 
     end_tokens: tuple[int, ...] = ()  # every token that ends a generation
     eval_loss: Callable[[Any], float] | None = None  # teacher-forced loss on the eval split
+    # lora.rank set: ``params`` are the adapters (nnx.LoRAParam) and ``rest`` the frozen base
+    lora: bool = False
 
     @property
     def metric(self) -> str:
@@ -222,7 +283,26 @@ class RunParts:
         return dev if self.shardings is None else jax.device_put(dev, self.shardings.dev_buffer)
 
     def model_at(self, params: Any) -> Qwen3ForCausalLM:
+        """The model with ``params``; a LoRA run's with its adapters merged into the base
+        kernels (plain projections: what evaluation decodes with and ``save_pretrained``
+        exports; the run's ``rest`` is not changed)."""
+        model = self.adapted_model_at(params)
+        return merge_lora(model) if self.lora else model
+
+    def adapted_model_at(self, params: Any) -> Qwen3ForCausalLM:
+        """The model with ``params``, a LoRA run's with its adapters as adapters."""
         return nnx.merge(self.graphdef, nnx.State(params), self.rest)
+
+    def save_adapter(self, params: Any, directory: Any) -> None:
+        """Writes a LoRA run's adapters with ``params`` as a PEFT adapter directory
+        (:func:`hacbo_jax.models.lora_peft.save_adapter`)."""
+        from hacbo_jax.models.lora_peft import save_adapter
+
+        save_adapter(
+            self.adapted_model_at(params),
+            directory,
+            base_model_name_or_path=self.cfg.model.path,
+        )
 
     def evaluate(self, params: Any, examples: list[data_lib.Example]) -> EvalResult:
         """Greedy answers of the model with ``params`` on ``examples``, scored with the
@@ -283,6 +363,7 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     ``inject_lr``: AdamW's learning rate is an ``inject_hyperparams`` value in the state, set by
     a driver (``hacbo-autolrs``), instead of the warm-up + cosine schedule."""
     mesh = check_mesh(cfg)
+    check_lora(cfg)  # before the data and the weights are read
     tokenizer = load_tokenizer(cfg)
     task = load_task_data(cfg, tokenizer)  # bad rows fail here, before the model is loaded
     model, _ = load_model(cfg)
@@ -294,10 +375,16 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     check_warmup(cfg, total_steps)
     sampler = data_lib.EpochSampler(len(task.train), cfg.optim.batch_size, seed=cfg.seed)
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params = nnx.to_pure_dict(params)
+    lora = cfg.lora.rank is not None
+    if lora:  # trained: the adapters only; the frozen base is closed over in ``rest``
+        graphdef, params, rest = split_lora(model)
+    else:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = nnx.to_pure_dict(params)
     num_layers = model.config.num_hidden_layers
     del model
+    # LoRA adapters sit under their projection (``layers/3/self_attn/q_proj/lora/lora_a``), so
+    # the same rules group them by (block, sub-module) as full fine-tuning groups the kernels.
     labels = qwen3_labels(params)
     controller = cfg.controller.build(
         labels, steps_per_epoch=cfg.steps_per_epoch(len(task.train)), seed=cfg.seed
@@ -380,4 +467,5 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         packer=packer,
         end_tokens=end_tokens,
         eval_loss=eval_loss,
+        lora=lora,
     )

@@ -57,6 +57,7 @@ __all__ = [
     "DivergenceConfig",
     "EvalConfig",
     "HACBOConfig",
+    "LoRAConfig",
     "LoggingConfig",
     "MeshConfig",
     "MicroDevConfig",
@@ -111,6 +112,74 @@ class ModelConfig:
         # One spelling of the remat mode downstream: the legacy booleans become their mode.
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
+
+
+def _lora_targets_check(v: str) -> str | None:
+    """``lora.targets``: known module names and groups (:func:`hacbo_jax.models.lora.resolve_targets`)."""
+    from hacbo_jax.models.lora import resolve_targets  # jax/flax only once a config names one
+
+    try:
+        resolve_targets(v)
+    except ValueError as e:
+        return f"comma-separated module names or groups: {e}"
+    return None
+
+
+_lora_targets_check.allowed = (  # type: ignore[attr-defined]
+    "comma-separated q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or the "
+    "groups attn, mlp, all"
+)
+
+
+def _lora_dropout_check(v: float) -> str | None:
+    # The training step hands the model no per-step random key (its params are the only
+    # traced input), so a dropout mask could never change between steps: refused rather than
+    # silently reusing one mask. The module API (add_lora) has dropout.
+    return None if v == 0 else (
+        "0 in a training run (the step passes the model no per-step random key, so the "
+        "dropout mask could not change between steps; hacbo_jax.models.lora.add_lora has "
+        "dropout for custom loops)"
+    )
+
+
+_lora_dropout_check.allowed = "0"  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (:mod:`hacbo_jax.models.lora`): train low-rank adapters of a frozen base
+    instead of every weight; off while ``rank`` is null. Checked against the model's
+    config.json (rank against each targeted projection, ``adapter`` against the model) before
+    the run loads any weights."""
+
+    rank: Optional[int] = option(
+        None,
+        in_range(1),
+        help="LoRA rank r (null = off: full fine-tuning); at most the smaller dimension of "
+        "every targeted projection",
+    )
+    alpha: Optional[float] = option(
+        None,
+        in_range(0, lo_open=True),
+        help="the adapters' update is scaled by alpha / rank (PEFT's lora_alpha; null = rank)",
+    )
+    dropout: float = option(
+        0.0, _lora_dropout_check, help="dropout on the adapter input (training runs: 0 only)"
+    )
+    targets: str = option(
+        "all",
+        _lora_targets_check,
+        help="adapted projections: comma-separated q_proj, k_proj, v_proj, o_proj, gate_proj, "
+        "up_proj, down_proj and/or the groups attn, mlp, all",
+    )
+    base_dtype: Optional[Literal["float32", "bfloat16"]] = option(
+        None, help="dtype the frozen base weights are held in (null = model.param_dtype)"
+    )
+    adapter: Optional[str] = option(
+        None,
+        help="PEFT adapter directory to start from instead of B = 0 (its r, lora_alpha and "
+        "target_modules must equal lora.*)",
+    )
 
 
 @dataclass(frozen=True)
@@ -454,6 +523,7 @@ class Config:
         None, help="name of the run in comparisons (null = controller.kind)"
     )
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)  # type: ignore[valid-type]
