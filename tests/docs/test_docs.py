@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # Pages whose examples train or decode for a while: they run in the slow tier.
-SLOW_PAGES = {"own-data.md", "training.md", "scaling.md", "methods.md"}
+SLOW_PAGES = {"own-data.md", "training.md", "scaling.md", "methods.md", "lora.md"}
 
 
 def python_blocks(page: Path) -> list[str]:
