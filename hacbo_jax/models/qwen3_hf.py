@@ -252,16 +252,22 @@ def _resolve_checkpoint_dir(path_or_hub_id) -> str:
     return hub_snapshot(path, ["*.json", "*.safetensors"])
 
 
-def hub_snapshot(hub_id: str, allow_patterns: list[str], what: str = "hub id") -> str:
+def hub_snapshot(
+    hub_id: str, allow_patterns: list[str], what: str = "hub id", *, local_only: bool = False
+) -> str:
     """The local directory of ``hub_id``'s files (the Hugging Face cache; downloaded when the hub
     is reachable). Any failure -- offline and not cached, no network, no such repository, a
     gated one -- is a ValueError of one line naming ``what`` and the id, not the hub client's
-    multi-line exception."""
+    multi-line exception. ``local_only``: the cache only, never the network."""
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return snapshot_download(hub_id, allow_patterns=allow_patterns)
+        return snapshot_download(
+            hub_id, allow_patterns=allow_patterns, local_files_only=local_only
+        )
     except Exception as e:  # the hub client raises many types (OSError, HTTPError, ValueError)
+        if local_only:
+            raise ValueError(f"{what} {hub_id!r}: not in the local Hugging Face cache") from None
         if constants.HF_HUB_OFFLINE:
             raise ValueError(
                 f"{what} {hub_id!r}: not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) "

@@ -106,14 +106,14 @@ def parse_cli(
 
 
 def _print_config_problems(prog: str, cfg: Config) -> int:
-    """After ``--print-config``: the cheap model checks (a hub id resolved through the local
-    cache, config.json, the tensor names, shapes and dtypes from the safetensors headers, the
-    tokenizer against the vocabulary, data.max_len against the model), reported as the run
-    would (exit 2). Not the finiteness scan of every weight (a read of all of them) nor the
-    data rows and output directory: the run checks those before it starts."""
+    """After ``--print-config``: the cheap model checks (config.json, the tensor names, shapes
+    and dtypes from the safetensors headers, the tokenizer against the vocabulary, data.max_len
+    against the model) of a local directory or a hub id already in the local cache, reported as
+    the run would (exit 2). Not a download, not the finiteness scan of every weight (a read of
+    all of them), nor the data rows and output directory: the run checks those first."""
     from hacbo_jax.trainer.config.validate import check_model_inputs
 
-    problems, _ = check_model_inputs(cfg, scan_values=False)
+    problems, _ = check_model_inputs(cfg, cheap=True)
     if not problems:
         return 0
     sys.stdout.flush()

@@ -173,6 +173,11 @@ def resolve_config_path(name: str | os.PathLike) -> Path:
     ``configs/tiny_cpu.yaml`` when no such file exists from the current directory.
     Returns the path as given when nothing matches (reading it then reports the problem).
     """
+    if not str(name).strip():
+        raise ConfigError(
+            f"--config {str(name)!r}: empty; must be a YAML file or the name of a shipped "
+            f"config: {', '.join(shipped_configs())}"
+        )
     given = Path(name).expanduser()
     if given.is_file():
         return given
@@ -190,9 +195,15 @@ def shipped_configs() -> list[str]:
 
 
 def _read_yaml_mapping(path: Path) -> dict:
-    """One config file as a dict (``{}`` when empty); ConfigError naming the file otherwise."""
+    """One config file as a dict; ConfigError naming the file otherwise (a file with no
+    settings, only comments or nothing, included: it would run on every default)."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {str(path)!r}: not UTF-8 text (byte {e.start}: {e.object[e.start]:#04x}); "
+            "must be a YAML file"
+        ) from None
     except OSError as e:
         raise ConfigError(
             f"config file {str(path)!r}: cannot be read ({e.strerror}); must be a YAML file or "
@@ -207,7 +218,13 @@ def _read_yaml_mapping(path: Path) -> dict:
             f"config file {str(path)!r}: must be a YAML mapping of sections, "
             f"got {type(raw).__name__}"
         )
-    return raw or {}
+    if not raw:
+        raise ConfigError(
+            f"config file {str(path)!r}: holds no settings (empty, or only comments); start "
+            "from a shipped config with 'extends: NAME' (e.g. extends: tiny_cpu) and change "
+            "what differs"
+        )
+    return raw
 
 
 def _extended_path(name: Any, path: Path) -> Path:

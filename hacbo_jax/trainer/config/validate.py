@@ -945,18 +945,22 @@ def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
     return []
 
 
-def _local_dir(path: str, key: str, patterns: list[str], problems: list[str]) -> str | None:
+def _local_dir(
+    path: str, key: str, patterns: list[str], problems: list[str], fetch: bool = True
+) -> str | None:
     """``path`` itself when it is a local directory, else (a hub id) its snapshot in the Hugging
     Face cache, downloaded when online; None with the problem (one line naming the id: offline
-    and not cached, no network, no such repository) appended."""
+    and not cached, no network, no such repository) appended. ``fetch`` False: the cache only,
+    and a hub id not in it is no problem (None: not checked)."""
     if Path(path).is_dir():
         return path
     from hacbo_jax.models.qwen3_hf import hub_snapshot
 
     try:
-        return hub_snapshot(path, patterns, what=f"{key} =")
+        return hub_snapshot(path, patterns, what=f"{key} =", local_only=not fetch)
     except ValueError as e:
-        problems.append(str(e))
+        if fetch:
+            problems.append(str(e))
         return None
 
 
@@ -964,21 +968,27 @@ _TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken"]
 
 
 def check_model_inputs(
-    cfg: Config, info: dict[str, Any] | None = None, *, scan_values: bool = True
+    cfg: Config, info: dict[str, Any] | None = None, *, cheap: bool = False
 ) -> tuple[list[str], Any]:
-    """``(problems, tokenizer or None)`` of the model and its tokenizer: config.json, the tensors
-    (``scan_values``: also every weight's finiteness, a read of all the weights), the tokenizer
-    files, the vocabulary against the tokenizer and ``data.max_len`` against the model. A hub
-    id is resolved through the local Hugging Face cache (downloaded when online) first."""
+    """``(problems, tokenizer or None)`` of the model and its tokenizer: config.json, the tensors,
+    every weight's finiteness, the tokenizer files, the vocabulary against the tokenizer and
+    ``data.max_len`` against the model. A hub id is resolved through the local Hugging Face
+    cache (downloaded when online) first. ``cheap`` (``--print-config``): no download (a hub id
+    not in the cache is not checked) and no finiteness scan (a read of every weight)."""
     problems: list[str] = []
     info = {} if info is None else info
-    model_dir = _local_dir(cfg.model.path, "model.path", ["*.json", "*.safetensors"], problems)
+    fetch, scan_values = not cheap, not cheap
+    model_dir = _local_dir(
+        cfg.model.path, "model.path", ["*.json", "*.safetensors"], problems, fetch
+    )
     if model_dir is not None:
         problems += check_model_dir(model_dir, info, scan_values=scan_values)
     if cfg.model.tokenizer is not None and cfg.model.tokenizer == cfg.model.path:
         tokenizer = model_dir and load_checked_tokenizer(model_dir, problems)  # said once
     elif cfg.model.tokenizer is not None:  # resolved at load (resolve_tokenizer)
-        found = _local_dir(cfg.model.tokenizer, "model.tokenizer", _TOKENIZER_PATTERNS, problems)
+        found = _local_dir(
+            cfg.model.tokenizer, "model.tokenizer", _TOKENIZER_PATTERNS, problems, fetch
+        )
         tokenizer = found and load_checked_tokenizer(found, problems, "model.tokenizer")
     else:
         tokenizer = model_dir and load_checked_tokenizer(model_dir, problems)
