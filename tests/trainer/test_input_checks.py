@@ -226,6 +226,24 @@ def test_all_answers_empty_is_refused_naming_file_and_count(tmp_path):
     _one_problem(check_run_inputs(cfg, resume=False), str(train), "10", "empty")
 
 
+@pytest.mark.parametrize(
+    "content, needle",
+    [((GOOD * 20).encode() + b'{"question": "caf\xe9?", "answer": "#### 1"}\n', "line 21"),
+     (bytes(range(256)) * 16, "not UTF-8")],
+)
+def test_jsonl_that_is_not_utf8_text_is_refused_naming_file_and_line(tmp_path, content, needle):
+    """Bytes that are not UTF-8 gave the codec's message without the file (or, for a binary
+    file, a batch-size complaint counted from its newlines)."""
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(content)
+    test = tmp_path / "test.jsonl"
+    test.write_text(GOOD * 4)
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", _gsm(train, test) + [f"output_dir={tmp_path / 'o'}"])
+    assert str(train) in str(e.value) and needle in str(e.value) and "UTF-8" in str(e.value)
+    assert "optim.batch_size" not in str(e.value)
+
+
 def test_json_array_in_jsonl_is_named_as_such(tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text(json.dumps([json.loads(GOOD)] * 20))

@@ -422,6 +422,26 @@ def jsonl_is_array(path: str | Path) -> bool:
     return False
 
 
+def jsonl_text_problem(path: str | Path) -> str | None:
+    """Why a ``.jsonl`` file is not UTF-8 text (naming the first bad line and byte), or None."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None  # reported where the file is read
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return (
+            f"line {line} is not UTF-8 text (byte {data[e.start]:#04x}); JSONL files must be "
+            "UTF-8 (re-save the file as UTF-8)"
+        )
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        return f"line {line} holds a NUL byte: a binary file, not JSON lines"
+    return None
+
+
 def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
     """An empty ``data.train_file``, or one with no rows left after ``data.heldout_size``, is
     reported as such (not as a batch larger than a negative number of examples)."""
@@ -438,6 +458,11 @@ def check_data_rows(cfg: Config, problems: list[str], bad: set[str]) -> None:
                 "write one JSON object per line, or name the file .json"
             )
             bad.add(f"data.{key}")
+        elif f"data.{key}" not in bad and Path(path).suffix == ".jsonl":
+            why = jsonl_text_problem(path)
+            if why:
+                problems.append(f"data.{key} = {path!r}: {why}")
+                bad.add(f"data.{key}")
     if "data.train_file" in bad:
         return
     if not Path(d.train_file).is_file() or Path(d.train_file).suffix != ".jsonl":
@@ -825,11 +850,16 @@ def check_jsonl(key: str, path: str, max_shown: int = 5) -> list[str]:
 
     bad: list[str] = []
     rows = 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             rows += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append(f"line {number}: not UTF-8 text (byte {raw[e.start]:#04x})")
+                continue
             try:
                 record = json.loads(line)
             except ValueError as e:
