@@ -407,3 +407,18 @@ def test_print_config_reports_weight_and_vocabulary_problems(model_copy, capsys)
     with pytest.raises(SystemExit) as e:
         parse_cli(["--config", "tiny_cpu", "--print-config"])
     assert e.value.code == 0
+
+
+# 9. Output directories -----------------------------------------------------------------------
+
+
+def test_output_dir_that_is_a_dangling_symlink_is_refused_before_any_work(tmp_path):
+    """It passed the checks (it does not 'exist') and failed with 'File exists' at mkdir, after
+    the model was loaded."""
+    from hacbo_jax.trainer.config.validate import check_output_dir
+
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    cfg = load_config("tiny_cpu", [f"output_dir={tmp_path / 'run'}"])
+    _one_problem(check_output_dir(cfg, resume=False), "symlink", str(tmp_path / "gone"))
+    (tmp_path / "gone").mkdir()
+    assert check_output_dir(cfg, resume=False) == []

@@ -965,6 +965,12 @@ def check_output_dir(cfg: Config, *, resume: bool) -> list[str]:
             "continue it with --resume (a run stopped before its first checkpoint starts "
             "again from step 0), or choose another output_dir"
         ]
+    for link in (out, *out.parents):
+        if link.is_symlink() and not link.exists():
+            return [
+                f"output_dir = {cfg.output_dir!r}: {link} is a symlink to {os.readlink(link)!r}, "
+                "which does not exist; create that directory, or remove the link"
+            ]
     parent = out
     while not parent.exists():
         parent = parent.parent
