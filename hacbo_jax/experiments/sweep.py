@@ -58,7 +58,10 @@ def _default_run_fn(cfg: Config, *, show_progress: bool = False) -> Mapping[str,
 
 def _check_bounds(lo: float, hi: float) -> None:
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"learning-rate range [{lo}, {hi}]: need 0 < lo < hi (log-uniform)")
+        raise ValueError(
+            f"--lo {lo} --hi {hi}: the learning-rate range needs finite 0 < lo < hi "
+            "(log-uniform)"
+        )
 
 
 def sweep_method(

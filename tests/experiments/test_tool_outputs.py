@@ -442,3 +442,37 @@ def test_pretrain_base_never_replaces_a_non_empty_out_without_overwrite(tmp_path
     assert calls == [] and (taken / "earlier.txt").is_file()
     assert main(["--out", str(taken), "--overwrite"]) == 0 and calls == [["--out", str(taken)]]
     assert main([]) == 0  # the default: the embedded model's own directory, rebuilt
+
+
+@pytest.mark.parametrize("option", ["--data", "--hacbo-state"])
+def test_curvature_names_a_damaged_npz(option, tmp_path, capsys):
+    """A file that starts like a zip (an .npz) but is not one raised zipfile.BadZipFile (a
+    traceback)."""
+    from hacbo_jax.experiments.curvature import run as script
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    bad = tmp_path / "x.npz"
+    bad.write_bytes(b"PK\x03\x04junk")
+    argv = [str(tmp_path / "model"), "--out", str(tmp_path / "o"), option, str(bad)]
+    _expect_usage_error(script.main(argv), capsys, "hacbo-probe-curvature", option, "x.npz")
+
+
+@pytest.mark.parametrize("option", ["--tol", "--trace-tol"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_curvature_names_a_tolerance_that_is_not_a_finite_positive_number(option, value, tmp_path, capsys):
+    from hacbo_jax.experiments.curvature import run as script
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    argv = [str(tmp_path / "model"), "--out", str(tmp_path / "o"), option, value]
+    _expect_usage_error(script.main(argv), capsys, "hacbo-probe-curvature", option)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("lo, hi", [("1e-2", "1e-4"), ("-1", "1e-3"), ("1e-5", "nan")])
+def test_sweep_names_the_options_of_a_bad_rate_range(lo, hi, tmp_path, capsys):
+    from hacbo_jax.experiments import sweep
+
+    argv = ["--config", "tiny_cpu", "--out", str(tmp_path / "o"), "--lo", lo, "--hi", hi]
+    _expect_usage_error(sweep.main(argv), capsys, "python -m train.sweep", "--lo", "--hi")

@@ -18,6 +18,8 @@ The loss is the mean next-token cross-entropy over the real tokens of a fixed pr
 from __future__ import annotations
 
 import argparse
+import math
+import zipfile
 import json
 from pathlib import Path
 
@@ -52,7 +54,7 @@ def _load_numpy(path: Path, option: str, expected: str):
     """``np.load`` with an error that says what was expected and what the file is."""
     try:
         return np.load(path)
-    except (ValueError, OSError, EOFError) as e:  # numpy calls anything unknown "pickled data"
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # numpy calls anything unknown "pickled data"
         raise ValueError(
             f"{option} {str(path)!r}: expected {expected}, but it is {_what_is(path)}"
         ) from e
@@ -200,6 +202,10 @@ def run(args: argparse.Namespace) -> dict:
     for name in ("rows", "seq_len", "max_iters", "trace_max_probes", "n_resamples"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("tol", "trace_tol"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be a finite number > 0")
     if "/" in args.prefix or args.prefix in ("", ".", ".."):
         raise ValueError(f"--prefix {args.prefix!r}: must be a file name, not a path")
     out = check_output_target(
