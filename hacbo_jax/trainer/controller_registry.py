@@ -149,7 +149,7 @@ def _adagradselect_warning(state: AdaGradSelectState, hyper: AdaGradSelectConfig
     return (
         f"AdaGradSelect lock-in: {never} block(s) never selected since the end of epoch 1 "
         f"(draw={hyper.draw!r}); Dirichlet(1 + counts) keeps picking the blocks of epoch 1. "
-        'controller.adagradselect.draw=without_replacement spreads the selection '
+        "controller.adagradselect.draw=without_replacement spreads the selection "
         "(docs/controller-behaviour.md)"
     )
 
@@ -197,6 +197,8 @@ class ControllerEntry:
       idle_blocks: ``idle_blocks(state, hyper_config, **run_args) -> bool[B or more]``: the
         blocks whose next update is exactly zero whatever the gradient, on a step that does not
         measure (traced; ``controller.skip_weight_grads`` skips their weight gradients).
+      idle_when_measuring: the measurement reads nothing of the idle blocks' gradients (BLAC's
+        frozen blocks), so the measuring programs may skip them too.
     """
 
     config_type: type | None = None
@@ -208,6 +210,7 @@ class ControllerEntry:
     run_args: tuple[str, ...] = ()
     warning: Callable[[Any, Any], str | None] | None = None
     idle_blocks: Callable[..., Any] | None = None
+    idle_when_measuring: bool = False
 
 
 def _hacbo_idle(state: HACBOState, hyper: HACBOConfig) -> jax.Array:
@@ -237,7 +240,13 @@ def _adagradselect_idle(
 CONTROLLERS: dict[str, ControllerEntry] = {
     "none": ControllerEntry(),
     "blac": ControllerEntry(
-        BLACConfig, blac, BLACState, _blac_stats, measures=True, idle_blocks=_blac_idle
+        BLACConfig,
+        blac,
+        BLACState,
+        _blac_stats,
+        measures=True,
+        idle_blocks=_blac_idle,
+        idle_when_measuring=True,
     ),
     "hacbo": ControllerEntry(
         HACBOConfig,

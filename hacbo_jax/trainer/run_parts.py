@@ -24,7 +24,11 @@ from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.data import gsm8k as data_lib
 from hacbo_jax.trainer import distributed
 from hacbo_jax.trainer.config import Config, check_mesh, check_pool_size, check_warmup
-from hacbo_jax.trainer.controller_registry import controller_idle_blocks, measures
+from hacbo_jax.trainer.controller_registry import (
+    controller_entry,
+    controller_idle_blocks,
+    measures,
+)
 from hacbo_jax.trainer.evaluate import (
     EvalResult,
     end_token_ids,
@@ -159,7 +163,9 @@ def load_model(cfg: Config) -> tuple[Qwen3ForCausalLM, Any]:
 
 def _lora_settings(cfg: Config) -> LoRASettings:
     lora = cfg.lora
-    return LoRASettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets)
+    return LoRASettings(
+        rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=lora.targets
+    )
 
 
 def check_lora(cfg: Config, model_config: Qwen3Config | None = None) -> None:
@@ -353,7 +359,10 @@ def weight_grad_skip(
         steps_per_epoch=steps_per_epoch,
         seed=cfg.seed,
     )
-    return None if idle is None else WeightGradSkip(idle, labels)
+    if idle is None:
+        return None
+    when_measuring = controller_entry(cfg.controller.kind).idle_when_measuring
+    return WeightGradSkip(idle, labels, when_measuring=when_measuring)
 
 
 def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:

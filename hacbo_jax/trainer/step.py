@@ -75,12 +75,25 @@ class WeightGradSkip(NamedTuple):
     AdamW, the controller) sees that gradient. ``compute=False`` computes the dense gradient
     and only zeroes it: the exact reference the skipping step is tested against.
 
-    Only the step that does not measure skips (a measurement reads every block's gradient).
+    By default only the step that does not measure skips (HACBO's measurement reads every
+    block's gradient: a block leaves probation on its sign-cosine). ``when_measuring``: the
+    measurement programs skip too, in the training and in the dev backward pass, for a
+    controller whose measurement reads nothing of the idle blocks (BLAC: a frozen block's
+    weight is 0 and it stays frozen, whatever its cosine).
     """
 
     idle_blocks: Callable[[Any], jax.Array]
     labels: Any
     compute: bool = True
+    when_measuring: bool = False
+
+
+def _skip_plan(skip: WeightGradSkip | None, measuring: bool, opt_state: Any):
+    """(idle bool[L] or None, the model's ``weight_grads`` or None) of one backward pass."""
+    if skip is None or (measuring and not skip.when_measuring):
+        return None, None
+    idle = skip.idle_blocks(opt_state)
+    return idle, (~idle if skip.compute else None)
 
 
 class TrainState(NamedTuple):
@@ -377,8 +390,8 @@ def make_train_step(
     :func:`make_dev_signs_fn`, and gives it to the controller as ``dev_grads`` (no dev backward
     in this program); ``controlled``: the mask that program was made with (its empty sketches
     are placed replicated on a mesh). ``skip``: skip the weight gradients of the blocks the
-    controller will not update (:class:`WeightGradSkip`; only in a step without
-    ``uses_dev_grads``, since a measurement reads every block's gradient).
+    controller will not update (:class:`WeightGradSkip`; in a step with ``uses_dev_grads``
+    only if ``skip.when_measuring``).
 
     ``batch`` arrays have shape [accum, micro_batch, L] (a padded :class:`Batch`, or
     :class:`PackedRows` with [accum, rows, L]: ``data.packing``); ``dev_buffer`` arrays
@@ -392,8 +405,7 @@ def make_train_step(
 
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
         rng, dev_key = jax.random.split(state.rng)
-        idle = None if skip is None or uses_dev_grads else skip.idle_blocks(state.opt_state)
-        weight_grads = None if idle is None or not skip.compute else ~idle
+        idle, weight_grads = _skip_plan(skip, uses_dev_grads, state.opt_state)
         loss, count, grads = _mean_gradient(
             loss_fn, state.params, batch, constrain_grads, weight_grads
         )
@@ -406,7 +418,7 @@ def make_train_step(
         if takes_dev_signs:
             extra["dev_grads"] = dev_signs
         elif uses_dev_grads:
-            extra["dev_grad_fn"] = lambda params: dev_grad(params, dev_key, dev_buffer)
+            extra["dev_grad_fn"] = lambda params: dev_grad(params, dev_key, dev_buffer, skip, idle)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
@@ -447,9 +459,11 @@ def _dev_gradient(
     shardings: StepShardings | None,
     controlled: Any = None,
 ):
-    """(constrain_grads, dev_grad): ``dev_grad(params, dev_key, dev_buffer)`` draws
-    ``dev_batch_size`` distinct examples of the buffer with ``dev_key`` and returns their mean
-    gradient (on a mesh: the batch and the gradient constrained like the training ones).
+    """(constrain_grads, dev_grad): ``dev_grad(params, dev_key, dev_buffer, skip=None,
+    idle=None)`` draws ``dev_batch_size`` distinct examples of the buffer with ``dev_key`` and
+    returns their mean gradient (on a mesh: the batch and the gradient constrained like the
+    training ones); with ``idle`` (bool[L]) the idle blocks' weight gradients are skipped and
+    their leaves zeroed as in the training step (:class:`WeightGradSkip`).
 
     With ``controlled`` (a bool tree like the params), only the leaves marked True are
     differentiated; the others are constants of the loss and are None in the returned gradient.
@@ -467,14 +481,17 @@ def _dev_gradient(
             else (lambda dev: jax.lax.with_sharding_constraint(dev, shardings.dev_batch))
         )
 
-    def dev_grad(params, dev_key, dev_buffer):
+    def dev_grad(params, dev_key, dev_buffer, skip=None, idle=None):
         n_dev = dev_buffer.input_ids.shape[0]
         idx = jax.random.choice(dev_key, n_dev, (dev_batch_size,), replace=False)
         dev = constrain_dev(jax.tree.map(lambda x: x[idx][None], dev_buffer))
+        weight_grads = None if idle is None or not skip.compute else ~idle
         if controlled is None:
-            return _mean_gradient(loss_fn, params, dev, constrain_grads)[2]
-        loss_of_part, part = restrict_to_controlled(loss_fn, params, controlled)
-        return _mean_gradient(loss_of_part, part, dev, constrain_grads)[2]
+            grads = _mean_gradient(loss_fn, params, dev, constrain_grads, weight_grads)[2]
+        else:
+            loss_of_part, part = restrict_to_controlled(loss_fn, params, controlled)
+            grads = _mean_gradient(loss_of_part, part, dev, constrain_grads, weight_grads)[2]
+        return grads if idle is None else constrain_grads(zero_blocks(skip.labels, grads, idle))
 
     return constrain_grads, dev_grad
 
@@ -508,6 +525,7 @@ def make_dev_signs_fn(
     shardings: StepShardings | None = None,
     logits_chunk: int | None = None,
     controlled: Any = None,
+    skip: WeightGradSkip | None = None,
 ) -> Callable[[TrainState, Batch], Any]:
     """The jitted ``(state, dev_buffer) -> dev_sign_sketch(dev gradient)`` of the next step.
 
@@ -522,13 +540,17 @@ def make_dev_signs_fn(
     controllers read nothing else, so the measurement is the same, and no gradient of the
     embeddings is computed: with tied embeddings that is the vocabulary projection's weight
     gradient (on Qwen3-0.6B a 0.58 GiB fp32 leaf and a third of the head's backward FLOPs).
+    ``skip`` with ``when_measuring``: the idle blocks' weight gradients are skipped too
+    (:class:`WeightGradSkip`).
     """
     loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
     _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings, controlled)
 
     def dev_signs_fn(state: TrainState, dev_buffer: Batch):
         _, dev_key = jax.random.split(state.rng)
-        return dev_sign_sketch(dev_grad(state.params, dev_key, dev_buffer), controlled)
+        idle, _ = _skip_plan(skip, True, state.opt_state)
+        grads = dev_grad(state.params, dev_key, dev_buffer, skip, idle)
+        return dev_sign_sketch(grads, controlled)
 
     if shardings is None:
         return jax.jit(dev_signs_fn)
@@ -610,7 +632,8 @@ def make_train_steps(
     like the params, :func:`~hacbo_jax.controllers.compose.controlled_leaves`): the separate
     dev program back-propagates to the controlled leaves only (the same measurement, less work).
     ``skip`` (:class:`WeightGradSkip`): the step that does not measure (``ordinary``; for a
-    controller without measurements the only one) skips idle blocks' weight gradients.
+    controller without measurements the only one) skips idle blocks' weight gradients, and
+    with ``skip.when_measuring`` the measurement's two programs too.
     """
     make = lambda uses_dev_grads, dev_signs_argument=False, skip=None: make_train_step(
         graphdef,
@@ -629,8 +652,9 @@ def make_train_steps(
     ordinary = make(False, skip=skip)
     if interval is None:
         return TrainSteps(ordinary, ordinary, None)
+    measuring_skip = skip if skip is not None and skip.when_measuring else None
     if not separate_dev_pass:
-        return TrainSteps(ordinary, make(True), int(interval))
+        return TrainSteps(ordinary, make(True, skip=measuring_skip), int(interval))
     dev_signs_fn = make_dev_signs_fn(
         graphdef,
         rest,
@@ -638,8 +662,9 @@ def make_train_steps(
         shardings=shardings,
         logits_chunk=logits_chunk,
         controlled=controlled,
+        skip=measuring_skip,
     )
-    measuring_step = make(True, dev_signs_argument=True)
+    measuring_step = make(True, dev_signs_argument=True, skip=measuring_skip)
 
     def measurement(state: TrainState, batch: Batch, dev_buffer: Batch):
         # the signs first: this program's dev gradient is gone before the step's gradient exists

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from hacbo_jax.controllers import controlled_leaves
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.trainer.controller_registry import (
     AdaGradSelectConfig,
@@ -32,6 +33,7 @@ from hacbo_jax.trainer.step import (
     build_optimizer,
     learning_rate_schedule,
     make_train_step,
+    make_train_steps,
 )
 
 CFG = Qwen3Config(
@@ -159,3 +161,57 @@ def test_adagradselect_idle_units_are_empty_on_epsilon_steps_and_drawn_otherwise
     assert not idle[0].any()  # step 1 always takes the epsilon branch
     for row in idle[STEPS_PER_EPOCH:]:  # epsilon 0: every step draws k blocks
         assert int((~row).sum()) == k
+
+
+def _blac_measuring_run(compute, separate_dev_pass):
+    """BLAC measuring every other step (K = 2), blocks 1 and 2 frozen, through the loop's two
+    programs (:func:`make_train_steps`); the measurement skips the frozen blocks too."""
+    model = Qwen3ForCausalLM(CFG, scan_layers=True, remat="full", rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    labels = qwen3_labels(params)
+    hyper = BLACConfig(interval=2, freeze_after=0)
+    controller = build_controller("blac", labels, hyper)
+    schedule = learning_rate_schedule(1e-2, 1, 100)
+    tx = build_optimizer(
+        schedule=schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0, controller=controller
+    )
+    skip = WeightGradSkip(
+        controller_idle_blocks("blac", hyper, LAYERS), labels, compute=compute, when_measuring=True
+    )
+    steps = make_train_steps(
+        graphdef,
+        rest,
+        tx,
+        schedule,
+        interval=2,
+        dev_batch_size=2,
+        separate_dev_pass=separate_dev_pass,
+        controlled=controlled_leaves(labels, params),
+        skip=skip,
+    )
+    state = TrainState(
+        jnp.int32(0),
+        params,
+        _preset("blac", tx.init(params)),
+        jax.random.key_data(jax.random.key(0)),
+    )
+    dev_buffer = jax.tree.map(lambda x: x[0], _batches(seed=9, micro=4)[0])
+    out = []
+    for batch in _batches():
+        count = int(find_controller_state(state.opt_state).count)
+        state, metrics = steps.pick(count)(state, batch, dev_buffer)
+        assert bool(metrics.finite)
+        out.append(jax.device_get(state))
+    assert int(find_controller_state(state.opt_state).count) >= 4  # two measurements taken
+    return out
+
+
+@pytest.mark.parametrize("separate_dev_pass", [True, pytest.param(False, marks=pytest.mark.slow)])
+def test_blac_measurement_skips_frozen_blocks_exactly(separate_dev_pass):
+    skipped = _blac_measuring_run(True, separate_dev_pass)
+    reference = _blac_measuring_run(False, separate_dev_pass)
+    for got, want in zip(skipped, reference):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    frozen = np.asarray(find_controller_state(skipped[-1].opt_state).frozen)
+    assert frozen[1] and frozen[2]
