@@ -476,3 +476,23 @@ def test_sweep_names_the_options_of_a_bad_rate_range(lo, hi, tmp_path, capsys):
 
     argv = ["--config", "tiny_cpu", "--out", str(tmp_path / "o"), "--lo", lo, "--hi", hi]
     _expect_usage_error(sweep.main(argv), capsys, "python -m train.sweep", "--lo", "--hi")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [(["--span", "-1"], "--span"), (["--noise-seeds", "0"], "--noise-seeds"),
+     (["--wd", "inf"], "--wd"), (["--seq-len", "0"], "--seq-len"), (["--num-heads", "3", "--num-kv-heads", "2"], "--num-kv-heads"),
+     (["--task", "zzz"], "zzz"), (["--warmup", "50"], "--warmup"),
+     (["--noise-factor", "0"], "--noise-factor"), (["--num-layers", "0"], "--num-layers")],
+)
+def test_lrwd_names_every_bad_argument_before_any_work(argv, needle, tmp_path, capsys):
+    """Every problem in one message, each naming its option (a negative --span and an infinite
+    --wd were not checked; the first problem hid the others)."""
+    from hacbo_jax.experiments.lrwd import run as script
+
+    status = script.main(["--out", str(tmp_path / "o"), "--steps", "10", "--log-every", "2",
+                          "--lr", "0", *argv])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert needle in err and "--lr" in err, err  # both problems named
+    assert not (tmp_path / "o").exists()

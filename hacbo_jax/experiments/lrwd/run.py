@@ -160,19 +160,48 @@ def parse_args(argv=None, prog: str = "hacbo-sweep-lrwd") -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def argument_problems(args: argparse.Namespace) -> list[str]:
+    """Every out-of-range argument (one phrase each, naming its option)."""
+    import math
+
+    from hacbo_jax.data.synthetic import PRESETS
+
+    problems = []
+    positive = ("steps", "log_every", "batch_size", "seq_len", "val_rows", "hidden_size",
+                "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "noise_seeds", "span")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not all(math.isfinite(v) and v > 0 for v in (args.lr, args.wd)):
+        problems.append(f"--lr and --wd must be > 0 (and finite), got {args.lr} and {args.wd}")
+    if not (math.isfinite(args.noise_factor) and args.noise_factor > 0):
+        problems.append(f"--noise-factor must be a finite number > 0, got {args.noise_factor}")
+    if not 0 <= args.warmup < max(args.steps, 1):
+        problems.append(f"--warmup must be in [0, --steps = {args.steps}), got {args.warmup}")
+    if args.num_heads >= 1 and args.num_kv_heads >= 1 and args.num_heads % args.num_kv_heads:
+        problems.append(
+            f"--num-heads {args.num_heads} must be a multiple of --num-kv-heads {args.num_kv_heads}"
+        )
+    if args.task not in PRESETS:
+        problems.append(f"--task {args.task!r} is not a synthetic task ({', '.join(PRESETS)})")
+    if args.steps >= 1 and args.log_every >= 1 and args.steps // args.log_every < 5:
+        problems.append("--steps / --log-every must give at least 5 logged points to smooth")
+    if not (args.tokenizer / "tokenizer.json").is_file():
+        problems.append(f"--tokenizer {str(args.tokenizer)!r} has no tokenizer.json")
+    try:
+        check_output_target(args.out, overwrite=getattr(args, "overwrite", False))
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
+
+
 def run(args: argparse.Namespace):
     from hacbo_jax.experiments.lrwd.sweep import run_sweep, write_results
 
-    positive = ("steps", "log_every", "batch_size", "seq_len", "val_rows", "hidden_size")
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not (args.lr > 0 and args.wd > 0):
-        raise ValueError(f"--lr and --wd must be > 0, got {args.lr} and {args.wd}")
-    if args.steps // args.log_every < 5:
-        raise ValueError("--steps / --log-every must give at least 5 logged points to smooth")
-    if not (args.tokenizer / "tokenizer.json").is_file():
-        raise ValueError(f"--tokenizer {str(args.tokenizer)!r} has no tokenizer.json")
+    problems = argument_problems(args)
+    if problems:
+        raise ValueError("; ".join(problems))
     check_output_target(args.out, overwrite=getattr(args, "overwrite", False))
     args.out.mkdir(parents=True, exist_ok=True)  # an unwritable --out fails before training
     result = run_sweep(
