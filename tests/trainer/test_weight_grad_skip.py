@@ -8,6 +8,10 @@ at exactly zero."""
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -215,3 +219,76 @@ def test_blac_measurement_skips_frozen_blocks_exactly(separate_dev_pass):
         jax.tree.map(np.testing.assert_array_equal, got, want)
     frozen = np.asarray(find_controller_state(skipped[-1].opt_state).frozen)
     assert frozen[1] and frozen[2]
+
+
+MESH_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+sys.path.insert(0, sys.argv[1])
+import test_weight_grad_skip as T
+from hacbo_jax.trainer import sharding as sharding_lib
+from hacbo_jax.trainer.controller_registry import (
+    AdaGradSelectConfig, build_controller, controller_idle_blocks,
+)
+from hacbo_jax.trainer.recipes import qwen3_labels
+from hacbo_jax.trainer.step import (
+    TrainState, WeightGradSkip, build_optimizer, learning_rate_schedule, make_train_step,
+    step_shardings,
+)
+
+model = T.Qwen3ForCausalLM(T.CFG, scan_layers=True, remat="full", rngs=nnx.Rngs(0))
+graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+params = nnx.to_pure_dict(params)
+labels = qwen3_labels(params)
+hyper = AdaGradSelectConfig(pct=0.25)
+run_args = {"steps_per_epoch": T.STEPS_PER_EPOCH, "seed": 0}
+schedule = learning_rate_schedule(1e-2, 1, 100)
+tx = build_optimizer(schedule=schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0,
+                     controller=build_controller("adagradselect", labels, hyper, **run_args))
+skip = WeightGradSkip(controller_idle_blocks("adagradselect", hyper, T.LAYERS, **run_args), labels)
+rng = jax.random.key_data(jax.random.key(0))
+batches = T._batches(micro=4)
+dev = jax.tree.map(lambda x: x[0], batches[0])
+finals = []
+for mesh_shape in [(1, 1), (1, 2)]:
+    state = TrainState(jnp.int32(0), params, tx.init(params), rng)
+    shardings = None
+    if mesh_shape != (1, 1):
+        mesh = sharding_lib.make_mesh(*mesh_shape)
+        abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
+        shardings = step_shardings(mesh, abstract, dev_batch_size=1, min_elements=0)
+        state = jax.device_put(state, shardings.state)
+    step = make_train_step(graphdef, rest, tx, schedule, dev_batch_size=1, uses_dev_grads=False,
+                           skip=skip, shardings=shardings, donate=False)
+    for batch in batches:
+        state, metrics = step(state, batch, dev if shardings is None else jax.device_put(dev, shardings.dev_buffer))
+    finals.append(jax.device_get(state.params))
+    if shardings is not None:
+        kernel = state.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+        print("devices", len(kernel.sharding.device_set))
+diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])))
+scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(finals[0]))
+print("maxdiff", diff, "scale", scale)
+"""
+
+
+@pytest.mark.slow
+def test_skipping_step_on_a_two_device_mesh_matches_one_device():
+    """The skip under FSDP (2 forced CPU devices, params and moments sharded) gives the
+    single-device result (up to the order of sharded reductions)."""
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": str(here.parents[0])}
+    proc = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(here)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    assert lines["devices"] == "2"
+    diff, _, scale = lines["maxdiff"].split()
+    assert float(diff) <= 1e-5 * float(scale), proc.stdout
