@@ -496,3 +496,14 @@ def test_lrwd_names_every_bad_argument_before_any_work(argv, needle, tmp_path, c
     assert status == 2 and "Traceback" not in err, err
     assert needle in err and "--lr" in err, err  # both problems named
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override", ["optim.lr=-1", "seed=3", "controller.kind=none", "output_dir=x"])
+def test_evidence_refuses_an_override_its_parts_set_themselves(override, tmp_path, capsys):
+    """Each run of a part sets its own rate, seed, method and directory after the command
+    line's overrides: optim.lr=-1 was silently replaced and the part started its runs."""
+    from hacbo_jax.experiments.evidence import run as E
+
+    status = E.main(["stability", "--out", str(tmp_path / "ev"), override])
+    _expect_usage_error(status, capsys, "python -m train.evidence", override.split("=")[0])
+    assert not (tmp_path / "ev").exists()

@@ -316,6 +316,14 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
     )
     add_overrides_argument(parser, "dotted overrides applied to every run")
     ns = parser.parse_intermixed_args(argv)  # overrides may follow the options
+    owned = _part_keys(ns.part)
+    taken = [o for o in ns.overrides if o.partition("=")[0].strip() in owned]
+    if taken:
+        raise ValueError(
+            f"{', '.join(taken)}: set by the {ns.part} part itself for each run (its rate, seed, "
+            "method and run directory come after the command line's overrides, so this one "
+            "would be ignored); leave it out"
+        )
     return parser, Args(
         ns.part,
         ns.config,
@@ -327,6 +335,18 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
         list(ns.overrides),
         ns.shard,
     )
+
+
+def _part_keys(part: str) -> set[str]:
+    """The keys every run of ``part`` sets after the command line's overrides."""
+    from hacbo_jax.experiments.methods import METHODS
+
+    keys = {"optim.lr", "seed", "output_dir", "method"}
+    for overrides in METHODS.values():
+        keys.update(o.partition("=")[0] for o in overrides)
+    if part == "tune":
+        keys.update(o.partition("=")[0] for o in TUNING_OVERRIDES)
+    return keys
 
 
 def parse_shard(text: str) -> tuple[int, int]:
