@@ -99,6 +99,14 @@ def test_paper_configs_carry_the_papers_values():
     assert h.optim.warmup_steps < 348
     fixed = load_config(C.CONFIGS_DIR / "paper_hacbo_fixed.yaml")
     assert fixed.controller.hacbo.gamma == 0.1
+    # The other reading of the paper: ~12,000 steps over three epochs is a batch of 2; its
+    # warm-up, K, F and R are the paper's step counts, and R = 600 now fires 18 times.
+    two = load_config(C.CONFIGS_DIR / "paper_hacbo_batch2.yaml")
+    steps = two.total_steps(two.expected_train_examples())
+    assert (two.optim.batch_size, two.optim.micro_batch_size, steps) == (2, 2, 11208)
+    assert two.optim.warmup_steps == 500 < steps
+    assert steps // two.microdev.refresh_every == 18
+    assert two.controller.hacbo == h.controller.hacbo
     assert dataclasses.replace(fixed.controller.hacbo, gamma=0.0) == h.controller.hacbo
     b = load_config(C.CONFIGS_DIR / "paper_blac.yaml")
     assert (
@@ -512,7 +520,7 @@ def test_cudnn_attention_is_rejected_before_the_run_without_a_gpu(base):
 
 
 def test_paper_configs_use_the_gpu_options():
-    for name in ("paper_hacbo", "paper_hacbo_fixed", "paper_blac", "adamw"):
+    for name in ("paper_hacbo", "paper_hacbo_fixed", "paper_hacbo_batch2", "paper_blac", "adamw"):
         cfg = load_config(C.CONFIGS_DIR / f"{name}.yaml")
         m, d = cfg.model, cfg.data
         assert (m.dtype, m.param_dtype, m.scan_layers, m.remat, m.attention_impl) == (

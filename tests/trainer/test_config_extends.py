@@ -2,6 +2,7 @@
 relative to it; chains, cycles, unknown names, the checks on the merged result, and the shipped
 overlays (each differs from its base only in the keys it sets)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,7 @@ def test_the_shipped_overlays_and_their_bases():
     bases = {p.stem: _own_keys(p)["extends"] for p in OVERLAYS}
     assert bases == {
         "paper_hacbo_fixed": "paper_hacbo",
+        "paper_hacbo_batch2": "paper_hacbo",
         "paper_blac": "paper_hacbo",
         "adamw": "paper_hacbo",
         "compare_cpu": "tiny_cpu",
@@ -84,8 +86,10 @@ def test_an_overlay_differs_from_its_base_only_in_the_keys_it_sets(path):
 
 def test_paper_overlays_keep_the_paper_setting():
     hacbo = load_config("paper_hacbo")
-    for name in ("paper_hacbo_fixed", "paper_blac", "adamw"):
+    for name in ("paper_hacbo_fixed", "paper_blac", "adamw", "paper_hacbo_batch2"):
         cfg = load_config(name)
+        if name == "paper_hacbo_batch2":  # checkpoints every 500 of its 11,208 steps
+            cfg = dataclasses.replace(cfg, checkpoint=hacbo.checkpoint)
         assert (cfg.model, cfg.eval, cfg.checkpoint, cfg.mesh) == (
             hacbo.model,
             hacbo.eval,

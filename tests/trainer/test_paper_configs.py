@@ -23,13 +23,9 @@ from flax import nnx
 ASSETS = ASSETS_DIR
 
 
-@pytest.mark.slow  # ~2 minutes on 2 loaded CPU cores: a 151,936-row embedding and 7,473 rows
-def test_paper_hacbo_reaches_its_first_step_with_the_real_tokenizer(tmp_path):
+def _random_qwen3_with_the_real_vocabulary(model_dir: Path) -> Path:
     from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-    from hacbo_jax.trainer import finetune
-    from hacbo_jax.trainer.config import load_config
 
-    model_dir = tmp_path / "qwen3-random"
     config = Qwen3Config(
         vocab_size=151_936,  # Qwen3-0.6B's embedding rows (the tokenizer has 151,669 tokens)
         hidden_size=32,
@@ -45,6 +41,15 @@ def test_paper_hacbo_reaches_its_first_step_with_the_real_tokenizer(tmp_path):
     )
     Qwen3ForCausalLM(config, rngs=nnx.Rngs(0)).save_pretrained(model_dir)
     assert not (model_dir / "tokenizer.json").exists()
+    return model_dir
+
+
+@pytest.mark.slow  # ~2 minutes on 2 loaded CPU cores: a 151,936-row embedding and 7,473 rows
+def test_paper_hacbo_reaches_its_first_step_with_the_real_tokenizer(tmp_path):
+    from hacbo_jax.trainer import finetune
+    from hacbo_jax.trainer.config import load_config
+
+    model_dir = _random_qwen3_with_the_real_vocabulary(tmp_path / "qwen3-random")
     run_dir = tmp_path / "run"
     cfg = load_config(
         "paper_hacbo",
@@ -85,3 +90,32 @@ def test_paper_hacbo_reaches_its_first_step_with_the_real_tokenizer(tmp_path):
     [row] = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert row["eval_loss"] == summary["final_eval_loss"] and row["n"] == 2
     assert row["programs_compiled"] <= 1 and summary["generation_programs"] <= 1
+
+
+@pytest.mark.slow
+def test_paper_hacbo_batch2_builds_and_takes_its_first_steps(tmp_path):
+    """The batch-2 reading (11,208 steps) with its own batch of 2 and no accumulation: two steps
+    (warm-up shortened to fit them; XLA attention for cuDNN's, as above)."""
+    from hacbo_jax.trainer import finetune
+    from hacbo_jax.trainer.config import load_config
+
+    model_dir = _random_qwen3_with_the_real_vocabulary(tmp_path / "qwen3-random")
+    cfg = load_config(
+        "paper_hacbo_batch2",
+        [
+            f"model.path={model_dir}",
+            f"output_dir={tmp_path / 'run'}",
+            "optim.max_steps=2",
+            "optim.warmup_steps=1",
+            "data.max_len=64",
+            "microdev.batch_size=4",
+            "eval.limit=2",
+            "eval.batch_size=2",
+            "eval.max_new_tokens=4",
+            "checkpoint.export_hf=false",
+            "model.attention_impl=xla",
+        ],
+    )
+    assert (cfg.optim.batch_size, cfg.optim.micro_batch_size) == (2, 2)
+    summary = finetune.run(cfg, show_progress=False)
+    assert summary["steps"] == 2 and not summary["diverged"] and summary["skipped_steps"] == 0
