@@ -371,6 +371,53 @@ def sign_cosine_and_sq_norms(
     return jnp.clip(cos, -1.0, 1.0), sq_bm
 
 
+def _dot_statistics(gt: jax.Array, gd: jax.Array) -> tuple:
+    """(sum gt gd, sum gt^2, sum gd^2) of one slice, in float32."""
+    gt32, gd32 = gt.astype(jnp.float32), gd.astype(jnp.float32)
+    return tuple(jnp.sum(v) for v in (gt32 * gd32, gt32 * gt32, gd32 * gd32))
+
+
+def true_cosine(
+    layout: GroupLayout, train_leaves: Sequence[Any], dev_leaves: Sequence[Any]
+) -> jax.Array:
+    """Per-block cosine of the gradients themselves, f32[B]:
+    <g_train(b), g_dev(b)> / (||g_train(b)|| ||g_dev(b)||) over every coordinate of block b
+    (0 where a norm is 0, clipped to [-1, 1]), reduced like :func:`sign_cosine_and_sq_norms`.
+
+    The reference measures agreement with the cosine of sign vectors; for gradients whose
+    coordinates are jointly Gaussian with correlation r the expected sign cosine is
+    (2 / pi) arcsin(r), not r. Recording both shows what a threshold on the sign cosine means
+    in true cosine. Needs the dev gradient itself, not a sign sketch (ValueError).
+    """
+    num_b = layout.num_blocks
+    dot_b = tt_b = dd_b = jnp.zeros(num_b, jnp.float32)
+    dots, tts, dds, blocks = [], [], [], []
+    for gt, gd, b in zip(train_leaves, dev_leaves, layout.leaf_block):
+        if b == UNCONTROLLED or not _is_array(gt):
+            continue
+        if not _is_array(gd) or jnp.result_type(gd) == jnp.uint8 or jnp.shape(gd) != jnp.shape(gt):
+            raise ValueError(
+                "the true cosine needs the dev gradient itself (dev_grad_fn, or dev_grads as "
+                f"arrays shaped like the params), got {gd!r} for a leaf of shape {jnp.shape(gt)}"
+            )
+        sums = _row_sums(_dot_statistics, (gt, gd), b == STACKED)
+        if b == STACKED:
+            dot_b, tt_b, dd_b = dot_b + sums[0], tt_b + sums[1], dd_b + sums[2]
+            continue
+        dots.append(sums[0])
+        tts.append(sums[1])
+        dds.append(sums[2])
+        blocks.append(b)
+    if blocks:
+        ids = np.asarray(blocks)
+        dot_b = dot_b.at[ids].add(jnp.stack(dots))
+        tt_b = tt_b.at[ids].add(jnp.stack(tts))
+        dd_b = dd_b.at[ids].add(jnp.stack(dds))
+    denom = jnp.sqrt(tt_b) * jnp.sqrt(dd_b)
+    cos = jnp.where(denom > 0, dot_b / jnp.where(denom > 0, denom, 1.0), 0.0)
+    return jnp.clip(cos, -1.0, 1.0)
+
+
 def all_finite(layout: GroupLayout, leaves: Sequence[Any]) -> jax.Array:
     """bool scalar: every controlled array leaf is finite."""
     checks = [

@@ -46,6 +46,9 @@ class HACBOState(NamedTuple):
         update). A diagnostic, read by nothing in the update: a value near 0 (1e-6 and below)
         means a sub-module with gradient left is starved because a sibling's curvature EMA fell
         near 0 (:func:`hacbo_starvation`; ``curvature_floor`` avoids it).
+      true_cosine: f32[B], with ``record_true_cosine`` only (None otherwise): the cosine of the
+        train and dev gradients themselves at the last measurement taken (init 0), beside
+        ``cosine``, their sign-cosine. A diagnostic, read by nothing in the update.
 
     The last five fields default to None so that a state can be written by hand with the first
     seven; ``update`` fills them in (zeros, 1 for ``budget_scale``, 1/M for
@@ -64,6 +67,7 @@ class HACBOState(NamedTuple):
     multipliers: jax.Array | None = None
     budget_scale: jax.Array | None = None
     min_submodule_share: jax.Array | None = None
+    true_cosine: jax.Array | None = None
 
 
 def _completed(state: HACBOState) -> HACBOState:
@@ -237,6 +241,7 @@ def hacbo(
     probation: bool = True,
     curvature_floor: float = 0.0,
     probation_share: str = "weights",
+    record_true_cosine: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     r"""HACBO: rescales each (block, sub-module) group of the base optimiser's update.
 
@@ -305,6 +310,11 @@ def hacbo(
         ``"uniform"`` (option: it gets gamma * fake_int8(v_{b,m} u), gamma times the share it
         would have with all blocks active and uniform weights; this also keeps training when
         every block is in probation, L_active = 0).
+      record_true_cosine: option (not in the paper), off by default: at each measurement also
+        compute the cosine of the train and dev gradients themselves per block
+        (``state.true_cosine``), to see what theta_neg on the sign-cosine means in true cosine.
+        Needs the dev gradient itself (``dev_grad_fn``, or ``dev_grads`` as arrays), not its
+        sign sketch; nothing in the update reads it.
 
     Numeric hyper-parameters (rho, theta_neg, gamma, eps, update_norm_budget, curvature_floor)
     may be jax scalars, as ``optax.inject_hyperparams`` passes them; they are checked only when
@@ -329,6 +339,7 @@ def hacbo(
         ("debias", debias),
         ("curvature_weighting", curvature_weighting),
         ("probation", probation),
+        ("record_true_cosine", record_true_cosine),
     ]:
         _groups.validate_flag(name, flag)
     debias, curvature_weighting, probation = (
@@ -362,6 +373,7 @@ def hacbo(
                 probation=jnp.zeros([num_b], bool),
                 layer_weights=jnp.full([num_b], 1.0 / max(num_b, 1), jnp.float32),
                 cosine=jnp.zeros([num_b], jnp.float32),
+                true_cosine=jnp.zeros([num_b], jnp.float32) if record_true_cosine else None,
             )
         )
 
@@ -382,6 +394,8 @@ def hacbo(
         _groups.check_state_shape("agreement", state.agreement, (num_b,))
         _groups.check_state_shape("curvature", state.curvature, (num_b, num_m))
         state = _completed(state)
+        if record_true_cosine and state.true_cosine is None:  # a hand-written state
+            state = state._replace(true_cosine=jnp.zeros([num_b], jnp.float32))
         update_leaves = _groups.flatten_like(layout, updates, "updates")
         train_leaves = _groups.flatten_like(layout, train_grads, "train_grads")
         sizes = _groups.check_groups_present(layout, train_leaves)
@@ -404,7 +418,7 @@ def hacbo(
             weights = jnp.where(
                 total > 0, used_agreement / jnp.where(total > 0, total, 1.0), state.layer_weights
             )
-            return state._replace(
+            measured = state._replace(
                 agreement=agreement.astype(jnp.float32),
                 curvature=curvature.astype(jnp.float32),
                 neg_count=neg_count.astype(jnp.int32),
@@ -412,6 +426,10 @@ def hacbo(
                 layer_weights=weights.astype(jnp.float32),
                 cosine=cos,
             )
+            if record_true_cosine:
+                true_cos = _groups.true_cosine(layout, train_leaves, dev_leaves)
+                measured = measured._replace(true_cosine=true_cos.astype(jnp.float32))
+            return measured
 
         t, measured_now, measured = _groups.measure_if_due(
             state,

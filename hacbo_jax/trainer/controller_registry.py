@@ -73,6 +73,7 @@ class HACBOConfig:
     probation: bool = True
     curvature_floor: float = option(0.0, in_range(0, 1))
     probation_share: Literal["weights", "uniform"] = "weights"
+    record_true_cosine: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,11 @@ def _hacbo_stats(state: HACBOState, hyper: HACBOConfig) -> dict[str, Any]:
         "curvature": np.asarray(state.curvature).tolist(),
         "l_active": int(np.sum(~probation)),
         "min_submodule_share": np.asarray(state.min_submodule_share).tolist(),
+        **(
+            {}
+            if state.true_cosine is None
+            else {"true_cosine": np.asarray(state.true_cosine).tolist()}
+        ),
     }
 
 

@@ -419,6 +419,8 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         logits_chunk=cfg.model.logits_chunk,
         # the dev program back-propagates only to what the controller reads
         controlled=None if interval is None else controlled_leaves(labels, params),
+        # the true cosine needs the dev gradient itself, not the separate pass's sign sketch
+        separate_dev_pass=not getattr(cfg.controller.hyper, "record_true_cosine", False),
         skip=weight_grad_skip(
             cfg,
             labels,
