@@ -30,6 +30,19 @@ The model file is not touched: adapters are added after construction, for an unr
 leaves [L, in, r] / [L, r, out] created with ``nnx.vmap`` like the layers themselves, so
 ``lax.scan`` slices them with the base kernels). Remat and packed batches need nothing: the
 wrapper is an ordinary part of the layer's computation.
+
+Dropout is drawn from an explicit key, not from an ``nnx.Rngs`` stream. :func:`set_dropout_key`
+(called on the model inside the traced loss) gives every wrapper with a rate > 0 a
+:class:`LoRADropoutKey` variable: ``fold_in(fold_in(key, layer), module)``, one key [2] per
+unrolled wrapper and a stacked [L, 2] in the scanned layer, which ``lax.scan`` slices like the
+kernels, so every layer and projection draws its own mask. Why not a stream: a stream's counter
+lives in the model state, which a jitted step closes over (``rest``) or ``lax.scan`` carries as
+a per-layer slice, so its advance is lost and one mask is reused every step (and, broadcast
+over the scan, in every layer). A key is a traced input: the step derives a new one per step
+and micro-batch from its own PRNG state (so a resumed run draws the same masks), remat's
+recomputation redraws the same mask, and the unrolled and scanned layouts draw identical
+masks. Without a key (the default, evaluation, decoding, dev gradients) the adapters are
+deterministic.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ __all__ = [
     "LORA_PARAMS",
     "TARGET_GROUPS",
     "TARGET_MODULES",
+    "LoRADropoutKey",
     "LoRALinear",
     "LoRASettings",
     "add_lora",
@@ -59,7 +73,9 @@ __all__ = [
     "lora_settings",
     "merge_lora",
     "resolve_targets",
+    "set_dropout_key",
     "split_lora",
+    "uses_dropout",
 ]
 
 # Every projection an adapter may wrap, in the order of a decoder layer, with its parent module.
@@ -150,16 +166,28 @@ def _peft_a_init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+class LoRADropoutKey(nnx.Variable):
+    """The dropout key of one adapter (raw key data: [2] unrolled, [L, 2] in a stacked layer),
+    set by :func:`set_dropout_key` for one forward pass; not a parameter."""
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout: ``x_i / (1 - rate)`` where ``bernoulli(key, 1 - rate)`` keeps element
+    i, else 0, so ``E[dropout(x)] = x`` (``torch.nn.Dropout`` in train mode, PEFT's
+    ``lora_dropout``; ``nnx.Dropout``'s formula)."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
 class LoRALinear(nnx.Module):
     """``base(x) + (alpha / r) * lora(dropout(x))`` around one of our :class:`Linear`.
 
     ``base`` is the original projection (its kernel [*in_shape, *out_shape], or [L, ...] when
     it lives in a stacked layer) and is called as is; ``lora`` an :class:`nnx.LoRA` over the
     flattened axes (``lora_a`` [in, r], ``lora_b`` [r, out], both ``nnx.LoRAParam``) computing
-    in the base's compute dtype. Dropout (rate > 0) is an ``nnx.Dropout`` on the adapter input
-    only, active in train mode (``model.train()``, nnx's default) and off after
-    ``model.eval()``; it draws from the ``dropout`` stream of the ``rngs`` given to
-    :func:`add_lora`.
+    in the base's compute dtype. Dropout (rate > 0) acts on the adapter input only, and only
+    while ``dropout_key`` holds a key (:func:`set_dropout_key`; None: deterministic).
     """
 
     def __init__(
@@ -170,7 +198,6 @@ class LoRALinear(nnx.Module):
         out_shape: tuple[int, ...],
         settings: LoRASettings,
         lora: nnx.LoRA,
-        rngs: nnx.Rngs | None = None,
     ):
         self.base = base
         self.lora = lora
@@ -180,7 +207,8 @@ class LoRALinear(nnx.Module):
         self.alpha = settings.alpha
         self.scale = settings.scale
         self.dropout_rate = settings.dropout
-        self.dropout = nnx.Dropout(settings.dropout, rngs=rngs) if settings.dropout else None
+        # data, not static: set_dropout_key puts a Variable here (None: no key, no dropout)
+        self.dropout_key: LoRADropoutKey | None = nnx.data(None)
 
     def __call__(self, x: jax.Array, weight_grad: jax.Array | None = None) -> jax.Array:
         """``weight_grad`` (the layer's skip flag for kernel gradients) is accepted and not
@@ -188,7 +216,9 @@ class LoRALinear(nnx.Module):
         is a rank-r product not worth skipping (a controller's zero update still zeroes it)."""
         del weight_grad
         y = self.base(x)
-        h = x if self.dropout is None else self.dropout(x)
+        h = x
+        if self.dropout_rate and self.dropout_key is not None:
+            h = _dropout(x, self.dropout_rate, self.dropout_key[...])
         lead = h.shape[: h.ndim - len(self.in_shape)]
         delta = self.lora(h.reshape(*lead, math.prod(self.in_shape)))  # [..., out]
         delta = (delta * jnp.asarray(self.scale, delta.dtype)).reshape(*lead, *self.out_shape)
@@ -227,6 +257,50 @@ def has_lora(model: Qwen3ForCausalLM) -> bool:
     return next(lora_modules(model), None) is not None
 
 
+def uses_dropout(model: Qwen3ForCausalLM) -> bool:
+    """Whether any adapter of the model has a dropout rate > 0 (and so reads a key). Walks the
+    whole object graph, so any nnx model may be asked (the training step asks its model)."""
+    return any(
+        isinstance(node, LoRALinear) and node.dropout_rate for _, node in nnx.iter_graph(model)
+    )
+
+
+def _adapter_key(key: jax.Array, layer: jax.Array | int, module: int) -> jax.Array:
+    """``fold_in(fold_in(key, layer), module)``: the dropout key of one adapter."""
+    return jax.random.fold_in(jax.random.fold_in(key, layer), module)
+
+
+def set_dropout_key(model: Qwen3ForCausalLM, key: jax.Array | None) -> Qwen3ForCausalLM:
+    """Gives every adapter with dropout its own key of ``key`` for the next forward pass (None:
+    removes them, the adapters are deterministic again); returns ``model``.
+
+    The adapter of module m (its index in :data:`TARGET_MODULES`) in layer i gets
+    ``fold_in(fold_in(key, i), m)``: a stacked layer holds the L keys [L, 2] that ``lax.scan``
+    slices, so the unrolled and the scanned model draw the same masks. Call it on the model
+    merged inside the traced loss (``nnx.merge``), with a new ``key`` per step and micro-batch:
+    set on a model outside a trace, the key is a constant and every call reuses its masks.
+    ``key``: a typed key or raw key data.
+    """
+    if not uses_dropout(model):
+        return model
+    if key is not None and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    n_layers = model.config.num_hidden_layers
+    for layer, name, module in lora_modules(model):
+        if not module.dropout_rate:
+            continue
+        if key is None:
+            module.dropout_key = None
+            continue
+        index = TARGET_MODULES.index(name)
+        if layer is None:  # the stacked layer: one key per layer, sliced by lax.scan
+            keys = jax.vmap(lambda i, m=index: _adapter_key(key, i, m))(jnp.arange(n_layers))
+        else:
+            keys = _adapter_key(key, layer, index)
+        module.dropout_key = LoRADropoutKey(keys)
+    return model
+
+
 def lora_settings(model: Qwen3ForCausalLM) -> LoRASettings | None:
     """The settings the model's adapters were added with (None without adapters).
 
@@ -254,7 +328,10 @@ def _shapes(name: str, kernel_shape: tuple[int, ...], stacked: bool):
 def _module_dims(config: Qwen3Config, name: str) -> tuple[int, int]:
     """(in, out) features of a projection of ``config`` (flattened as Hugging Face's)."""
     d, f = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    q, kv = (
+        config.num_attention_heads * config.head_dim,
+        config.num_key_value_heads * config.head_dim,
+    )
     return {
         "q_proj": (d, q),
         "k_proj": (d, kv),
@@ -332,14 +409,13 @@ def add_lora(
       model: a :class:`Qwen3ForCausalLM` (Qwen3, Qwen2 or Llama; unrolled or ``scan_layers``).
       rank: r, or a :class:`LoRASettings` (then ``alpha``/``dropout``/``targets`` are ignored).
       alpha: the update is scaled by ``alpha / r`` (PEFT's ``lora_alpha``; None = r).
-      dropout: dropout rate on the adapter input (train mode only; needs a ``dropout`` or
-        default stream in ``rngs``). Not with ``scan_layers``: ``lax.scan`` over the stacked
-        layer drops the stream's advanced counter, so every call would reuse one mask.
+      dropout: dropout rate on the adapter input, applied only while a key is set
+        (:func:`set_dropout_key`, which the training step calls with a key per step and
+        micro-batch); unrolled or ``scan_layers``.
       targets: module names and/or groups (:func:`resolve_targets`), default ``"all"``.
       base_dtype: dtype to hold the frozen base parameters in (e.g. ``jnp.bfloat16``; None =
         keep); adapters stay float32 and the forward computes in the model's ``dtype``.
-      rngs: randomness of A's initialisation (``params`` stream) and of dropout (default
-        ``nnx.Rngs(0)``).
+      rngs: randomness of A's initialisation (``params`` stream; default ``nnx.Rngs(0)``).
 
     Raises:
       ValueError: listing every problem (unknown target, bad rank, rank above a targeted
@@ -354,12 +430,6 @@ def add_lora(
     rngs = nnx.Rngs(0) if rngs is None else rngs
     layers, stacked = _layers(model)
     problems = lora_problems(model.config, settings.rank, settings.targets)
-    if stacked and settings.dropout:
-        problems.append(
-            "LoRA dropout with scan_layers=True is not supported (lax.scan over the stacked "
-            "layer discards the dropout stream's counter, so one mask would be reused); use "
-            "dropout=0 or an unrolled model"
-        )
     for i, layer in enumerate(layers):
         for name in settings.targets:
             module = getattr(getattr(layer, _PARENTS[name], None), name, None)
@@ -386,7 +456,6 @@ def add_lora(
                 layers=n_layers if stacked else None,
                 key=rngs.params(),
             )
-            dropout_rngs = rngs if settings.dropout else None
             setattr(
                 parent,
                 name,
@@ -396,7 +465,6 @@ def add_lora(
                     out_shape=out_shape,
                     settings=settings,
                     lora=lora,
-                    rngs=dropout_rngs,
                 ),
             )
     if base_dtype is not None:

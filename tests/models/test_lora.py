@@ -27,7 +27,9 @@ from hacbo_jax.models.lora import (
     lora_settings,
     merge_lora,
     resolve_targets,
+    set_dropout_key,
     split_lora,
+    uses_dropout,
 )
 from hacbo_jax.models.lora_peft import (
     ADAPTER_CONFIG_NAME,
@@ -197,16 +199,90 @@ def test_base_can_be_held_in_bfloat16_with_float32_adapters():
     assert np.all(np.isfinite(model(IDS)))
 
 
-def test_dropout_acts_on_the_adapter_input_in_train_mode_only():
-    model = add_lora(_model(), 4, dropout=0.5, rngs=nnx.Rngs(params=1, dropout=2))
+def _with_dropout(scan: bool, rate: float = 0.5, **kwargs) -> Qwen3ForCausalLM:
+    model = add_lora(_model(scan, **kwargs), 4, dropout=rate, rngs=nnx.Rngs(1))
     _randomise_b(model)
-    first, second = model(IDS), model(IDS)
-    assert not np.allclose(first, second)  # a new mask per call
-    model.eval()
-    third, fourth = model(IDS), model(IDS)
-    np.testing.assert_array_equal(third, fourth)
-    plain = _model()
-    assert not np.allclose(third, plain(IDS))  # the adapters still act, without dropout
+    return model
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout_acts_only_with_a_key_and_draws_a_mask_per_key(scan):
+    model = _with_dropout(scan)
+    assert uses_dropout(model)
+    plain = model(IDS)  # no key: deterministic
+    np.testing.assert_array_equal(model(IDS), plain)
+    key = jax.random.key(3)
+    first = set_dropout_key(model, key)(IDS)
+    np.testing.assert_array_equal(model(IDS), first)  # the same key, the same masks
+    assert not np.allclose(first, plain)
+    other = set_dropout_key(model, jax.random.fold_in(key, 1))(IDS)
+    assert not np.allclose(other, first)
+    np.testing.assert_array_equal(set_dropout_key(model, None)(IDS), plain)
+    # a rate of 0: no key is kept and nothing changes
+    still = add_lora(_model(scan), 4, rngs=nnx.Rngs(1))
+    assert not uses_dropout(still)
+    before = still(IDS)
+    np.testing.assert_array_equal(set_dropout_key(still, key)(IDS), before)
+
+
+def test_dropout_is_inverted_dropout_on_the_adapter_input():
+    """``_dropout``: kept elements scaled by 1 / (1 - rate), the rest 0, mean preserved."""
+    from hacbo_jax.models.lora import _dropout
+
+    x = jnp.ones((200, 100))
+    y = np.asarray(_dropout(x, 0.25, jax.random.key_data(jax.random.key(0))))
+    assert set(np.unique(y)) == {0.0, np.float32(1 / 0.75)}
+    assert abs((y == 0).mean() - 0.25) < 0.01
+
+
+def test_every_layer_and_projection_gets_its_own_key_and_both_layouts_the_same():
+    unrolled, scanned = _with_dropout(False), _with_dropout(True)
+    key = jax.random.key(5)
+    set_dropout_key(unrolled, key), set_dropout_key(scanned, key)
+    keys = {}
+    for layer, name, module in lora_modules(unrolled):
+        keys[layer, name] = np.asarray(module.dropout_key[...])
+    assert len({k.tobytes() for k in keys.values()}) == len(keys)  # all distinct
+    for layer, name, module in lora_modules(scanned):
+        stacked = np.asarray(module.dropout_key[...])  # [L, 2], sliced by lax.scan
+        assert stacked.shape == (CONFIG.num_hidden_layers, 2)
+        for i in range(CONFIG.num_hidden_layers):
+            np.testing.assert_array_equal(stacked[i], keys[i, name])
+
+
+@pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
+def test_scanned_and_unrolled_dropout_give_the_same_forward_and_gradient(tmp_path, remat):
+    """The same adapter and key: the scanned model draws the unrolled model's masks (layer i
+    its own), also when remat recomputes the layer in the backward pass."""
+    base = _model()
+    base.save_pretrained(tmp_path / "base")
+    unrolled = add_lora(base, 4, alpha=16, dropout=0.3)
+    _randomise_b(unrolled)
+    save_adapter(unrolled, tmp_path / "adapter")
+    scanned = Qwen3ForCausalLM.from_pretrained(tmp_path / "base", scan_layers=True, remat=remat)
+    load_adapter(add_lora(scanned, 4, alpha=16, dropout=0.3), tmp_path / "adapter")
+    key = jax.random.key_data(jax.random.key(11))
+
+    def loss_and_grad(model):
+        graphdef, params, rest = split_lora(model)
+
+        def loss(p):
+            m = set_dropout_key(nnx.merge(graphdef, nnx.State(p), rest), key)
+            return jnp.mean(m(IDS) ** 2)
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(params)
+        a = grads["model"]["layers"]
+        return value, a
+
+    v_unrolled, g_unrolled = loss_and_grad(unrolled)
+    v_scanned, g_scanned = loss_and_grad(scanned)
+    np.testing.assert_allclose(v_scanned, v_unrolled, rtol=1e-5)
+    for i in range(CONFIG.num_hidden_layers):
+        want = g_unrolled[i]["mlp"]["down_proj"]["lora"]["lora_b"]
+        got = g_scanned["mlp"]["down_proj"]["lora"]["lora_b"][i]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    no_key = jnp.mean(unrolled(IDS) ** 2)
+    assert not np.isclose(float(no_key), float(v_unrolled))  # the masks did act
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -249,11 +325,6 @@ def test_a_missing_or_already_adapted_module_is_refused_with_every_problem():
     assert "layers.1.self_attn.q_proj already has a LoRA adapter" in text
     assert "layers.1.mlp.up_proj: the model has no such projection" in text
     assert not isinstance(model.model.layers[0].mlp.up_proj, LoRALinear)
-
-
-def test_scanned_dropout_is_refused():
-    with pytest.raises(ValueError, match="dropout with scan_layers=True"):
-        add_lora(_model(scan=True), 2, dropout=0.1)
 
 
 def test_targets_resolve_groups_and_names_in_layer_order():
@@ -341,8 +412,12 @@ def variant_dirs(tmp_path_factory, tiny_model_dir):
     )
     for name, cls, cfg_cls, extra in (
         ("qwen2", transformers.Qwen2ForCausalLM, transformers.Qwen2Config, {}),
-        ("llama", transformers.LlamaForCausalLM, transformers.LlamaConfig,
-         dict(tie_word_embeddings=False)),
+        (
+            "llama",
+            transformers.LlamaForCausalLM,
+            transformers.LlamaConfig,
+            dict(tie_word_embeddings=False),
+        ),
     ):
         torch.manual_seed(0)
         directory = tmp_path_factory.mktemp(name)
@@ -367,7 +442,9 @@ def test_our_adapter_gives_peft_the_same_logits(variant_dirs, tmp_path, family, 
     base = transformers.AutoModelForCausalLM.from_pretrained(variant_dirs[family])
     theirs = _torch_logits(peft.PeftModel.from_pretrained(base, tmp_path / "adapter"), ids)
     diff = float(np.abs(ours - theirs).max())
-    print(f"\nours -> peft ({family}, {'scan' if scan else 'unrolled'}): max |logit diff| {diff:.2e}")
+    print(
+        f"\nours -> peft ({family}, {'scan' if scan else 'unrolled'}): max |logit diff| {diff:.2e}"
+    )
     assert diff < PARITY_ATOL
     assert np.abs(ours - np.asarray(merge_lora(model)(ids))).max() < PARITY_ATOL
 
@@ -377,7 +454,10 @@ def test_a_peft_made_adapter_loads_with_the_same_logits(tiny_model_dir, tmp_path
     torch.manual_seed(0)
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     config = peft.LoraConfig(
-        r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]
+        r=4,
+        lora_alpha=12,
+        lora_dropout=0.1,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
     )
     peft_model = peft.get_peft_model(base, config)
     with torch.no_grad():
@@ -388,8 +468,9 @@ def test_a_peft_made_adapter_loads_with_the_same_logits(tiny_model_dir, tmp_path
     peft_model.eval()
     ids = _ids(peft_model.config.vocab_size)
     theirs = _torch_logits(peft_model, ids)
-    model = load_adapter(Qwen3ForCausalLM.from_pretrained(tiny_model_dir, scan_layers=scan),
-                         tmp_path / "peft")
+    model = load_adapter(
+        Qwen3ForCausalLM.from_pretrained(tiny_model_dir, scan_layers=scan), tmp_path / "peft"
+    )
     model.eval()
     settings = lora_settings(model)
     assert (settings.rank, settings.alpha) == (4, 12.0)
