@@ -7,7 +7,9 @@ gradient accumulation over micro-batches (``lax.scan``), the base optimiser
 params and optimiser state untouched. The micro-dev buffer lives on device; on measurement steps
 only, a dev batch drawn from it is back-propagated, by default in a program of its own that
 returns the gradient's signs (:func:`make_dev_signs_fn`, handed to the step as ``dev_grads``),
-or inside the controller's ``lax.cond``. Nothing in the step talks to the host.
+or inside the controller's ``lax.cond``. Nothing in the step talks to the host. A model whose
+LoRA adapters have dropout gets a dropout key per step and micro-batch
+(:func:`step_dropout_key`); the dev gradient and the evaluation loss are deterministic.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hacbo_jax.trainer import sharding as sharding_lib
 from hacbo_jax.controllers.compose import dev_sign_sketch, zero_blocks
+from hacbo_jax.models.lora import set_dropout_key, uses_dropout
 from hacbo_jax.trainer.controller_registry import find_controller_state
 from hacbo_jax.trainer.recipes import QWEN3_RULES
 
@@ -94,6 +97,25 @@ def _skip_plan(skip: WeightGradSkip | None, measuring: bool, opt_state: Any):
         return None, None
     idle = skip.idle_blocks(opt_state)
     return idle, (~idle if skip.compute else None)
+
+
+# fold_in tag of the dropout key ("drop"): far from the small counters jax.random.split and the
+# dev batch's jax.random.choice derive from the same key (split(k)[i] is fold_in(k, i) under
+# JAX's partitionable threefry), so the masks are independent of the dev batch draw.
+_DROPOUT_TAG = 0x64726F70
+
+
+def step_dropout_key(dev_key: jax.Array) -> jax.Array:
+    """The step's LoRA dropout key, ``fold_in(dev_key, "drop")``, with ``dev_key`` the second
+    half of ``jax.random.split(state.rng)``.
+
+    Derived by fold_in rather than a third split so that the split sequence of the run's
+    PRNG state (and so every dev batch and every result without dropout) is unchanged; it
+    follows ``state.rng``, so a resumed run draws the masks the uninterrupted run drew.
+    Micro-batch j then uses ``fold_in(key, j)`` (:func:`_mean_gradient`) and each adapter
+    ``fold_in(fold_in(., layer), module)`` (:func:`~hacbo_jax.models.lora.set_dropout_key`).
+    """
+    return jax.random.fold_in(dev_key, _DROPOUT_TAG)
 
 
 class TrainState(NamedTuple):
@@ -326,10 +348,21 @@ def make_loss_fn(
     ``logits_chunk``: compute the vocabulary projection and cross-entropy that many positions
     at a time (:func:`chunked_answer_nll`); None computes the full logits at once.
     ``weight_grads`` (optional third argument, bool[L]): see :class:`WeightGradSkip`.
+    ``dropout_key`` (keyword): the key of the LoRA adapters' dropout masks
+    (:func:`~hacbo_jax.models.lora.set_dropout_key`); None, the default, is deterministic (the
+    evaluation loss and the dev gradients never pass one). Ignored by a model without dropout.
     """
 
-    def loss_fn(params: Any, batch: Batch | PackedRows, weight_grads: jax.Array | None = None):
+    def loss_fn(
+        params: Any,
+        batch: Batch | PackedRows,
+        weight_grads: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ):
         model = nnx.merge(graphdef, nnx.State(params), rest)
+        if dropout_key is not None:
+            set_dropout_key(model, dropout_key)  # a no-op without adapter dropout
         hidden = hidden_states(model, batch, weight_grads)
         if logits_chunk is None:
             return answer_nll(model.lm_logits(hidden), batch)
@@ -339,25 +372,40 @@ def make_loss_fn(
 
 
 def _mean_gradient(
-    loss_fn, params, micro_batches: Batch, constrain=lambda grads: grads, weight_grads=None
+    loss_fn,
+    params,
+    micro_batches: Batch,
+    constrain=lambda grads: grads,
+    weight_grads=None,
+    dropout_key=None,
 ):
     """Gradient of (sum of NLL) / (answer tokens) over all micro-batches, accumulated by scan.
 
     ``constrain`` pins the accumulator's layout (on a mesh: the params' shardings);
-    ``weight_grads`` (bool[L] or None) is the model's (:class:`WeightGradSkip`).
+    ``weight_grads`` (bool[L] or None) is the model's (:class:`WeightGradSkip`);
+    ``dropout_key`` (or None: no dropout) gives micro-batch j the key ``fold_in(dropout_key,
+    j)``, so every micro-batch of a step draws its own masks.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     extra = () if weight_grads is None else (weight_grads,)
 
     def accumulate(carry, micro):
         nll_sum, count, grads = carry
-        (nll, n), g = grad_fn(params, micro, *extra)
+        if dropout_key is None:
+            (nll, n), g = grad_fn(params, micro, *extra)
+        else:
+            micro, j = micro
+            key = jax.random.fold_in(dropout_key, j)
+            (nll, n), g = grad_fn(params, micro, *extra, dropout_key=key)
         grads = constrain(jax.tree.map(jnp.add, grads, g))
         return (nll_sum + nll, count + n, grads), None
 
     zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    xs = micro_batches
+    if dropout_key is not None:  # the micro-batch index rides along (no change without dropout)
+        xs = (micro_batches, jnp.arange(jax.tree.leaves(micro_batches)[0].shape[0]))
     (nll_sum, count, grads), _ = jax.lax.scan(
-        accumulate, (jnp.float32(0), jnp.float32(0), zeros), micro_batches
+        accumulate, (jnp.float32(0), jnp.float32(0), zeros), xs
     )
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
@@ -406,8 +454,14 @@ def make_train_step(
     def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
         rng, dev_key = jax.random.split(state.rng)
         idle, weight_grads = _skip_plan(skip, uses_dev_grads, state.opt_state)
+        # Only a model with dropout gets a key: without, the program is the one it always was.
+        dropout_key = (
+            step_dropout_key(dev_key)
+            if uses_dropout(nnx.merge(graphdef, nnx.State(state.params), rest))
+            else None
+        )
         loss, count, grads = _mean_gradient(
-            loss_fn, state.params, batch, constrain_grads, weight_grads
+            loss_fn, state.params, batch, constrain_grads, weight_grads, dropout_key
         )
         if idle is not None:
             grads = constrain_grads(zero_blocks(skip.labels, grads, idle))

@@ -131,20 +131,6 @@ _lora_targets_check.allowed = (  # type: ignore[attr-defined]
 )
 
 
-def _lora_dropout_check(v: float) -> str | None:
-    # The training step hands the model no per-step random key (its params are the only
-    # traced input), so a dropout mask could never change between steps: refused rather than
-    # silently reusing one mask. The module API (add_lora) has dropout.
-    return None if v == 0 else (
-        "0 in a training run (the step passes the model no per-step random key, so the "
-        "dropout mask could not change between steps; hacbo_jax.models.lora.add_lora has "
-        "dropout for custom loops)"
-    )
-
-
-_lora_dropout_check.allowed = "0"  # type: ignore[attr-defined]
-
-
 @dataclass(frozen=True)
 class LoRAConfig:
     """LoRA adapters (:mod:`hacbo_jax.models.lora`): train low-rank adapters of a frozen base
@@ -164,7 +150,10 @@ class LoRAConfig:
         help="the adapters' update is scaled by alpha / rank (PEFT's lora_alpha; null = rank)",
     )
     dropout: float = option(
-        0.0, _lora_dropout_check, help="dropout on the adapter input (training runs: 0 only)"
+        0.0,
+        in_range(0, 1, hi_open=True),
+        help="dropout rate on the adapter input in training (a new mask per step, micro-batch, "
+        "layer and projection; evaluation and the dev gradients without dropout)",
     )
     targets: str = option(
         "all",
