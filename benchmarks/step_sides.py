@@ -166,3 +166,129 @@ def build_side(
         "idle_counts": idle_counts,
     }
     return step, info
+
+
+LORA_SIDES = ("full-adamw", "lora-8", "lora-256", "lora-8-bf16base")
+
+
+def lora_side_settings(side: str) -> tuple[int | None, str | None]:
+    """(rank or None for full fine-tuning, base dtype or None) of a :data:`LORA_SIDES` side."""
+    if side == "full-adamw":
+        return None, None
+    parts = side.split("-")  # lora-<rank>[-bf16base]
+    return int(parts[1]), ("bfloat16" if side.endswith("-bf16base") else None)
+
+
+def build_lora_side(
+    side: str,
+    config,
+    *,
+    seq: int,
+    rows: int = 1,
+    remat: str = "full",
+    logits_chunk: int | None = 128,
+):
+    """(step(), info) of one side of :data:`LORA_SIDES`, timed like :func:`build_side`:
+    ``full-adamw`` is :func:`build_side`'s ``adamw`` (every weight trained, fp32);
+    ``lora-<r>`` adds rank-r adapters to every projection (``add_lora``, targets ``all``) of the
+    same scanned fp32 model and trains them alone with AdamW (clip 1.0, the trainer's step on
+    ``split_lora``'s adapters, the base closed over); ``-bf16base`` holds the frozen base
+    (embeddings and norms included) in bf16, computing in fp32. ``info`` adds to
+    :func:`build_side`'s the trainable parameter count (``trainable_params``)."""
+    rank, base_dtype = lora_side_settings(side)
+    if rank is None:
+        step, info = build_side("adamw", config, seq=seq, rows=rows, remat=remat,
+                                logits_chunk=logits_chunk)  # fmt: skip
+        return step, {**info, "trainable_params": info["num_params"]}
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from hacbo_jax.models.lora import add_lora, split_lora
+    from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
+    from hacbo_jax.trainer.step import (
+        PackedRows,
+        TrainState,
+        build_optimizer,
+        learning_rate_schedule,
+        make_train_step,
+    )
+
+    model = nnx.jit(
+        lambda: Qwen3ForCausalLM(config, remat=remat, scan_layers=True, rngs=nnx.Rngs(0))
+    )()
+    add_lora(model, rank, base_dtype=None if base_dtype is None else jnp.dtype(base_dtype))
+    graphdef, params, rest = split_lora(model)
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    del model
+    schedule = learning_rate_schedule(1e-4, 10, 10**6)
+    tx = build_optimizer(
+        schedule=schedule, b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0, controller=None
+    )
+
+    def step_fn(state, batch, dev, base):
+        # The frozen base enters as an argument: the trainer's step closes over ``rest``, and
+        # jit embeds closed-over arrays in the program as literal constants (the whole base,
+        # a second copy, hex-encoded in the HLO). Built inside this trace, the step closes over
+        # tracers instead, which jit passes as arguments: the same computation, no constants.
+        inner = make_train_step(
+            graphdef, base, tx, schedule, dev_batch_size=1, uses_dev_grads=False,
+            logits_chunk=logits_chunk, donate=False,
+        )  # fmt: skip
+        return inner(state, batch, dev)
+
+    # the same packed rows as build_side: 4 examples a row, no target across a boundary
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, config.vocab_size, (1, rows, seq)).astype(np.int32)
+    segments = np.broadcast_to(np.repeat(np.arange(1, 5), seq // 4), ids.shape).astype(np.int32)
+    positions = np.broadcast_to(np.tile(np.arange(seq // 4), 4), ids.shape).astype(np.int32)
+    loss_mask = np.ones(ids.shape, np.float32)
+    loss_mask[..., seq // 4 - 1 :: seq // 4] = 0.0
+    batch = PackedRows(
+        *(jnp.asarray(x) for x in (ids, segments, positions, np.roll(ids, -1, -1), loss_mask))
+    )
+    dev = jax.tree.map(lambda x: x[0], batch)
+    state = TrainState(
+        jnp.int32(0), params, tx.init(params), jax.random.key_data(jax.random.key(0))
+    )
+    start = time.perf_counter()
+    compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(state, batch, dev, rest).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def step():
+        holder[0], metrics = compiled(holder[0], batch, dev, rest)
+        jax.block_until_ready((holder[0].params, metrics.loss))
+
+    info = {
+        "num_params": num_params,
+        "trainable_params": sum(x.size for x in jax.tree.leaves(params)),
+        "compile_s": compile_s,
+        "xla_temp_gib": compiled.memory_analysis().temp_size_in_bytes / 2**30,
+        "layers": config.num_hidden_layers,
+        "idle_counts": [],
+    }
+    return step, info
+
+
+def time_steps(step, steps: int, *, retries: int = 3) -> tuple[list[float], float]:
+    """(seconds of each of ``steps`` timed calls of ``step``, the worst contamination kept):
+    each call's contamination (others' CPU time, ``protocol.Contamination``) is measured and a
+    call above ``protocol.CONTAMINATION_LIMIT`` is repeated, up to ``retries`` times. For a side
+    alone in its process (nothing to interleave with)."""
+    import protocol  # benchmarks/protocol.py, beside this file
+
+    times, worst = [], 0.0
+    for _ in range(steps):
+        for attempt in range(retries + 1):
+            with protocol.Contamination() as c:
+                start = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - start
+            if c.fraction <= protocol.CONTAMINATION_LIMIT or attempt == retries:
+                break
+        worst = max(worst, c.fraction)
+        times.append(elapsed)
+    return times, worst
