@@ -839,8 +839,8 @@ case("sweep_lrwd --span -1", "sweep_lrwd", "sweep_lrwd", lrwd("--span", "-1"),
 case("sweep_lrwd --noise-seeds 0", "sweep_lrwd", "sweep_lrwd", lrwd("--noise-seeds", "0"),
      mentions=("--noise-seeds",))
 case("sweep_lrwd --wd inf", "sweep_lrwd", "sweep_lrwd", lrwd("--wd", "inf"), mentions=("--wd",))
-case("sweep_lrwd --num-heads 3", "sweep_lrwd", "sweep_lrwd", lrwd("--num-heads", "3"),
-     mentions=("heads",))
+case("sweep_lrwd --num-heads 3 --num-kv-heads 2", "sweep_lrwd", "sweep_lrwd",
+     lrwd("--num-heads", "3", "--num-kv-heads", "2"), mentions=("heads",))
 case("sweep_lrwd --out a file", "sweep_lrwd", "sweep_lrwd",
      lambda c: ["--out", str(c.guard(c.file("lw", "x"))), "--steps", "2"], mentions=("lw",))
 case("sweep_lrwd --task unknown", "sweep_lrwd", "sweep_lrwd", lrwd("--task", "zzz"),
