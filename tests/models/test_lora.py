@@ -72,7 +72,7 @@ def _lora_params(model):
 # ---- the wrapper --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_new_adapters_leave_the_model_equal_to_its_base(scan):
     model = _model(scan)
     before = model(IDS)
@@ -140,6 +140,7 @@ def test_merging_a_model_from_a_training_state_leaves_that_state_unchanged():
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_a_training_step_changes_only_the_adapters(scan):
     model = add_lora(_model(scan, remat="full"), 4)
     graphdef, params, rest = split_lora(model)
@@ -167,6 +168,7 @@ def _pairs(tree):
     return [(flat[k], flat[k[: -len("lora_a")] + "lora_b"]) for k in flat if k.endswith("lora_a")]
 
 
+@pytest.mark.slow
 def test_packed_rows_and_remat_give_the_plain_forward_and_gradient():
     seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1]])
 
@@ -251,6 +253,7 @@ def test_every_layer_and_projection_gets_its_own_key_and_both_layouts_the_same()
 
 
 @pytest.mark.parametrize("remat", ["none", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_scanned_and_unrolled_dropout_give_the_same_forward_and_gradient(tmp_path, remat):
     """The same adapter and key: the scanned model draws the unrolled model's masks (layer i
     its own), also when remat recomputes the layer in the backward pass."""

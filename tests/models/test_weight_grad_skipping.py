@@ -58,7 +58,13 @@ def _layer_leaves(grads, scan: bool, layer: int):
 
 
 @pytest.mark.parametrize(
-    "scan, remat", [(False, "none"), (False, "dots"), (True, "full"), (True, "none")]
+    "scan, remat",
+    [
+        (True, "full"),
+        pytest.param(False, "none", marks=pytest.mark.slow),
+        pytest.param(False, "dots", marks=pytest.mark.slow),
+        pytest.param(True, "none", marks=pytest.mark.slow),
+    ],
 )
 def test_all_true_flags_give_the_plain_gradient_bitwise(scan, remat):
     model = _model(scan, remat)
@@ -67,8 +73,15 @@ def test_all_true_flags_give_the_plain_gradient_bitwise(scan, remat):
     jax.tree.map(np.testing.assert_array_equal, plain, flagged)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(
+    "scan, packed",
+    [
+        (True, True),
+        pytest.param(False, False, marks=pytest.mark.slow),
+        pytest.param(False, True, marks=pytest.mark.slow),
+        pytest.param(True, False, marks=pytest.mark.slow),
+    ],
+)
 def test_a_false_layer_gets_zero_kernel_gradients_and_nothing_else_changes(scan, packed):
     model = _model(scan, "full")
     plain = _grads(model, None, packed=packed)

@@ -245,6 +245,7 @@ def _losses(model, batches, **kwargs) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 def test_dropout_draws_new_masks_every_step_and_micro_batch():
     """Learning rate 0 (params fixed), one batch repeated: with dropout every step's training
     loss differs (a new mask per step), a step replayed from its state repeats its loss
@@ -272,6 +273,7 @@ def test_dropout_draws_new_masks_every_step_and_micro_batch():
             np.testing.assert_allclose(loss_twice, loss_once, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_loss_without_a_key_is_deterministic():
     """Evaluation and the dev gradients call the loss without a key: a model with dropout then
     computes exactly what the same adapters without dropout compute."""
@@ -284,7 +286,7 @@ def test_the_loss_without_a_key_is_deterministic():
     jax.tree.map(np.testing.assert_array_equal, values[0], values[1])
 
 
-@pytest.mark.parametrize("lora", [True, False])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_without_dropout_the_step_never_builds_the_dropout_path(monkeypatch, lora):
     """A model without adapter dropout (LoRA at rate 0, or full fine-tuning) gets the step it
     got before dropout existed: the key derivation and the key setting are never traced (they
@@ -357,6 +359,7 @@ def _adagradselect_run(compute: bool, dropout: float = 0.0):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.slow
 def test_skipping_weight_grads_with_lora_equals_the_zeroed_dense_step(dropout):
     """LoRA + AdaGradSelect with ``skip_weight_grads``: bitwise the dense step that zeroes the
     idle blocks. The frozen base has no weight gradient to skip and the adapters' gradients
@@ -369,6 +372,7 @@ def test_skipping_weight_grads_with_lora_equals_the_zeroed_dense_step(dropout):
         jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+@pytest.mark.slow
 def test_a_lora_config_with_the_skip_trains(tiny_model_dir, tmp_path):
     """``controller.skip_weight_grads=true`` with ``lora.rank`` and dropout: the run's own
     steps carry the skip and take finite steps over the adapters."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,9 @@ def cli(overrides, *flags) -> int:
 
 
 def _hold_lock(path: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -72,10 +75,8 @@ def test_the_lock_is_held_while_the_run_writes(tiny_model_dir, tmp_path, monkeyp
             return {"stopped_at": 0}
 
     monkeypatch.setattr(finetune, "TrainingLoop", Loop)
-    monkeypatch.setattr(finetune, "build_run", lambda cfg: None)
-    assert finetune.run(quick_config(tiny_model_dir, out), show_progress=False) == {
-        "stopped_at": 0
-    }
+    monkeypatch.setattr(finetune, "build_run", lambda cfg: SimpleNamespace(lora=None))
+    assert finetune.run(quick_config(tiny_model_dir, out), show_progress=False) == {"stopped_at": 0}
     assert seen == [None]  # held during the run
     f = try_lock(out / LOCK_NAME)  # released after it
     assert f is not None
@@ -115,7 +116,7 @@ def test_resume_after_a_killed_first_save_restarts_from_step_0(
             return {"stopped_at": 1}
 
     monkeypatch.setattr(finetune, "TrainingLoop", Loop)
-    monkeypatch.setattr(finetune, "build_run", lambda cfg: None)
+    monkeypatch.setattr(finetune, "build_run", lambda cfg: SimpleNamespace(lora=None))
     assert finetune.run(cfg, resume=True, show_progress=False) == {"stopped_at": 1}
     assert started == [False]
     err = capsys.readouterr().err
@@ -135,9 +136,7 @@ def test_resume_without_the_runs_files_is_still_refused(tiny_model_dir, tmp_path
 def test_resume_after_a_killed_first_save_trains(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cfg = _killed_in_first_save(tiny_model_dir, out)
-    assert finetune.run(cfg, resume=True, show_progress=False, stop_after=1) == {
-        "stopped_at": 1
-    }
+    assert finetune.run(cfg, resume=True, show_progress=False, stop_after=1) == {"stopped_at": 1}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
 
 
@@ -178,7 +177,10 @@ def test_sigint_checkpoints_at_the_step_boundary(tiny_model_dir, tmp_path, where
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-c", _DRIVER, where, "--config", str(CONFIG), *overrides],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == finetune.EXIT_INTERRUPTED, proc.stderr
     assert "Traceback" not in proc.stderr and "SIGINT" in proc.stderr
@@ -205,8 +207,12 @@ def test_a_run_with_nan_parameters_never_exits_0(tiny_model_dir, tmp_path, monke
     _nan_params(monkeypatch)
     out = tmp_path / "nan"
     changed = {
-        "optim.max_steps": "3", "optim.warmup_steps": "1", "logging.every": "1", "checkpoint.every": "5",
-        "controller.kind": "none", "divergence.max_consecutive_nonfinite": "100",
+        "optim.max_steps": "3",
+        "optim.warmup_steps": "1",
+        "logging.every": "1",
+        "checkpoint.every": "5",
+        "controller.kind": "none",
+        "divergence.max_consecutive_nonfinite": "100",
     }
     overrides = [
         o for o in quick_overrides(tiny_model_dir, out) if o.split("=")[0] not in changed

@@ -156,7 +156,7 @@ def test_qwen3_rules_shard_params_moments_alike_and_replicate_controller():
     assert adam.mu == specs.params and adam.nu == specs.params
     controller = specs.opt_state.inner_state[2]
     assert type(controller).__name__ == "HACBOState"
-    assert all(s == P() for s in controller)
+    assert all(s == P() for s in controller if s is not None)  # None: an option that is off
     assert specs.step == P() and specs.rng == P() and adam.count == P()
 
 
