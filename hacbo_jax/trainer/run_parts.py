@@ -22,6 +22,7 @@ from hacbo_jax.controllers import controlled_leaves
 from hacbo_jax.models.lora import LoRASettings, add_lora, lora_problems, merge_lora, split_lora
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from hacbo_jax.data import gsm8k as data_lib
+from hacbo_jax.data.label_noise import with_wrong_answers
 from hacbo_jax.trainer import distributed
 from hacbo_jax.trainer.config import Config, check_mesh, check_pool_size, check_warmup
 from hacbo_jax.trainer.controller_registry import (
@@ -117,6 +118,13 @@ def load_task_data(cfg: Config, tokenizer: Any = None) -> TaskData:
         train_idx, pool_idx = data_lib.holdout_split(len(train_all), d.heldout_size, cfg.seed)
         train = [train_all[i] for i in train_idx]
         pool = [train_all[i] for i in pool_idx] if cfg.microdev.pool == "heldout" else eval_
+    if d.wrong_answers:
+        try:
+            train, _ = with_wrong_answers(train, d.wrong_answers, seed=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(
+                f"invalid config:\n  - data.wrong_answers = {d.wrong_answers}: {e}"
+            ) from e
     if cfg.eval.limit is not None:
         eval_ = eval_[: cfg.eval.limit]
     return TaskData(train, eval_, pool)

@@ -59,3 +59,15 @@ def test_zero_changes_nothing_and_bad_fractions_are_refused():
         with_wrong_answers(clean, 1.5, seed=0)
     with pytest.raises(ValueError, match="only 0 examples"):
         with_wrong_answers([Example("q", "no final number")], 1.0, seed=0)
+
+
+def test_a_run_config_corrupts_only_its_training_examples():
+    from hacbo_jax.trainer.config import load_config
+    from hacbo_jax.trainer.run_parts import load_task_data
+
+    overrides = ["data.synthetic.n_train=400", "data.synthetic.n_eval=10", "eval.limit=null"]
+    clean = load_task_data(load_config("tiny_cpu", overrides))
+    noisy = load_task_data(load_config("tiny_cpu", [*overrides, "data.wrong_answers=0.25"]))
+    changed = [a != b for a, b in zip(clean.train, noisy.train)]
+    assert sum(changed) == 100
+    assert noisy.eval == clean.eval and noisy.pool == clean.pool

@@ -245,6 +245,14 @@ class DataConfig:
     heldout_size: int = option(
         1473, in_range(0), help="micro-dev pool size when microdev.pool is heldout"
     )
+    # A training set that pulls against the target: the micro-dev pool and the evaluation
+    # stay clean (hacbo_jax.data.label_noise).
+    wrong_answers: float = option(
+        0.0,
+        in_range(0, 1),
+        help="share of training examples given a wrong final answer (label noise, drawn with "
+        "the run's seed; the micro-dev pool and the evaluation stay clean)",
+    )
 
 
 @dataclass(frozen=True)
@@ -489,9 +497,7 @@ class AutoLRSSection:
     rewind_data: bool = option(
         False, help="AutoLRS: candidates restart from the snapshot's data position"
     )
-    bo_seed: int = option(
-        0, SEED_RANGE, help="AutoLRS: seed of the Bayesian optimisation"
-    )
+    bo_seed: int = option(0, SEED_RANGE, help="AutoLRS: seed of the Bayesian optimisation")
 
     def build(self) -> Any:
         """The :class:`~hacbo_jax.experiments.autolrs.AutoLRSConfig` (ValueError on an inconsistent combination)."""
