@@ -29,16 +29,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import protocol  # benchmarks/protocol.py, on the path above
-from step_sides import LORA_SIDES, build_lora_side, time_steps
+from step_sides import (
+    LORA_SIDES,
+    build_lora_side,
+    peak_rss_gib,
+    run_side_in_subprocess,
+    time_steps,
+)
 
 DEFAULT_SEQ = {"0.6b": 512, "tiny": 64}
 
@@ -61,11 +65,6 @@ def model_config(shape: str):
     )
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident set (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def run_one_side(args) -> dict:
     """Child process: build one side, one warm-up step, ``args.steps`` timed steps."""
     step, info = build_lora_side(args.side, model_config(args.shape), seq=args.seq)
@@ -81,18 +80,6 @@ def run_one_side(args) -> dict:
         "trainable_params": info["trainable_params"],
         "num_params": info["num_params"],
     }
-
-
-def run_in_subprocess(args, side: str) -> dict:
-    """One side in a fresh interpreter (its own peak RSS); its RESULT line, parsed."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape,
-           "--seq", str(args.seq), "--steps", str(args.steps), "--side", side]  # fmt: skip
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
-        raise SystemExit(f"side {side} failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def table(rows: list[dict], seq: int) -> list[str]:
@@ -145,7 +132,8 @@ def main(argv=None) -> list[dict] | None:
     watch = protocol.LoadWatch(f"lora_step {args.shape}")
     rows, clean = [], True
     for side in sides:
-        row = run_in_subprocess(args, side)
+        argv = ["--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps)]
+        row = run_side_in_subprocess(__file__, argv, side)
         clean &= row["worst_contamination"] <= protocol.CONTAMINATION_LIMIT
         print(
             f"{side}: min {min(row['times']):.3f} s, median {statistics.median(row['times']):.3f}"

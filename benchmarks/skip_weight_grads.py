@@ -34,18 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import time
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import protocol  # noqa: E402  (benchmarks/protocol.py)
-from step_sides import SIDES, build_side  # noqa: E402  (benchmarks/step_sides.py)
+from step_sides import (  # noqa: E402  (benchmarks/step_sides.py)
+    SIDES,
+    build_side,
+    peak_rss_gib,
+    run_side_in_subprocess,
+    time_steps,
+)
 
 DEFAULT_06B_SIDES = (
     "adamw",
@@ -73,25 +75,11 @@ def model_config(shape: str):
     )
 
 
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
 def run_one_side(args) -> dict:
     """Child process of ``--shape 0.6b``: one side, per-step contamination retries."""
     step, info = build_side(args.side, model_config(args.shape), seq=args.seq)
     step()  # warm-up (the compiled program's first run)
-    times, worst = [], 0.0
-    for _ in range(args.steps):
-        for attempt in range(4):
-            with protocol.Contamination() as c:
-                start = time.perf_counter()
-                step()
-                elapsed = time.perf_counter() - start
-            if c.fraction <= protocol.CONTAMINATION_LIMIT or attempt == 3:
-                break
-        worst = max(worst, c.fraction)
-        times.append(elapsed)
+    times, worst = time_steps(step, args.steps)
     return {
         "side": args.side,
         "times": times,
@@ -169,14 +157,8 @@ def main(argv=None) -> None:
     else:
         clean = True
         for s in sides:
-            cmd = [sys.executable, os.path.abspath(__file__), "--shape", args.shape,
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--side", s]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
-                raise SystemExit(f"side {s} failed (exit {proc.returncode})")
-            row = json.loads(lines[-1][len("RESULT ") :])
+            argv = ["--shape", args.shape, "--seq", str(args.seq), "--steps", str(args.steps)]
+            row = run_side_in_subprocess(__file__, argv, s)
             clean &= row["worst_contamination"] <= protocol.CONTAMINATION_LIMIT
             print(
                 f"{s}: min {min(row['times']):.3f} s, median {statistics.median(row['times']):.3f}"

@@ -292,3 +292,28 @@ def time_steps(step, steps: int, *, retries: int = 3) -> tuple[list[float], floa
         worst = max(worst, c.fraction)
         times.append(elapsed)
     return times, worst
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set in GiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_side_in_subprocess(script: str, argv: list[str], side: str) -> dict:
+    """Runs ``python SCRIPT *argv --side SIDE`` in a fresh interpreter (so the side's peak RSS
+    is its own) and returns the JSON of its last ``RESULT `` line; SystemExit with its output
+    when it fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.abspath(script), *argv, "--side", side]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n")
+        raise SystemExit(f"side {side} failed (exit {proc.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])

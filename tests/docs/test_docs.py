@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 # Pages whose examples train or decode for a while: they run in the slow tier.
-SLOW_PAGES = {"own-data.md", "training.md", "scaling.md", "methods.md", "lora.md"}
+SLOW_PAGES = {"own-data.md", "training.md", "scaling.md", "methods.md", "lora.md", "models.md"}
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -83,6 +83,9 @@ def test_the_site_builds_with_warnings_as_errors(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
     )
     assert done.returncode == 0, done.stderr[-4000:]

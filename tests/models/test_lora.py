@@ -72,7 +72,7 @@ def _lora_params(model):
 # ---- the wrapper --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_new_adapters_leave_the_model_equal_to_its_base(scan):
     model = _model(scan)
     before = model(IDS)
@@ -106,6 +106,7 @@ def test_scanned_adapters_are_stacked_per_layer_with_independent_draws():
     assert not np.allclose(a[0], a[1])
 
 
+@pytest.mark.slow
 def test_scan_and_unrolled_models_with_the_same_adapter_agree(tmp_path):
     base = _model()
     base.save_pretrained(tmp_path / "base")  # the same base weights, stacked on load
@@ -207,7 +208,7 @@ def _with_dropout(scan: bool, rate: float = 0.5, **kwargs) -> Qwen3ForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_dropout_acts_only_with_a_key_and_draws_a_mask_per_key(scan):
     model = _with_dropout(scan)
     assert uses_dropout(model)
@@ -433,7 +434,9 @@ def _ids(vocab: int) -> jnp.ndarray:
     return jnp.asarray(np.random.RandomState(1).randint(0, vocab, (2, 9)))
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+@pytest.mark.parametrize(
+    "scan", [pytest.param(False, marks=pytest.mark.slow), True], ids=["unrolled", "scan"]
+)
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
 def test_our_adapter_gives_peft_the_same_logits(variant_dirs, tmp_path, family, scan):
     model = Qwen3ForCausalLM.from_pretrained(variant_dirs[family], scan_layers=scan)

@@ -60,7 +60,7 @@ def _layer_leaves(grads, scan: bool, layer: int):
 @pytest.mark.parametrize(
     "scan, remat",
     [
-        (True, "full"),
+        pytest.param(True, "full", marks=pytest.mark.slow),
         pytest.param(False, "none", marks=pytest.mark.slow),
         pytest.param(False, "dots", marks=pytest.mark.slow),
         pytest.param(True, "none", marks=pytest.mark.slow),

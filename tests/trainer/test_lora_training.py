@@ -286,7 +286,8 @@ def test_the_loss_without_a_key_is_deterministic():
     jax.tree.map(np.testing.assert_array_equal, values[0], values[1])
 
 
-@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [True, False])
 def test_without_dropout_the_step_never_builds_the_dropout_path(monkeypatch, lora):
     """A model without adapter dropout (LoRA at rate 0, or full fine-tuning) gets the step it
     got before dropout existed: the key derivation and the key setting are never traced (they
