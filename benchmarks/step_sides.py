@@ -29,6 +29,25 @@ SIDES = (
 STEPS_PER_EPOCH = 100  # AdaGradSelect's N; the state starts at count N (epsilon 0)
 
 
+def packed_batch(vocab_size: int, rows: int, seq: int):
+    """Random ``PackedRows`` [1, rows, seq]: 4 examples of seq / 4 tokens a row (positions
+    restarting in each), every token a target except across an example boundary."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hacbo_jax.trainer.step import PackedRows
+
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, vocab_size, (1, rows, seq)).astype(np.int32)
+    segments = np.broadcast_to(np.repeat(np.arange(1, 5), seq // 4), ids.shape).astype(np.int32)
+    positions = np.broadcast_to(np.tile(np.arange(seq // 4), 4), ids.shape).astype(np.int32)
+    loss_mask = np.ones(ids.shape, np.float32)
+    loss_mask[..., seq // 4 - 1 :: seq // 4] = 0.0  # no target across a segment boundary
+    return PackedRows(
+        *(jnp.asarray(x) for x in (ids, segments, positions, np.roll(ids, -1, -1), loss_mask))
+    )
+
+
 def build_side(
     side: str,
     config,
@@ -47,7 +66,6 @@ def build_side(
     Scanned layers, fp32 master weights, ``dtype`` compute, the state donated and advanced."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
@@ -61,7 +79,6 @@ def build_side(
     )
     from hacbo_jax.trainer.recipes import qwen3_labels
     from hacbo_jax.trainer.step import (
-        PackedRows,
         TrainState,
         WeightGradSkip,
         build_optimizer,
@@ -123,15 +140,7 @@ def build_side(
         skip=skip,
         logits_chunk=logits_chunk,
     )
-    rs = np.random.RandomState(0)
-    ids = rs.randint(0, config.vocab_size, (1, rows, seq)).astype(np.int32)
-    segments = np.broadcast_to(np.repeat(np.arange(1, 5), seq // 4), ids.shape).astype(np.int32)
-    positions = np.broadcast_to(np.tile(np.arange(seq // 4), 4), ids.shape).astype(np.int32)
-    loss_mask = np.ones(ids.shape, np.float32)
-    loss_mask[..., seq // 4 - 1 :: seq // 4] = 0.0  # no target across a segment boundary
-    batch = PackedRows(
-        *(jnp.asarray(x) for x in (ids, segments, positions, np.roll(ids, -1, -1), loss_mask))
-    )
+    batch = packed_batch(config.vocab_size, rows, seq)
     dev = jax.tree.map(lambda x: x[0], batch)
     state = TrainState(jnp.int32(0), params, opt_state, jax.random.key_data(jax.random.key(0)))
     start = time.perf_counter()
@@ -203,13 +212,11 @@ def build_lora_side(
 
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import nnx
 
     from hacbo_jax.models.lora import add_lora, split_lora
     from hacbo_jax.models.qwen3 import Qwen3ForCausalLM
     from hacbo_jax.trainer.step import (
-        PackedRows,
         TrainState,
         build_optimizer,
         learning_rate_schedule,
@@ -239,16 +246,7 @@ def build_lora_side(
         )  # fmt: skip
         return inner(state, batch, dev)
 
-    # the same packed rows as build_side: 4 examples a row, no target across a boundary
-    rs = np.random.RandomState(0)
-    ids = rs.randint(0, config.vocab_size, (1, rows, seq)).astype(np.int32)
-    segments = np.broadcast_to(np.repeat(np.arange(1, 5), seq // 4), ids.shape).astype(np.int32)
-    positions = np.broadcast_to(np.tile(np.arange(seq // 4), 4), ids.shape).astype(np.int32)
-    loss_mask = np.ones(ids.shape, np.float32)
-    loss_mask[..., seq // 4 - 1 :: seq // 4] = 0.0
-    batch = PackedRows(
-        *(jnp.asarray(x) for x in (ids, segments, positions, np.roll(ids, -1, -1), loss_mask))
-    )
+    batch = packed_batch(config.vocab_size, rows, seq)
     dev = jax.tree.map(lambda x: x[0], batch)
     state = TrainState(
         jnp.int32(0), params, tx.init(params), jax.random.key_data(jax.random.key(0))
