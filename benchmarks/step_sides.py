@@ -237,9 +237,8 @@ def build_lora_side(
 
     def step_fn(state, batch, dev, base):
         # The frozen base enters as an argument: the trainer's step closes over ``rest``, and
-        # jit embeds closed-over arrays in the program as literal constants (the whole base,
-        # a second copy, hex-encoded in the HLO). Built inside this trace, the step closes over
-        # tracers instead, which jit passes as arguments: the same computation, no constants.
+        # The base is an argument of this program (jit would embed a closed-over array as a
+        # constant); the trainer's step takes it as an argument the same way (WithFrozen).
         inner = make_train_step(
             graphdef, base, tx, schedule, dev_batch_size=1, uses_dev_grads=False,
             logits_chunk=logits_chunk, donate=False,

@@ -19,7 +19,7 @@ their number of trained tokens (a token-weighted mean, as in training).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,11 +138,13 @@ def evaluate_exact_match(
     return EvalResult(score, len(examples), predictions, correct)
 
 
-def make_eval_loss(loss_fn, arrays, *, batch_size: int):
+def make_eval_loss(loss_fn, arrays, *, batch_size: int, frozen: Any = None):
     """``eval_loss(params) -> float``: the token-weighted mean of ``loss_fn`` (summed NLL,
     token count: :func:`hacbo_jax.trainer.step.make_loss_fn`) over the tokenised evaluation
     ``arrays`` (:class:`hacbo_jax.data.gsm8k.SFTArrays`), in batches of ``batch_size``
-    (the last one padded with rows of zero loss weight, so one program serves every batch)."""
+    (the last one padded with rows of zero loss weight, so one program serves every batch).
+    ``frozen``: the model's frozen state, given to ``loss_fn`` as its ``frozen`` keyword and to
+    the compiled program as an argument (LoRA's base model would otherwise be a constant of it)."""
     from hacbo_jax.trainer.step import Batch
 
     n = len(arrays)
@@ -157,7 +159,11 @@ def make_eval_loss(loss_fn, arrays, *, batch_size: int):
         Batch(*(jnp.asarray(taken[k][s : s + batch_size]) for k in Batch._fields))
         for s in range(0, rows, batch_size)
     ]
-    step = jax.jit(loss_fn)
+    if frozen is None:
+        step = jax.jit(loss_fn)
+    else:
+        with_frozen = jax.jit(lambda state, params, batch: loss_fn(params, batch, frozen=state))
+        step = lambda params, batch: with_frozen(frozen, params, batch)
 
     def eval_loss(params) -> float:
         total, count = 0.0, 0.0

@@ -393,7 +393,7 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     sampler = data_lib.EpochSampler(len(task.train), cfg.optim.batch_size, seed=cfg.seed)
 
     lora = cfg.lora.rank is not None
-    if lora:  # trained: the adapters only; the frozen base is closed over in ``rest``
+    if lora:  # trained: the adapters only; ``rest`` is the frozen base, an argument of the steps
         graphdef, params, rest = split_lora(model)
     else:
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -413,7 +413,10 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
     shardings = None
     if mesh.size > 1:  # one device: JAX's default placement, exactly the single-device program
         abstract = jax.eval_shape(lambda p: TrainState(jnp.int32(0), p, tx.init(p), rng), params)
-        shardings = step_shardings(mesh, abstract, dev_batch_size=cfg.microdev.batch_size)
+        shardings = step_shardings(
+            mesh, abstract, dev_batch_size=cfg.microdev.batch_size, frozen=rest
+        )
+        rest = jax.device_put(rest, shardings.frozen)  # LoRA's base: sharded like its kernels
     state = _initial_state(tx, params, rng, shardings)
     interval = cfg.controller.interval if measures(cfg.controller.kind) else None
     train_steps = make_train_steps(
@@ -440,6 +443,7 @@ def build_run(cfg: Config, *, inject_lr: bool = False) -> RunParts:
         make_loss_fn(graphdef, rest, logits_chunk=cfg.model.logits_chunk),
         eval_arrays(task.eval, tokenizer, cfg.data.max_len),
         batch_size=cfg.eval.batch_size,
+        frozen=rest,
     )
     accum, micro = cfg.optim.accumulation_steps, cfg.optim.micro_batch_size or cfg.optim.batch_size
     packer = None

@@ -14,6 +14,7 @@ LoRA adapters have dropout gets a dropout key per step and micro-batch
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -139,6 +140,7 @@ class StepShardings(NamedTuple):
     dev_buffer: Any  # NamedSharding of the [N_dev, L] micro-dev buffer (replicated)
     dev_batch: Any | None  # NamedSharding of the [1, dev_batch, L] dev batch, or None
     metrics: Any  # NamedSharding of the scalar metrics (replicated)
+    frozen: Any = None  # NamedSharding tree of the frozen state (LoRA's base), or None
 
 
 class StepMetrics(NamedTuple):
@@ -351,6 +353,10 @@ def make_loss_fn(
     ``dropout_key`` (keyword): the key of the LoRA adapters' dropout masks
     (:func:`~hacbo_jax.models.lora.set_dropout_key`); None, the default, is deterministic (the
     evaluation loss and the dev gradients never pass one). Ignored by a model without dropout.
+    ``frozen`` (keyword): the model's other state in place of ``rest``. A jitted caller passes
+    the frozen part this way, as an argument of its program: closed over, ``rest`` would be a
+    constant of the compiled program (for LoRA that is the whole base model, copied into every
+    program that uses it).
     """
 
     def loss_fn(
@@ -359,8 +365,9 @@ def make_loss_fn(
         weight_grads: jax.Array | None = None,
         *,
         dropout_key: jax.Array | None = None,
+        frozen: nnx.State | None = None,
     ):
-        model = nnx.merge(graphdef, nnx.State(params), rest)
+        model = nnx.merge(graphdef, nnx.State(params), rest if frozen is None else frozen)
         if dropout_key is not None:
             set_dropout_key(model, dropout_key)  # a no-op without adapter dropout
         hidden = hidden_states(model, batch, weight_grads)
@@ -447,17 +454,20 @@ def make_train_step(
     the step on a device mesh
     (None: JAX's default single-device placement, no constraints).
     """
-    loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
-    constrain_grads, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
+    loss_of_frozen = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
     takes_dev_signs = uses_dev_grads and dev_signs_argument
 
-    def step_fn(state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None):
+    def step_fn(
+        frozen: nnx.State, state: TrainState, batch: Batch, dev_buffer: Batch, dev_signs=None
+    ):
+        loss_fn = functools.partial(loss_of_frozen, frozen=frozen)
+        constrain_grads, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings)
         rng, dev_key = jax.random.split(state.rng)
         idle, weight_grads = _skip_plan(skip, uses_dev_grads, state.opt_state)
         # Only a model with dropout gets a key: without, the program is the one it always was.
         dropout_key = (
             step_dropout_key(dev_key)
-            if uses_dropout(nnx.merge(graphdef, nnx.State(state.params), rest))
+            if uses_dropout(nnx.merge(graphdef, nnx.State(state.params), frozen))
             else None
         )
         loss, count, grads = _mean_gradient(
@@ -493,18 +503,54 @@ def make_train_step(
         )
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
-    donate_argnums = (0,) if donate else ()
+    donate_argnums = (1,) if donate else ()  # the state; never the frozen base (argument 0)
     if shardings is None:
-        return jax.jit(step_fn, donate_argnums=donate_argnums)
-    in_shardings = (shardings.state, shardings.batch, shardings.dev_buffer)
+        return WithFrozen(jax.jit(step_fn, donate_argnums=donate_argnums), rest)
+    in_shardings = (
+        frozen_shardings(shardings, rest),
+        shardings.state,
+        shardings.batch,
+        shardings.dev_buffer,
+    )
     if takes_dev_signs:
         in_shardings += (sketch_shardings(shardings.state.params, controlled),)
-    return jax.jit(
+    jitted = jax.jit(
         step_fn,
         donate_argnums=donate_argnums,
         in_shardings=in_shardings,
         out_shardings=(shardings.state, shardings.metrics),
     )
+    return WithFrozen(jitted, rest)
+
+
+class WithFrozen:
+    """``fn(*args)`` = ``jitted(frozen, *args)``: a jitted program whose first argument, the
+    model's frozen state (``rest`` of the split: LoRA's base model, empty in full
+    fine-tuning), is bound here.
+
+    Closed over, those arrays would be constants of the compiled program: the whole base copied
+    into every program (on Qwen3-0.6B 1.2 GB of bf16 per program), and not placed by the mesh's
+    shardings. As an argument it is the same device buffer for every call and every program.
+    ``lower(*args)`` lowers with the bound state, like ``jax.jit``'s.
+    """
+
+    def __init__(self, jitted: Callable[..., Any], frozen: nnx.State):
+        self.jitted = jitted
+        self.frozen = frozen
+
+    def __call__(self, *args: Any) -> Any:
+        return self.jitted(self.frozen, *args)
+
+    def lower(self, *args: Any) -> Any:
+        return self.jitted.lower(self.frozen, *args)
+
+
+def frozen_shardings(shardings: StepShardings, rest: nnx.State) -> Any:
+    """Where the frozen state lives on the mesh: ``shardings.frozen``, or replicated when the
+    step shardings were made without it (full fine-tuning: nothing is frozen)."""
+    if shardings.frozen is not None:
+        return shardings.frozen
+    return jax.tree.map(lambda _: shardings.metrics, rest)
 
 
 def _dev_gradient(
@@ -597,22 +643,24 @@ def make_dev_signs_fn(
     ``skip`` with ``when_measuring``: the idle blocks' weight gradients are skipped too
     (:class:`WeightGradSkip`).
     """
-    loss_fn = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
-    _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings, controlled)
+    loss_of_frozen = make_loss_fn(graphdef, rest, logits_chunk=logits_chunk)
 
-    def dev_signs_fn(state: TrainState, dev_buffer: Batch):
+    def dev_signs_fn(frozen: nnx.State, state: TrainState, dev_buffer: Batch):
+        loss_fn = functools.partial(loss_of_frozen, frozen=frozen)
+        _, dev_grad = _dev_gradient(loss_fn, dev_batch_size, shardings, controlled)
         _, dev_key = jax.random.split(state.rng)
         idle, _ = _skip_plan(skip, True, state.opt_state)
         grads = dev_grad(state.params, dev_key, dev_buffer, skip, idle)
         return dev_sign_sketch(grads, controlled)
 
     if shardings is None:
-        return jax.jit(dev_signs_fn)
-    return jax.jit(
+        return WithFrozen(jax.jit(dev_signs_fn), rest)
+    jitted = jax.jit(
         dev_signs_fn,
-        in_shardings=(shardings.state, shardings.dev_buffer),
+        in_shardings=(frozen_shardings(shardings, rest), shardings.state, shardings.dev_buffer),
         out_shardings=sketch_shardings(shardings.state.params, controlled),
     )
+    return WithFrozen(jitted, rest)
 
 
 def sketch_shardings(param_shardings: Any, controlled: Any = None) -> Any:
@@ -734,6 +782,7 @@ def step_shardings(
     rules: Sequence[sharding_lib.PartitionRule] = QWEN3_RULES,
     dev_batch_size: int,
     min_elements: int = 2**16,
+    frozen: Any = None,
 ) -> StepShardings:
     """Shardings of a step on ``mesh`` for ``state`` (arrays or ``jax.eval_shape`` output).
 
@@ -742,8 +791,16 @@ def step_shardings(
     arrays, counters and the RNG key are replicated. Batches are split along the micro-batch
     axis over ("data", "fsdp"); the dev batch too when ``dev_batch_size`` is divisible by the
     mesh size (otherwise every device computes the whole dev gradient).
+    ``frozen``: the model's frozen state (LoRA's base model), sharded by the same rules as the
+    params it holds (a base kernel's path ends like the full fine-tuning kernel's); None: the
+    step shardings hold none (it is replicated, which suits the empty state of full fine-tuning).
     """
     specs = sharding_lib.partition_specs(state, mesh, rules, min_elements=min_elements)
+    frozen_specs = (
+        None
+        if frozen is None
+        else sharding_lib.partition_specs(frozen, mesh, rules, min_elements=min_elements)
+    )
     replicated = NamedSharding(mesh, PartitionSpec())
     batch = NamedSharding(mesh, sharding_lib.batch_spec(3, example_axis=1))
     return StepShardings(
@@ -752,4 +809,5 @@ def step_shardings(
         dev_buffer=replicated,
         dev_batch=batch if dev_batch_size % mesh.size == 0 else None,
         metrics=replicated,
+        frozen=None if frozen is None else sharding_lib.named_shardings(mesh, frozen_specs),
     )

@@ -6,7 +6,8 @@ Needs 8 host devices, which XLA only creates if the flag is set before jax is im
 separate process (pytest's own has one CPU device). Writes ``OUT_DIR/arrays.npz`` (params and
 controller state after the run on each mesh, the restored checkpoint, ...),
 ``OUT_DIR/facts.json`` (shardings, per-host rows, error messages) and ``OUT_DIR/finetune/``
-(hacbo_jax.trainer.finetune run directories on 1x1 and on 4x2 resumed on 2x4); asserts nothing itself.
+(hacbo_jax.trainer.finetune run directories on 1x1 and on 4x2 resumed on 2x4, full fine-tuning and
+LoRA); asserts nothing itself.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def finetune_runs(out_dir: Path) -> None:
     model_dir = make_tiny_checkpoint(root / "model")
     config = CONFIGS_DIR / "tiny_cpu.yaml"
 
-    def cfg(run: str, mesh: tuple[int, int]):
+    def cfg(run: str, mesh: tuple[int, int], *extra: str):
         return load_config(
             config,
             [
@@ -287,12 +288,18 @@ def finetune_runs(out_dir: Path) -> None:
                 "checkpoint.every=0",
                 f"mesh.data={mesh[0]}",
                 f"mesh.fsdp={mesh[1]}",
+                *extra,
             ],
         )
 
     finetune.run(cfg("1x1", (1, 1)), show_progress=False)
     finetune.run(cfg("resumed", (4, 2)), show_progress=False, stop_after=3)
     finetune.run(cfg("resumed", (2, 4)), resume=True, show_progress=False)
+    # LoRA: the frozen base is sharded by the same rules as the kernels it holds
+    lora = ("lora.rank=2", "lora.alpha=4")
+    finetune.run(cfg("lora_1x1", (1, 1), *lora), show_progress=False)
+    finetune.run(cfg("lora_resumed", (4, 2), *lora), show_progress=False, stop_after=3)
+    finetune.run(cfg("lora_resumed", (2, 4), *lora), resume=True, show_progress=False)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from support.runs import CONFIG, quick_config, quick_overrides
 
+from hacbo_jax.controllers import hacbo
 from hacbo_jax.models.lora import add_lora, merge_lora, split_lora
 from hacbo_jax.models.lora_peft import load_adapter, save_adapter
 from hacbo_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
@@ -391,3 +392,60 @@ def test_a_lora_config_with_the_skip_trains(tiny_model_dir, tmp_path):
         assert bool(metrics.finite) and np.isfinite(float(metrics.loss))
     moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, jax.device_get(state.params))
     assert any(jax.tree.leaves(moved))
+
+
+def _embedded_leaves(text: str, tree) -> list[str]:
+    """Paths of the leaves of ``tree`` whose bytes appear as a literal constant in ``text`` (a
+    lowered program's StableHLO, which prints array constants as ``dense<"0x<hex>">``)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [
+        jax.tree_util.keystr(path)
+        for path, leaf in flat
+        if np.asarray(leaf).size > 1 and np.asarray(leaf).tobytes().hex().upper() in text
+    ]
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        "ordinary",
+        *(
+            pytest.param(p, marks=pytest.mark.slow)
+            for p in ("dev_signs", "measurement", "one_program")
+        ),
+    ],
+)
+def test_the_frozen_base_is_an_argument_of_the_compiled_step_not_a_constant(program):
+    """A closed-over array is a constant of the jitted program: the whole frozen base (1.2 GB of
+    bf16 on Qwen3-0.6B) would be copied into every compiled step. The steps and the dev program
+    take it as an argument instead, so none of its arrays appears in the lowered programs, and
+    they still run."""
+    model = _lora_model(dropout=0.0)
+    graphdef, params, rest = split_lora(model)
+    schedule = learning_rate_schedule(1e-2, 1, 100)
+    tx = build_optimizer(
+        schedule=schedule, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0,
+        controller=hacbo(qwen3_labels(params), interval=1),
+    )  # fmt: skip
+    key = jax.random.key_data(jax.random.key(0))
+    state = TrainState(jnp.int32(0), params, tx.init(params), key)
+    batch = _batch()
+    dev = jax.tree.map(lambda x: x[0], batch)
+    make = lambda **kw: make_train_step(
+        graphdef, rest, tx, schedule, dev_batch_size=1, donate=False, **kw
+    )
+    if program == "dev_signs":
+        fn = step_lib.make_dev_signs_fn(graphdef, rest, dev_batch_size=1)
+        args = (state, dev)
+    elif program == "measurement":
+        signs = step_lib.make_dev_signs_fn(graphdef, rest, dev_batch_size=1)(state, dev)
+        fn = make(uses_dev_grads=True, dev_signs_argument=True)
+        args = (state, batch, dev, signs)
+    else:
+        fn = make(uses_dev_grads=program == "one_program")
+        args = (state, batch, dev)
+    assert len(jax.tree.leaves(rest)) > 10
+    assert _embedded_leaves(fn.lower(*args).as_text(), rest) == []
+    out = fn(*args)
+    if program != "dev_signs":
+        assert int(out[0].step) == 1 and np.isfinite(float(out[1].loss))

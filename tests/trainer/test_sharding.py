@@ -346,3 +346,29 @@ def test_finetune_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
         for run in ("resumed", "1x1")
     ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), *tuned)
+
+
+@pytest.mark.slow
+def test_lora_on_mesh_resumed_on_another_mesh_matches_one_device(mesh_runs):
+    """LoRA (rank 2, HACBO over the adapters): 3 steps on 4x2 with the frozen base sharded,
+    resumed on 2x4 to step 6 == 6 steps on one device, metrics and exported adapters alike."""
+    from safetensors.numpy import load_file
+
+    root = mesh_runs[2] / "finetune"
+    reference = _read_jsonl(root / "lora_1x1" / "metrics.jsonl")
+    resumed = _read_jsonl(root / "lora_resumed" / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == [m["step"] for m in reference] == list(range(1, 7))
+    for ours, ref in zip(resumed, reference):
+        for key in ("loss", "grad_norm", "update_norm"):
+            np.testing.assert_allclose(ours[key], ref[key], err_msg=key, **TOL)
+        for key in ("agreement", "multipliers"):
+            np.testing.assert_allclose(
+                ours["controller"][key], ref["controller"][key], err_msg=key, **TOL
+            )
+    adapters = [
+        load_file(root / run / "adapter" / "adapter_model.safetensors")
+        for run in ("lora_resumed", "lora_1x1")
+    ]
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for key in adapters[1]:
+        np.testing.assert_allclose(adapters[0][key], adapters[1][key], err_msg=key, **TOL)
