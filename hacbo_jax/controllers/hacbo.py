@@ -49,8 +49,13 @@ class HACBOState(NamedTuple):
       true_cosine: f32[B], with ``record_true_cosine`` only (None otherwise): the cosine of the
         train and dev gradients themselves at the last measurement taken (init 0), beside
         ``cosine``, their sign-cosine. A diagnostic, read by nothing in the update.
+      probation_steps: int32[B], the number of applied updates in which block b was in
+        probation (scaled by gamma * fake_int8). ``probation`` is the state *after* the exit
+        test, so a block that enters and leaves at the same measurement (z reaches F while
+        cos_b > 0) never shows in it; this count still sees that update. A diagnostic, read by
+        nothing in the update.
 
-    The last five fields default to None so that a state can be written by hand with the first
+    The last seven fields default to None so that a state can be written by hand with the first
     seven; ``update`` fills them in (zeros, 1 for ``budget_scale``, 1/M for
     ``min_submodule_share``).
     """
@@ -68,6 +73,7 @@ class HACBOState(NamedTuple):
     budget_scale: jax.Array | None = None
     min_submodule_share: jax.Array | None = None
     true_cosine: jax.Array | None = None
+    probation_steps: jax.Array | None = None
 
 
 def _completed(state: HACBOState) -> HACBOState:
@@ -79,6 +85,7 @@ def _completed(state: HACBOState) -> HACBOState:
         "multipliers": lambda: jnp.zeros([num_b, num_m], jnp.float32),
         "budget_scale": lambda: jnp.ones([], jnp.float32),
         "min_submodule_share": lambda: jnp.full([num_b], 1.0 / max(num_m, 1), jnp.float32),
+        "probation_steps": lambda: jnp.zeros([num_b], jnp.int32),
     }
     missing = {k: make() for k, make in defaults.items() if getattr(state, k) is None}
     return state._replace(**missing) if missing else state
@@ -463,6 +470,9 @@ def hacbo(
             multipliers=multipliers,
             budget_scale=budget_scale,
             min_submodule_share=jnp.min(shares, axis=1).astype(jnp.float32),
+            probation_steps=(
+                measured.probation_steps + (measured.probation if probation else False)
+            ).astype(jnp.int32),
         )
         return layout.treedef.unflatten(new_leaves), new_state
 

@@ -134,6 +134,9 @@ def _hacbo_stats(state: HACBOState, hyper: HACBOConfig) -> dict[str, Any]:
         "probation": probation.tolist(),
         "curvature": np.asarray(state.curvature).tolist(),
         "l_active": int(np.sum(~probation)),
+        # updates applied in probation per block, cumulative: a block that entered and left at
+        # one measurement is not in ``probation`` (the state after the exit test), but is here
+        "probation_steps": np.asarray(state.probation_steps).tolist(),
         "min_submodule_share": np.asarray(state.min_submodule_share).tolist(),
         **(
             {}

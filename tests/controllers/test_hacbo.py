@@ -207,11 +207,31 @@ def test_probation_entry_exit_by_cosine_and_timing():
     np.testing.assert_allclose(block_values(out, 1), np.full((2, 2), w[1] / 2), rtol=1e-5)
     np.testing.assert_array_equal(st.probation, [False, False])
     np.testing.assert_array_equal(st.neg_count, [0, 0])
+    # the logged probation no longer shows it, the count of updates applied in probation does
+    np.testing.assert_array_equal(st.probation_steps, [2, 0])
 
     # t=4: a = (0.4112, 0.5904); no probation: L_active = 2, multiplier = 2 * w / 2 = w.
     out, st = step(tx, st, train, train, updates_in)
     w = np.array([0.4112, 0.5904]) / 1.0016
     np.testing.assert_allclose(block_values(out, 0), [w[0] * u0a, w[0] * u0b], rtol=1e-5)
+    np.testing.assert_array_equal(st.probation_steps, [2, 0])
+
+
+def test_probation_entered_and_left_at_one_measurement_is_counted():
+    """Entry and exit at the same measurement (z reaches F while cos > 0): the block's update of
+    that step is in probation (gamma * fake_int8), the state after it is not; probation_steps
+    counts the update, so a log of the state still shows that probation acted."""
+    gamma = 0.5
+    tx = hacbo(labels_for(2), interval=1, rho=0.8, theta_neg=0.5, patience=1, gamma=gamma)
+    train = tree([([2, 2], [2, 2]), (ONES, ONES)])
+    st = tx.init(train)
+    np.testing.assert_array_equal(st.probation_steps, [0, 0])
+    # cos = (1, 1): a = (0.2, 0.2) < 0.5 -> z = 1 = F: both enter; L_active = 0 -> the
+    # multipliers are 0 and so is the update; cos > 0: both leave after it.
+    out, st = step(tx, st, train, train, ones_updates(2))
+    assert not st.probation.any()
+    np.testing.assert_array_equal(st.probation_steps, [1, 1])
+    np.testing.assert_array_equal(block_values(out, 0), np.zeros((2, 2)))
 
 
 def test_probation_exit_by_low_curvature_and_gamma_zero_freezes():

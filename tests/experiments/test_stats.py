@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -93,3 +94,29 @@ def test_paired_ttest_degenerate_inputs():
 def test_paired_ttest_rejects_unequal_lengths():
     with pytest.raises(ValueError, match="equal lengths"):
         paired_ttest([1.0, 2.0], [1.0])
+
+
+def _run_with_log(tmp_path, rows):
+    from hacbo_jax.experiments import report as report_lib
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return report_lib.load_run(tmp_path)
+
+
+def test_controlled_fraction_counts_probation_that_left_at_its_own_measurement(tmp_path):
+    """HACBO logs ``probation_steps`` (updates applied in probation, cumulative): each logging
+    window's share comes from its increments, so one update in probation that left at once (the
+    logged ``probation`` state never shows it) still counts. Blocks of 30 and 10 parameters."""
+    from hacbo_jax.experiments.compare.stats import controlled_fraction
+
+    def row(step, counts):
+        return {
+            "step": step,
+            "controller": {"kind": "hacbo", "probation": [False, False], "probation_steps": counts},
+        }
+
+    run = _run_with_log(tmp_path, [row(5, [0, 0]), row(10, [1, 0]), row(20, [1, 10])])
+    steps, fraction = controlled_fraction(run, np.array([30.0, 10.0]))
+    np.testing.assert_array_equal(steps, [5, 10, 20])
+    # windows (0,5], (5,10], (10,20]: block 0 1 of 5 updates in the second; block 1 all of the third
+    np.testing.assert_allclose(fraction, [0.0, (30 * 0.2) / 40, (10 * 1.0) / 40])

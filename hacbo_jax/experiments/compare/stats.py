@@ -48,9 +48,23 @@ def controlled_fraction(
     """(steps, fraction of controlled parameters in probation (HACBO) or frozen (BLAC)).
 
     ``weights``: parameters per block (None = blocks weigh the same). None without a controller.
+    HACBO logs with ``probation_steps`` (updates applied in probation, cumulative) give the
+    share of each logging window's updates in probation, which also counts a block that
+    entered and left probation at one measurement; older logs, the logged ``probation`` state.
     """
-    key = "probation" if run.controller_kind == "hacbo" else "frozen"
-    found = run.controller_matrix(key) if run.controller_kind else None
+    if not run.controller_kind:
+        return None
+    found = None
+    if run.controller_kind == "hacbo":
+        counted = run.controller_matrix("probation_steps")
+        if counted is not None:
+            steps, counts = counted  # [B, T] cumulative
+            window = np.diff(np.concatenate([[0], steps])).astype(np.float64)
+            increments = np.diff(np.concatenate([np.zeros((counts.shape[0], 1)), counts], 1), axis=1)
+            found = steps, increments / np.maximum(window, 1.0)
+    if found is None:
+        key = "probation" if run.controller_kind == "hacbo" else "frozen"
+        found = run.controller_matrix(key)
     if found is None:
         return None
     steps, mask = found  # mask: [B, T]
