@@ -45,12 +45,17 @@ METHODS: dict[str, tuple[str, ...]] = {
 # (and in a learning-rate file) like any other method.
 LORA_METHODS: dict[str, tuple[str, ...]] = {
     "lora": ("controller.kind=none", "lora.rank=8"),
+    # rank 64 is to the embedded model's width (256) what rank 256 is to Qwen3-0.6B's (1024)
+    "lora_r64": ("controller.kind=none", "lora.rank=64"),
     "lora_hacbo": ("controller.kind=hacbo", "lora.rank=8"),
     "lora_adagradselect": ("controller.kind=adagradselect", "lora.rank=8"),
 }
 COMPARED_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "adagradselect")
 ABLATIONS = ("hacbo_no_curvature", "hacbo_no_refresh", "hacbo_no_probation", "hacbo_debias")
-LR_FALLBACK = {name: "hacbo" for name in ("hacbo_gamma0", "hacbo_share_uniform", *ABLATIONS)}
+LR_FALLBACK = {
+    **{name: "hacbo" for name in ("hacbo_gamma0", "hacbo_share_uniform", *ABLATIONS)},
+    "lora_r64": "lora",
+}
 REFERENCE_METHOD = "hacbo"
 ALPHA = 0.05
 

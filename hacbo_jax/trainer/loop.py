@@ -406,6 +406,8 @@ class TrainingLoop:
             "train_examples": len(parts.task.train),
             "train_truncated": parts.train_arrays.num_truncated,
             "microdev_refreshes": len(self.counters["refreshes"]),
+            # examples the refreshes swapped into the buffer, all refreshes together
+            "microdev_replaced": sum(r["num_replaced"] for r in self.counters["refreshes"]),
             "wall_time_s": self.counters["wall_time_s"] + time.perf_counter() - self.wall_start,
             "train_time_s": self.counters["train_time_s"],
             "train_cpu_s": self.counters["train_cpu_s"],

@@ -14,7 +14,11 @@ from scipy import stats as sps
 
 from hacbo_jax.experiments.evidence import run as evidence
 from hacbo_jax.trainer.config import save_config
-from hacbo_jax.experiments.evidence.report import build_summary, evidence_span, write_evidence_report
+from hacbo_jax.experiments.evidence.report import (
+    build_summary,
+    evidence_span,
+    write_evidence_report,
+)
 from hacbo_jax.experiments.stats import (
     adjust_p_values,
     mean_ci,
@@ -125,6 +129,47 @@ def test_budget_plan_uses_tuned_rates_and_evaluates_along_the_run(model_dir, tmp
         )
 
 
+def _write_lrs(path: Path, lrs: dict[str, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"lr": lrs}))  # JSON is YAML
+
+
+def test_the_conflict_regime_runs_apart_with_wrong_answers_and_its_own_rates(model_dir, tmp_path):
+    """--regime conflict: the conflict config (half the answers wrong, two epochs), runs and
+    tuned rates under OUT/conflict/; the ablations and LoRA parts are budget runs of their
+    methods at the tuned (or fallback) rate; the stability grid refuses the conflict regime."""
+    common = ["--out", str(tmp_path), f"model.path={model_dir}"]
+    tune = evidence.plan(evidence._parse(["tune", "--regime", "conflict", *common], "p")[1])
+    assert {s.method for s in tune} == set(evidence.TUNED_METHODS)
+    assert all(s.run_dir.is_relative_to(tmp_path / "conflict" / "tune") for s in tune)
+    assert all(s.config.data.wrong_answers == 0.5 and s.config.optim.epochs == 2 for s in tune)
+    with pytest.raises(ValueError, match="conflict/lrs.yaml"):
+        evidence.plan(evidence._parse(["ablations", "--regime", "conflict", *common], "p")[1])
+    _write_lrs(tmp_path / "conflict" / "lrs.yaml", {"hacbo": 2e-3, "lora": 5e-3})
+    ablations = evidence.plan(
+        evidence._parse(["ablations", "--regime", "conflict", "--seeds", "2", *common], "p")[1]
+    )
+    assert sorted({s.method for s in ablations}) == sorted(evidence.ABLATION_METHODS)
+    assert len(ablations) == 2 * len(evidence.ABLATION_METHODS)
+    assert all(s.config.optim.lr == 2e-3 for s in ablations)
+    assert all(s.run_dir.parent.parent == tmp_path / "conflict" / "ablations" for s in ablations)
+    no_refresh = [s for s in ablations if s.method == "hacbo_no_refresh"]
+    assert all(s.config.microdev.refresh_every == 0 for s in no_refresh)
+    lora = evidence.plan(evidence._parse(["lora", "--regime", "conflict", *common], "p")[1])
+    ranks = {s.method: (s.config.lora.rank, s.config.optim.lr) for s in lora}
+    assert ranks == {"lora": (8, 5e-3), "lora_r64": (64, 5e-3)}
+    assert len(lora) == 5 * 2
+    # the clean regime keeps its runs directly under OUT
+    _write_lrs(
+        tmp_path / "lrs.yaml", {m: 1e-3 for m in ("adamw", "blac", "hacbo", "adagradselect")}
+    )
+    clean = evidence.plan(evidence._parse(["budget", "--seeds", "1", *common], "p")[1])
+    assert all(s.run_dir.parent.parent == tmp_path / "budget" for s in clean)
+    assert all(s.config.data.wrong_answers == 0 for s in clean)
+    with pytest.raises(ValueError, match="clean regime only"):
+        evidence._parse(["stability", "--regime", "conflict", *common], "p")
+
+
 def test_stability_plan_budget_on_off_and_adamw_once(model_dir, tmp_path):
     specs = evidence.stability_specs(
         evidence.DEFAULT_CONFIG, tmp_path, [0, 1, 2], [f"model.path={model_dir}"]
@@ -183,19 +228,28 @@ class FakeRun:
         if "tune" in run_dir.parts:  # the best rate: the middle of each method's grid
             em = 0.8 if cfg.optim.lr == evidence.TUNE_GRIDS[cfg.method][1] else 0.4
         probation = [cfg.seed == 0, False]  # the tiny checkpoint has 2 layers
-        controller = (
-            None
-            if cfg.controller.kind == "none"
-            else {
-                "kind": cfg.controller.kind,
-                "probation" if cfg.controller.kind == "hacbo" else "frozen": probation,
+
+        def controller(step):
+            if cfg.controller.kind == "none":
+                return None
+            if cfg.controller.kind != "hacbo":
+                return {"kind": cfg.controller.kind, "frozen": probation}
+            return {
+                "kind": "hacbo",
+                "probation": probation,
+                "count": step,
+                # block 0 in probation for every update at seed 0
+                "probation_steps": [step * (cfg.seed == 0), 0],
+                # at steps 5 and 10 (interval 5 of the stability runs): two measurements
+                **({"true_cosine": [0.1, 0.3], "cosine": [0.05, 0.2]} if step == 5 else {}),
+                **({"true_cosine": [0.2, -0.1], "cosine": [0.1, -0.08]} if step == 10 else {}),
             }
-        )
+
         rows = [
             {
                 "step": s,
                 "loss": (math.nan if diverged and s == 10 else 2.0 / s),
-                "controller": controller,
+                "controller": controller(s),
             }
             for s in (5, 10)
         ]
@@ -227,6 +281,8 @@ class FakeRun:
             "wall_time_s": 20.0,
             "train_time_s": evals[-1]["train_time_s"],
             "train_cpu_s": evals[-1]["train_cpu_s"],
+            "microdev_refreshes": 0 if cfg.microdev.refresh_every == 0 else 2,
+            "microdev_replaced": 0 if cfg.microdev.refresh_every == 0 else 7,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return summary
@@ -249,8 +305,12 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "STABILITY_METHODS", ("adamw", "hacbo"))
     monkeypatch.setattr(evidence, "STABILITY_LRS", (1e-3, 6.4e-2))
     assert evidence.main(["budget", "--seeds", "3", *common], run_fn=fake) == 0
+    assert evidence.main(["ablations", "--seeds", "3", *common], run_fn=fake) == 0
     for shard in ("0/2", "1/2"):  # two processes side by side split the part between them
-        assert evidence.main(["stability", "--seeds", "2", "--shard", shard, *common], run_fn=fake) == 0
+        assert (
+            evidence.main(["stability", "--seeds", "2", "--shard", shard, *common], run_fn=fake)
+            == 0
+        )
     fake.calls.clear()
     assert evidence.main(["stability", "--seeds", "2", *common], run_fn=fake) == 0
     assert fake.calls == []  # the two shards covered every run
@@ -301,6 +361,22 @@ def test_parts_resume_and_summary_by_hand(model_dir, tmp_path, monkeypatch):
     # block 0 of 2 (equal sizes) in probation all the time at seed 0 of 2: 1/2 x 1/2
     assert cells["hacbo", 1e-3, "on"]["controlled_fraction"] == pytest.approx(0.25)
 
+    # the regimes: only the clean one ran; its methods are the top level's, with the fraction
+    assert set(summary["regimes"]) == {"clean"}
+    assert summary["regimes"]["clean"]["methods"] == summary["methods"]
+    assert hacbo["controlled_fraction"] == pytest.approx(1 / 3 * 0.5)  # seed 0 of 3, block 0
+    assert summary["methods"]["adamw"]["controlled_fraction"] is None
+    ablations = summary["ablations"]
+    assert set(ablations) == set(evidence.ABLATION_METHODS)
+    assert ablations["hacbo_no_refresh"]["clean"]["microdev_refreshes"] == 0
+    assert ablations["hacbo_no_curvature"]["clean"]["microdev_replaced"] == 7
+    assert ablations["hacbo_no_probation"]["clean"]["final_exact_match"] == [50.0] * 3
+    # sign-cosine pairs, each measurement once: the tuning (3) and budget (3) HACBO runs measure
+    # at count 10 only (interval 10), the ablations' 9 too, the 8 stability runs at 5 and 10
+    sign = summary["sign_cosine"]
+    assert sign["n"] == 2 * (3 + 3 + 9 + 8 * 2)
+    assert sorted(map(tuple, sign["pairs"]))[:1] == [(-0.1, -0.08)]
+
     report = write_evidence_report(
         out, tmp_path / "results", command="python -m train.evidence report"
     )
@@ -343,3 +419,24 @@ def test_evidence_span_runs_from_the_first_start_to_the_last_finish():
     assert span["elapsed_s"] == 1830.0
     assert span["parts"] == {"tune": 600.0, "budget": 1200.0}  # a part: its slowest shard
     assert evidence_span([]) is None
+
+
+def test_sign_cosine_summary_by_hand():
+    """Pairs on sign = 0.01 + 0.5 * true exactly: the line is found, theta_neg = 0.04 maps to
+    the true cosine (0.04 - 0.01) / 0.5 = 0.06, and the Gaussian counterpart is
+    sin(pi/2 * 0.04)."""
+    from hacbo_jax.experiments.evidence.report import gaussian_sign_cosine, sign_cosine_summary
+
+    true = [-0.2, 0.0, 0.1, 0.3, 0.5]
+    pairs = [[t, 0.01 + 0.5 * t] for t in true]
+    found = sign_cosine_summary(pairs, 0.04)
+    assert found["linear_fit"]["slope"] == pytest.approx(0.5)
+    assert found["linear_fit"]["intercept"] == pytest.approx(0.01)
+    assert found["theta_neg_true"] == pytest.approx(0.06)
+    assert found["theta_neg_true_gaussian"] == pytest.approx(math.sin(math.pi * 0.02))
+    assert gaussian_sign_cosine(1.0) == pytest.approx(1.0)
+    assert gaussian_sign_cosine(0.5) == pytest.approx(1 / 3)  # (2/pi) * pi/6
+    # on the Gaussian relation itself the scale k is 1
+    on_curve = [[t, float(gaussian_sign_cosine(t))] for t in true]
+    assert sign_cosine_summary(on_curve, 0.04)["gaussian_fit_k"] == pytest.approx(1.0)
+    assert sign_cosine_summary(pairs[:2], 0.04) is None

@@ -59,6 +59,7 @@ def test_the_shipped_overlays_and_their_bases():
         "adamw": "paper_hacbo",
         "compare_cpu": "tiny_cpu",
         "evidence_cpu": "tiny_cpu",
+        "evidence_conflict_cpu": "evidence_cpu",
     }
 
 

@@ -94,24 +94,40 @@ def _blew_up(run: report_lib.Run) -> bool:
     return bool(losses[-1] > finite[0])
 
 
-def build_summary(out_dir: str | Path) -> dict[str, Any]:
-    """The evidence as one JSON-able dict (see the module docstring)."""
-    out_dir = Path(out_dir)
-    budget_root, stability_root = out_dir / "budget", out_dir / "stability"
-    base_path = budget_root / BASE_EVAL_FILE
-    base = json.loads(base_path.read_text()) if base_path.is_file() else None
-    lrs_path = out_dir / "lrs.yaml"
-    lrs = load_lrs(lrs_path) if lrs_path.is_file() else {}
+REGIME_DIRS = {"clean": "", "conflict": "conflict"}  # regime -> its runs' folder under OUT
+# The parts whose runs are compared with each other in a regime: the budget part and the LoRA
+# rows (each method at its tuned rate, the same seeds and budget).
+COMPARED_PARTS = ("budget", "lora")
 
-    base_em = 100 * base["exact_match"] if base else None
-    budget_runs = _finished_runs(budget_root)
+
+def _runs_by_method(roots: Sequence[Path]) -> dict[str, dict[int, report_lib.Run]]:
     by_method: dict[str, dict[int, report_lib.Run]] = {}
-    for run in budget_runs:
-        by_method.setdefault(run.method, {})[run.seed] = run
+    for root in roots:
+        for run in _finished_runs(root):
+            by_method.setdefault(run.method, {})[run.seed] = run
+    return by_method
+
+
+def _model_weights(runs: Sequence[report_lib.Run]) -> np.ndarray | None:
+    """Parameters per block of the runs' model (None when no run names a model on disk)."""
+    model_path = next((r.config["model"]["path"] for r in runs if r.config), None)
+    if model_path and Path(model_path).exists():
+        return block_parameter_counts(model_path)
+    return None
+
+
+def _regime_summary(
+    regime_dir: Path, base_em: float | None, lrs: dict[str, float], weights: np.ndarray | None
+) -> dict[str, Any]:
+    """``methods``, ``comparisons``, ``gains`` and ``equal_time`` of one regime's budget and
+    LoRA runs (under ``regime_dir``), each method with its time-averaged ``controlled_fraction``
+    (mean over seeds; None without a controller)."""
+    by_method = _runs_by_method([regime_dir / part for part in COMPARED_PARTS])
     methods = {}
     for name, runs in by_method.items():
         seeds = sorted(runs)
         ems = [100 * runs[s].final_exact_match for s in seeds]
+        fractions = [f for f in (_fraction(runs[s], weights) for s in seeds) if f is not None]
         methods[name] = {
             "seeds": seeds,
             "final_exact_match": ems,
@@ -125,8 +141,8 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 else None
                 for clock in ("train_time_s", "train_cpu_s")
             },
+            "controlled_fraction": float(np.mean(fractions)) if fractions else None,
         }
-
     comparisons = []
     for a, b in itertools.combinations(sorted(methods), 2):
         common = sorted(set(by_method[a]) & set(by_method[b]))
@@ -179,12 +195,117 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
                 **(_ci(values) if len(values) >= 2 else {"mean": None, "ci95": None}),
             }
 
-    weights = None
-    model_path = next((r.config["model"]["path"] for r in budget_runs if r.config), None) or next(
-        (r.config["model"]["path"] for r in _finished_runs(stability_root)[:1]), None
-    )
-    if model_path and Path(model_path).exists():
-        weights = block_parameter_counts(model_path)
+    return {
+        "methods": methods,
+        "comparisons": comparisons,
+        "gains": gains,
+        "equal_time": equal_time,
+    }
+
+
+def _ablation_summary(regime_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per method of the regime's ablations part: exact match per seed, mean and 95% CI, and
+    how often the micro-dev buffer was refreshed and how many examples it swapped (mean per
+    run)."""
+    out = {}
+    for name, runs in sorted(_runs_by_method([regime_dir / "ablations"]).items()):
+        seeds = sorted(runs)
+        ems = [100 * runs[s].final_exact_match for s in seeds]
+        summaries = [runs[s].summary or {} for s in seeds]
+        out[name] = {
+            "seeds": seeds,
+            "final_exact_match": ems,
+            **_ci(ems),
+            "microdev_refreshes": float(
+                np.mean([x.get("microdev_refreshes", 0) for x in summaries])
+            ),
+            "microdev_replaced": float(np.mean([x.get("microdev_replaced", 0) for x in summaries])),
+        }
+    return out
+
+
+def gaussian_sign_cosine(true_cosine: np.ndarray | float) -> np.ndarray | float:
+    """The sign-cosine expected for jointly Gaussian coordinates of correlation ``true_cosine``:
+    (2/pi) arcsin(r) (Sheppard's formula); theta_neg's true-cosine counterpart under it is
+    sin(pi/2 * theta_neg)."""
+    return 2.0 / math.pi * np.arcsin(true_cosine)
+
+
+def sign_cosine_pairs(runs: Sequence[report_lib.Run]) -> list[list[float]]:
+    """[true cosine, sign-cosine] of every block at every measurement of the HACBO runs that
+    recorded both (``controller.hacbo.record_true_cosine``): the first logged row at each
+    controller count that is a multiple of the interval (the measurement's own step), so each
+    measurement counts once."""
+    pairs = []
+    for run in runs:
+        if run.controller_kind != "hacbo" or not run.config:
+            continue
+        interval = run.config["controller"]["hacbo"]["interval"]
+        seen = set()
+        for row in run.metrics:
+            stats = row.get("controller") or {}
+            count = stats.get("count")
+            if stats.get("true_cosine") is None or not count or count % interval or count in seen:
+                continue
+            seen.add(count)
+            pairs += [[float(t), float(c)] for t, c in zip(stats["true_cosine"], stats["cosine"])]
+    return pairs
+
+
+def sign_cosine_summary(pairs: list[list[float]], theta_neg: float) -> dict[str, Any] | None:
+    """The pairs; a least-squares line sign = intercept + slope * true with its r; the Gaussian
+    relation's scale k (sign = k * (2/pi) arcsin(true), k by least squares); and
+    ``theta_neg_true``, the true cosine at which the line reaches theta_neg (beside
+    ``theta_neg_true_gaussian``, sin(pi/2 * theta_neg)). None for fewer than 3 pairs."""
+    if len(pairs) < 3:
+        return None
+    from scipy import stats as sps
+
+    true, sign = np.asarray(pairs, dtype=np.float64).T
+    line = sps.linregress(true, sign)
+    g = gaussian_sign_cosine(np.clip(true, -1.0, 1.0))
+    return {
+        "pairs": pairs,
+        "n": len(pairs),
+        "linear_fit": {
+            "intercept": float(line.intercept),
+            "slope": float(line.slope),
+            "r": float(line.rvalue),
+        },
+        "gaussian_fit_k": float(np.dot(g, sign) / np.dot(g, g)) if np.dot(g, g) > 0 else None,
+        "theta_neg": theta_neg,
+        "theta_neg_true": (
+            float((theta_neg - line.intercept) / line.slope) if line.slope > 0 else None
+        ),
+        "theta_neg_true_gaussian": float(math.sin(math.pi / 2 * theta_neg)),
+    }
+
+
+def build_summary(out_dir: str | Path) -> dict[str, Any]:
+    """The evidence as one JSON-able dict (see the module docstring)."""
+    out_dir = Path(out_dir)
+    stability_root = out_dir / "stability"
+    base_path = out_dir / "budget" / BASE_EVAL_FILE
+    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    base_em = 100 * base["exact_match"] if base else None
+
+    all_runs = _finished_runs(out_dir)
+    weights = _model_weights(all_runs)
+    regimes: dict[str, Any] = {}
+    ablations: dict[str, dict[str, Any]] = {}
+    for regime, folder in REGIME_DIRS.items():
+        regime_dir = out_dir / folder if folder else out_dir
+        lrs_path = regime_dir / "lrs.yaml"
+        if not lrs_path.is_file():
+            lrs_path = out_dir / "lrs.yaml"  # a regime run at the clean regime's rates
+        lrs = load_lrs(lrs_path) if lrs_path.is_file() else {}
+        found = _regime_summary(regime_dir, base_em, lrs, weights)
+        if found["methods"]:
+            regimes[regime] = found
+        for name, row in _ablation_summary(regime_dir).items():
+            ablations.setdefault(name, {})[regime] = row
+    clean = regimes.get("clean") or _regime_summary(out_dir, base_em, {}, weights)
+    theta = next((r.config["controller"]["hacbo"]["theta_neg"] for r in all_runs if r.config), 0.04)
     cells: dict[tuple[str, float, str], list[report_lib.Run]] = {}
     for run in _finished_runs(stability_root):
         budget = run.path.parent.parent.name.removeprefix("budget_")
@@ -211,12 +332,16 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
     return {
         "base_exact_match": base_em,
         "eval_examples": base["n"] if base else None,
-        "methods": methods,
-        "comparisons": comparisons,
+        # the clean regime's, at the top level as before regimes existed
+        "methods": clean["methods"],
+        "comparisons": clean["comparisons"],
         "correction": "Benjamini-Hochberg over all pairs (scipy.stats.false_discovery_control)",
-        "gains": gains,
-        "equal_time": equal_time,
+        "gains": clean["gains"],
+        "equal_time": clean["equal_time"],
         "stability": stability,
+        "regimes": regimes,
+        "ablations": ablations,
+        "sign_cosine": sign_cosine_summary(sign_cosine_pairs(all_runs), float(theta)),
     }
 
 
@@ -453,6 +578,94 @@ def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def _mechanism_sections(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The regimes (methods with their controlled fraction, the significant pairs), the
+    ablations per regime and the sign-cosine relation."""
+    lines: list[str] = []
+    for regime, found in summary.get("regimes", {}).items():
+        lines += [
+            f"## Regime `{regime}`",
+            "",
+            "| method | tuned lr | seeds | mean (%) | 95% CI | controlled fraction |",
+            "| --- | ---: | ---: | ---: | --- | ---: |",
+        ]
+        for name, m in sorted(found["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+            lines.append(
+                f"| {name} | {_fmt(m['tuned_lr'], '{:.1e}')} | {len(m['seeds'])} | "
+                f"{_fmt(m['mean'])} | {_fmt_ci(m['ci95'])} | "
+                f"{_fmt(m['controlled_fraction'], '{:.3f}')} |"
+            )
+        significant = [
+            c
+            for c in found["comparisons"]
+            if c["p_adjusted"] is not None and c["p_adjusted"] < ALPHA
+        ]
+        lines += [
+            "",
+            f"Pairs that differ after correction ({len(found['comparisons'])} pairs, "
+            "Benjamini-Hochberg): "
+            + (
+                ", ".join(f"{c['a']} - {c['b']} = {c['diff']:+.1f}" for c in significant)
+                if significant
+                else "none"
+            )
+            + ".",
+            "",
+        ]
+    if summary.get("ablations"):
+        lines += [
+            "## Ablations (HACBO's rate, one mechanism off)",
+            "",
+            "| ablation | regime | seeds | mean (%) | 95% CI | refreshes | examples swapped |",
+            "| --- | --- | ---: | ---: | --- | ---: | ---: |",
+        ]
+        for name, per_regime in sorted(summary["ablations"].items()):
+            for regime, a in per_regime.items():
+                lines.append(
+                    f"| {name} | {regime} | {len(a['seeds'])} | {_fmt(a['mean'])} | "
+                    f"{_fmt_ci(a['ci95'])} | {a['microdev_refreshes']:.1f} | "
+                    f"{a['microdev_replaced']:.1f} |"
+                )
+        lines.append("")
+    sign = summary.get("sign_cosine")
+    if sign:
+        fit = sign["linear_fit"]
+        lines += [
+            "## Sign-cosine against the true cosine",
+            "",
+            f"{sign['n']} (block, measurement) pairs: sign = {fit['intercept']:.4f} + "
+            f"{fit['slope']:.3f} x true (r = {fit['r']:.3f}); the Gaussian relation "
+            f"(2/pi) arcsin fits with scale k = {_fmt(sign['gaussian_fit_k'], '{:.3f}')}. "
+            f"theta_neg = {sign['theta_neg']} on the sign-cosine is a true cosine of "
+            f"{_fmt(sign['theta_neg_true'], '{:.3f}')} by the fitted line "
+            f"({sign['theta_neg_true_gaussian']:.3f} under the Gaussian relation).",
+            "",
+        ]
+        if "sign_cosine" in figures:
+            lines += [f"![sign-cosine]({figures['sign_cosine']})", ""]
+    return lines
+
+
+def plot_sign_cosine(summary: dict[str, Any], path: Path) -> Path:
+    """Scatter of (true cosine, sign-cosine), the fitted line and (2/pi) arcsin."""
+    import matplotlib.pyplot as plt
+
+    sign = summary["sign_cosine"]
+    true, sc = np.asarray(sign["pairs"], dtype=np.float64).T
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter(true, sc, s=6, alpha=0.4, color="tab:green", label="block x measurement")
+    x = np.linspace(min(-0.2, true.min()), max(0.6, true.max()), 200)
+    fit = sign["linear_fit"]
+    ax.plot(x, fit["intercept"] + fit["slope"] * x, color="k", label="least squares")
+    ax.plot(x, gaussian_sign_cosine(np.clip(x, -1, 1)), color="tab:red", ls="--",
+            label="(2/pi) arcsin(true)")  # fmt: skip
+    ax.axhline(sign["theta_neg"], color="grey", ls=":", lw=1, label="theta_neg")
+    ax.set_xlabel("true cosine of the block's train and dev gradients")
+    ax.set_ylabel("sign-cosine")
+    ax.legend(fontsize=8, loc="upper left")
+    return report_lib.save_figure(fig, path)
+
+
 def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, timing) -> str:
     lines = ["# Evidence: can the methods be told apart?", ""]
     lines += [f"Regenerate this report from the runs: `{command}`", ""]
@@ -541,6 +754,7 @@ def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, t
                 f"{c['diverged']} | {c['blew_up']} | {_fmt(c['mean_exact_match'])} | {frac_text} |"
             )
         lines += ["", f"![stability]({figures['stability']})", ""]
+    lines += _mechanism_sections(summary, figures)
     if timing:
         lines += [
             "## Wall time of each part (this machine, 2 CPU cores)",
@@ -592,6 +806,8 @@ def write_evidence_report(
         figures["loss"] = plot_loss(out_dir, report_dir / "training_loss.png").name
     if summary["stability"]:
         figures["stability"] = plot_stability(summary, report_dir / "stability.png").name
+    if summary.get("sign_cosine"):
+        figures["sign_cosine"] = plot_sign_cosine(summary, report_dir / "sign_cosine.png").name
     timing_path = out_dir / "timing.yaml"
     timing = yaml.safe_load(timing_path.read_text()) if timing_path.is_file() else []
     path = report_dir / "report.md"

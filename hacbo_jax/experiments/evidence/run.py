@@ -2,8 +2,13 @@
 
     python -m train.evidence tune      [--out runs/evidence]   # learning rate per method
     python -m train.evidence budget    [--out runs/evidence]   # tuned methods x 5 seeds, evaluated along the run
+    python -m train.evidence ablations [--out runs/evidence]   # HACBO with one mechanism off x 5 seeds
+    python -m train.evidence lora      [--out runs/evidence]   # LoRA rank 8 and 64 x 5 seeds
     python -m train.evidence stability [--out runs/evidence]   # lr grid x methods x 3 seeds x budget on/off
     python -m train.evidence report    [--out runs/evidence] [--report-dir results/evidence]
+
+``--regime conflict`` runs tune, budget, ablations and lora on ``evidence_conflict_cpu`` (half
+the training answers wrong) under ``OUT/conflict/``.
 
 Every part runs on the base config ``evidence_cpu`` (``--config`` to change it; ``key=value``
 overrides apply to every run), one run after another in this process, each in its own
@@ -68,8 +73,26 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG = "evidence_cpu"
-TUNED_METHODS = ("adamw", "blac", "hacbo", "adagradselect")
-BUDGET_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "adagradselect")
+# regime name -> its base config. "clean": fine-tuning on clean problems; "conflict": half of the
+# training answers wrong while the micro-dev pool and the evaluation stay clean (the regime in
+# which HACBO's agreement test is meant to act). The clean regime's runs sit directly under
+# OUT (as before regimes existed), another regime's under OUT/<regime>/.
+REGIMES: dict[str, str] = {"clean": "evidence_cpu", "conflict": "evidence_conflict_cpu"}
+TUNED_METHODS = ("adamw", "blac", "hacbo", "adagradselect", "lora")
+BUDGET_METHODS = (
+    "adamw",
+    "blac",
+    "hacbo",
+    "hacbo_gamma0",
+    "hacbo_share_uniform",
+    "adagradselect",
+)
+# What carries HACBO's effect: each switches one mechanism off (methods.py), at HACBO's rate.
+ABLATION_METHODS = ("hacbo_no_curvature", "hacbo_no_refresh", "hacbo_no_probation")
+# LoRA (AdamW on the adapters): rank 8, and rank 64, which is to the embedded model's width (256)
+# what rank 256 is to Qwen3-0.6B's (1024). Tuned at rank 8; alpha = rank, so both apply the
+# adapters' product unscaled, and rank 64 takes rank 8's rate.
+LORA_BUDGET_METHODS = ("lora", "lora_r64")
 STABILITY_METHODS = ("adamw", "blac", "hacbo", "hacbo_gamma0", "hacbo_share_uniform")
 # Three rates per method, factor 2 apart: one seed's exact match on 200 problems has a standard
 # error of ~3.5 points, so a finer grid would mostly chase noise, and factor 2 keeps the chosen
@@ -85,9 +108,14 @@ TUNE_GRIDS: dict[str, tuple[float, ...]] = {
     "blac": (3e-4, 6e-4, 1.2e-3),
     "hacbo": (1.2e-3, 2.4e-3, 4.8e-3),
     "adagradselect": (3e-4, 6e-4, 1.2e-3),
+    # No earlier search for LoRA: three rates factor 4 apart around 8x AdamW's (adapters
+    # usually want a larger rate than full fine-tuning).
+    "lora": (1.2e-3, 4.8e-3, 1.92e-2),
 }
-# From well below the tuned rates to where AdamW blows up, factor 20 apart.
-STABILITY_LRS = (1e-4, 2e-3, 4e-2)
+# Five log-spaced rates, factor 4 apart, from below the tuned rates (6e-4 and HACBO's 2.4e-3)
+# to where AdamW's loss becomes non-finite. The earlier grid's top, 4e-2, only collapsed exact
+# match (no run diverged); 1.6e-1 is the first rate of this grid above it.
+STABILITY_LRS = (2.5e-3 / 16, 2.5e-3 / 4, 2.5e-3, 1e-2, 4e-2, 1.6e-1)
 # The stability grid's runs are shorter (divergence is an early event, the paper's "early
 # divergence"): 20 steps of 16 problems, a measurement every 5 steps, probation after 2
 # negative ones and BLAC's freezing from step 10 (so both are reachable: measurements at steps
@@ -134,14 +162,17 @@ def tune_specs(
     grids: dict[str, Sequence[float]] = TUNE_GRIDS,
 ) -> list[RunSpec]:
     """One run per (method, candidate rate), on the tuning problems: every method's first
-    candidate, then every method's second, ..., the method order rotated by one each round, so
-    that ``--shard K/2`` (every other run) gives each shard some of every method's runs."""
+    candidate, then every method's second, ..., so that ``--shard K/2`` (every other run) gives
+    each shard some of every method's runs."""
     missing = [m for m in methods if m not in grids]
     if missing:
         raise ValueError(
             f"tune: no learning-rate grid for {missing}; grids exist for {sorted(grids)}"
         )
     rounds = max(len(grids[m]) for m in methods)
+    # An even number of methods is rotated by one per round; an odd number alternates the
+    # parity of its positions by itself from round to round.
+    turn = (lambda i: i % len(methods)) if len(methods) % 2 == 0 else (lambda i: 0)
     return [
         _spec(
             base_config,
@@ -151,7 +182,7 @@ def tune_specs(
             [*overrides, *TUNING_OVERRIDES, f"optim.lr={grids[method][i]!r}"],
         )
         for i in range(rounds)
-        for method in (*methods[i % len(methods) :], *methods[: i % len(methods)])
+        for method in (*methods[turn(i) :], *methods[: turn(i)])
         if i < len(grids[method])
     ]
 
@@ -214,8 +245,11 @@ def budget_specs(
     eval_every: int,
     overrides: Sequence[str] = (),
     methods: Sequence[str] = BUDGET_METHODS,
+    part: str = "budget",
 ) -> list[RunSpec]:
-    """Every method at its tuned rate, seed by seed, evaluated every ``eval_every`` steps."""
+    """Every method at its tuned rate, seed by seed, evaluated every ``eval_every`` steps, in
+    ``out_dir/<part>/<method>/seed<k>`` (the ablations and the LoRA rows are budget runs of
+    other methods, in their own part)."""
     missing = [m for m in methods if lr_for(m, lrs) is None]
     if missing:
         raise ValueError(
@@ -227,7 +261,7 @@ def budget_specs(
             base_config,
             method,
             seed,
-            out_dir / "budget" / method / f"seed{seed}",
+            out_dir / part / method / f"seed{seed}",
             [
                 *overrides,
                 f"optim.lr={lr_for(method, lrs)!r}",
@@ -277,10 +311,13 @@ def stability_specs(
     return specs
 
 
+PARTS = ("tune", "budget", "ablations", "lora", "stability", "report")
+
+
 @dataclasses.dataclass
 class Args:
     part: str
-    config: str
+    config: str | None
     out: Path
     seeds: int | None
     eval_every: int
@@ -288,14 +325,32 @@ class Args:
     report_dir: Path
     overrides: list[str]
     shard: str = "0/1"
+    regime: str = "clean"
+
+    @property
+    def base_config(self) -> str:
+        """``--config``, else the regime's base config."""
+        return self.config or REGIMES[self.regime]
+
+    @property
+    def regime_out(self) -> Path:
+        """Where the regime's runs go: OUT for the clean regime, OUT/<regime>/ otherwise."""
+        return self.out if self.regime == "clean" else self.out / self.regime
 
 
 def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentParser, Args]:
-    parser = ArgumentParser(
-        prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("part", choices=PARTS)
+    parser.add_argument(
+        "--regime",
+        choices=tuple(REGIMES),
+        default="clean",
+        help="clean (evidence_cpu, runs in OUT/) or conflict (evidence_conflict_cpu: half the "
+        "training answers wrong, runs in OUT/conflict/); stability runs in the clean regime only",
     )
-    parser.add_argument("part", choices=("tune", "budget", "stability", "report"))
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="base config (name or YAML)")
+    parser.add_argument(
+        "--config", default=None, help="base config (name or YAML; default: the regime's)"
+    )
     parser.add_argument("--out", default="runs/evidence", help="runs go to OUT/<part>/...")
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds 0..n-1 (budget: 5, stability: 3)"
@@ -324,6 +379,11 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
             "method and run directory come after the command line's overrides, so this one "
             "would be ignored); leave it out"
         )
+    if ns.part == "stability" and ns.regime != "clean":
+        raise ValueError(
+            f"--regime {ns.regime}: the stability grid runs in the clean regime only (its runs "
+            "are 20 steps, too short for the conflict regime's second epoch); leave --regime out"
+        )
     return parser, Args(
         ns.part,
         ns.config,
@@ -334,15 +394,16 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.ArgumentPars
         Path(ns.report_dir),
         list(ns.overrides),
         ns.shard,
+        ns.regime,
     )
 
 
 def _part_keys(part: str) -> set[str]:
     """The keys every run of ``part`` sets after the command line's overrides."""
-    from hacbo_jax.experiments.methods import METHODS
+    from hacbo_jax.experiments.methods import LORA_METHODS, METHODS
 
     keys = {"optim.lr", "seed", "output_dir", "method"}
-    for overrides in METHODS.values():
+    for overrides in (*METHODS.values(), *LORA_METHODS.values()):
         keys.update(o.partition("=")[0] for o in overrides)
     if part == "tune":
         keys.update(o.partition("=")[0] for o in TUNING_OVERRIDES)
@@ -374,27 +435,39 @@ def plan(args: Args) -> list[RunSpec]:
     parse_shard(args.shard)
     if args.part == "tune":
         return tune_specs(
-            args.config, args.out, args.overrides, methods=TUNED_METHODS, grids=TUNE_GRIDS
+            args.base_config,
+            args.regime_out,
+            args.overrides,
+            methods=TUNED_METHODS,
+            grids=TUNE_GRIDS,
         )
-    if args.part == "budget":
-        lrs_path = Path(args.lrs) if args.lrs else args.out / "lrs.yaml"
+    if args.part in ("budget", "ablations", "lora"):
+        lrs_path = Path(args.lrs) if args.lrs else args.regime_out / "lrs.yaml"
         if not lrs_path.is_file():
+            where = "OUT/lrs.yaml" if args.regime == "clean" else f"OUT/{args.regime}/lrs.yaml"
             raise ValueError(
-                f"--lrs {str(lrs_path)!r}: no such file; run `train.evidence tune` first "
-                "(it writes OUT/lrs.yaml) or give --lrs FILE"
+                f"--lrs {str(lrs_path)!r}: no such file; run `train.evidence tune"
+                f"{'' if args.regime == 'clean' else ' --regime ' + args.regime}` first "
+                f"(it writes {where}) or give --lrs FILE"
             )
+        methods = {
+            "budget": BUDGET_METHODS,
+            "ablations": ABLATION_METHODS,
+            "lora": LORA_BUDGET_METHODS,
+        }[args.part]
         return budget_specs(
-            args.config,
-            args.out,
+            args.base_config,
+            args.regime_out,
             load_lrs(lrs_path),
             _check_seeds(args.seeds, 5),
             args.eval_every,
             args.overrides,
-            methods=BUDGET_METHODS,
+            methods=methods,
+            part=args.part,
         )
     if args.part == "stability":
         return stability_specs(
-            args.config,
+            args.base_config,
             args.out,
             _check_seeds(args.seeds, 3),
             args.overrides,
@@ -444,18 +517,21 @@ def main(
     started = time.perf_counter()
     k, n = parse_shard(args.shard)
     if args.part == "budget" and k == 0:
-        ensure_base_eval(specs[0].config, args.out / "budget")
+        ensure_base_eval(specs[0].config, args.regime_out / "budget")
     # This shard's own runs first (every N-th), then any other shard's run that no process has
     # started: shards that run out of work early help the others instead of waiting for them.
     order = [*specs[k::n], *(spec for i, spec in enumerate(specs) if i % n != k)]
     counts = execute_runs(order, run_fn=run_fn, lock=n > 1)
     elapsed = time.perf_counter() - started
-    _record_part_time(args.out, args.part, command, elapsed, counts)
+    part_name = args.part if args.regime == "clean" else f"{args.regime}/{args.part}"
+    _record_part_time(args.out, part_name, command, elapsed, counts)
     if args.part == "tune" and all((s.run_dir / "summary.json").is_file() for s in specs):
-        lrs = write_tuned_lrs(specs, args.out / "lrs.yaml", command)
-        fallback = {m: lrs[b] for m, b in LR_FALLBACK.items() if b in lrs and m in BUDGET_METHODS}
+        lrs = write_tuned_lrs(specs, args.regime_out / "lrs.yaml", command)
+        evidence_methods = (*BUDGET_METHODS, *ABLATION_METHODS, *LORA_BUDGET_METHODS)
+        fallback = {m: lrs[b] for m, b in LR_FALLBACK.items() if b in lrs and m in evidence_methods}
         print(
-            f"tuned rates: {lrs} (and {fallback} by fallback); written to {args.out / 'lrs.yaml'}"
+            f"tuned rates: {lrs} (and {fallback} by fallback); written to "
+            f"{args.regime_out / 'lrs.yaml'}"
         )
     executed, skipped, failed = counts
     print(
