@@ -153,7 +153,8 @@ def build_side(
     def step():
         if idle_fn is not None:
             idle_counts.append(int(jnp.sum(idle_fn(holder[0].opt_state))))
-        holder[0], metrics = compiled(holder[0], batch, dev)
+        # the compiled program's first argument is the frozen state the step is bound to
+        holder[0], metrics = compiled(step_fn.frozen, holder[0], batch, dev)
         jax.block_until_ready((holder[0].params, metrics.loss))
 
     def params_and_forward():
