@@ -440,3 +440,25 @@ def test_sign_cosine_summary_by_hand():
     on_curve = [[t, float(gaussian_sign_cosine(t))] for t in true]
     assert sign_cosine_summary(on_curve, 0.04)["gaussian_fit_k"] == pytest.approx(1.0)
     assert sign_cosine_summary(pairs[:2], 0.04) is None
+
+
+def test_a_part_run_with_given_rates_records_them_for_its_regime(model_dir, tmp_path, capsys):
+    """--lrs FILE: the rates are copied to OUT/<regime>/lrs.yaml (where the report reads them);
+    a later part with other rates for the same regime is refused before any run."""
+    given = tmp_path / "rates.yaml"
+    _write_lrs(given, {"adamw": 1e-3, "blac": 1e-3, "hacbo": 2e-3, "adagradselect": 1e-3})
+    out = tmp_path / "ev"
+    common = ["--out", str(out), f"model.path={model_dir}", "--regime", "conflict", "--seeds", "1"]
+    common += ["eval.limit=4", "eval.max_new_tokens=2"]
+    fake = FakeRun()
+    assert evidence.main(["budget", "--lrs", str(given), *common], run_fn=fake) == 0
+    assert evidence.load_lrs(out / "conflict" / "lrs.yaml") == evidence.load_lrs(given)
+    assert {rate for _, _, rate in fake.calls} == {1e-3, 2e-3}
+    other = tmp_path / "other.yaml"
+    _write_lrs(other, {"adamw": 5e-4, "blac": 1e-3, "hacbo": 2e-3, "adagradselect": 1e-3})
+
+    def never(*a, **k):
+        raise AssertionError("no run may start")
+
+    assert evidence.main(["ablations", "--lrs", str(other), *common], run_fn=never) == 2
+    assert "already holds other rates" in capsys.readouterr().err

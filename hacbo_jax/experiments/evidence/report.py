@@ -431,9 +431,7 @@ def plot_over_budget(out_dir: Path, summary: dict[str, Any], path: Path) -> Path
     import matplotlib.pyplot as plt
     from scipy import stats as sps
 
-    by_method: dict[str, dict[int, report_lib.Run]] = {}
-    for run in _finished_runs(out_dir / "budget"):
-        by_method.setdefault(run.method, {})[run.seed] = run
+    by_method = _runs_by_method([out_dir / part for part in COMPARED_PARTS])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for name in sorted(by_method):
         runs = by_method[name]
@@ -461,6 +459,33 @@ def plot_over_budget(out_dir: Path, summary: dict[str, Any], path: Path) -> Path
         bbox_to_anchor=(1.0, 0.5),
         fontsize=8,
     )
+    return report_lib.save_figure(fig, path, fit_outside_legend=True)
+
+
+def plot_controlled_fraction(regime_dir: Path, path: Path) -> Path | None:
+    """The share of the controlled parameters in probation (HACBO and its variants) or frozen
+    (BLAC) over the steps, mean over seeds per method (blocks weighted by their parameters);
+    None when no controlled run of the regime logged one."""
+    import matplotlib.pyplot as plt
+
+    weights = None
+    curves = {}
+    for name, runs in sorted(_runs_by_method([regime_dir / "budget"]).items()):
+        weights = weights if weights is not None else _model_weights(list(runs.values()))
+        found = [controlled_fraction(r, weights) for r in runs.values()]
+        found = [f for f in found if f is not None and f[1].size]
+        if not found:
+            continue
+        n = min(len(f[0]) for f in found)
+        curves[name] = (found[0][0][:n], np.mean([f[1][:n] for f in found], axis=0))
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, (steps, fraction) in curves.items():
+        ax.plot(steps, fraction, color=_color(name), label=name, drawstyle="steps-post")
+    ax.set_xlabel("optimiser steps")
+    ax.set_ylabel("controlled parameters in probation / frozen\n(share of the logging window)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return report_lib.save_figure(fig, path, fit_outside_legend=True)
 
 
@@ -612,6 +637,9 @@ def _mechanism_sections(summary: dict[str, Any], figures: dict[str, str]) -> lis
             + ".",
             "",
         ]
+        for key in (f"budget_{regime}", f"fraction_{regime}"):
+            if key in figures:
+                lines += [f"![{key}]({figures[key]})", ""]
     if summary.get("ablations"):
         lines += [
             "## Ablations (HACBO's rate, one mechanism off)",
@@ -808,6 +836,20 @@ def write_evidence_report(
         figures["stability"] = plot_stability(summary, report_dir / "stability.png").name
     if summary.get("sign_cosine"):
         figures["sign_cosine"] = plot_sign_cosine(summary, report_dir / "sign_cosine.png").name
+    for regime, found in summary.get("regimes", {}).items():
+        folder = REGIME_DIRS[regime]
+        regime_dir = out_dir / folder if folder else out_dir
+        if folder:  # the clean regime's is exact_match_over_budget.png
+            figures[f"budget_{regime}"] = plot_over_budget(
+                regime_dir,
+                {**found, "base_exact_match": summary["base_exact_match"]},
+                report_dir / f"exact_match_over_budget_{regime}.png",
+            ).name
+        drawn = plot_controlled_fraction(
+            regime_dir, report_dir / f"controlled_fraction_{regime}.png"
+        )
+        if drawn is not None:
+            figures[f"fraction_{regime}"] = drawn.name
     timing_path = out_dir / "timing.yaml"
     timing = yaml.safe_load(timing_path.read_text()) if timing_path.is_file() else []
     path = report_dir / "report.md"

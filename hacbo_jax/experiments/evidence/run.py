@@ -497,6 +497,21 @@ def _record_part_time(out_dir: Path, part: str, command: str, elapsed: float, co
     path.write_text(yaml.safe_dump(history, sort_keys=False))
 
 
+def _record_given_rates(given: Path, recorded: Path) -> None:
+    """A part run with ``--lrs FILE``: the file is copied to the regime's ``lrs.yaml`` (which the
+    report reads the rates from) unless that already exists; one with other rates is refused, so
+    that a regime's runs never mix two sets of rates."""
+    if recorded.is_file():
+        if load_lrs(recorded) != load_lrs(given):
+            raise ValueError(
+                f"--lrs {str(given)!r}: {str(recorded)!r} already holds other rates for this "
+                "regime's runs; use that file, or another --out"
+            )
+        return
+    recorded.parent.mkdir(parents=True, exist_ok=True)
+    recorded.write_bytes(given.read_bytes())
+
+
 @cli_main
 def main(
     argv: Sequence[str] | None = None,
@@ -513,6 +528,8 @@ def main(
         path = write_evidence_report(args.out, args.report_dir, command=command)
         print(f"wrote {path}")
         return 0
+    if args.lrs and args.part in ("budget", "ablations", "lora"):
+        _record_given_rates(Path(args.lrs), args.regime_out / "lrs.yaml")
     enable_compilation_cache(args.out / "jax_cache")
     started = time.perf_counter()
     k, n = parse_shard(args.shard)
