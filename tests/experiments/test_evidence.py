@@ -454,6 +454,18 @@ def test_a_part_run_with_given_rates_records_them_for_its_regime(model_dir, tmp_
     assert evidence.main(["budget", "--lrs", str(given), *common], run_fn=fake) == 0
     assert evidence.load_lrs(out / "conflict" / "lrs.yaml") == evidence.load_lrs(given)
     assert {rate for _, _, rate in fake.calls} == {1e-3, 2e-3}
+    # a report of the conflict regime alone: its table, comparisons and figures, no clean ones
+    report = write_evidence_report(out, tmp_path / "results", command="report")
+    summary = json.loads((tmp_path / "results" / "summary.json").read_text())
+    assert summary["methods"] == {} and set(summary["regimes"]) == {"conflict"}
+    conflict = summary["regimes"]["conflict"]
+    assert set(conflict["methods"]) == set(evidence.BUDGET_METHODS)
+    assert conflict["methods"]["hacbo"]["tuned_lr"] == 2e-3
+    assert summary["base_exact_match"] is not None
+    text = report.read_text()
+    assert "## Regime `conflict`" in text and "## Final exact match" not in text
+    assert (tmp_path / "results" / "exact_match_over_budget_conflict.png").is_file()
+    assert (tmp_path / "results" / "controlled_fraction_conflict.png").is_file()
     other = tmp_path / "other.yaml"
     _write_lrs(other, {"adamw": 5e-4, "blac": 1e-3, "hacbo": 2e-3, "adagradselect": 1e-3})
 

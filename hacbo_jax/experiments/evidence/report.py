@@ -285,8 +285,11 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
     """The evidence as one JSON-able dict (see the module docstring)."""
     out_dir = Path(out_dir)
     stability_root = out_dir / "stability"
-    base_path = out_dir / "budget" / BASE_EVAL_FILE
-    base = json.loads(base_path.read_text()) if base_path.is_file() else None
+    # the base model on the evaluation problems, which every regime shares (a regime changes
+    # the training data only): the clean regime's budget part writes it, else another's
+    base_paths = [out_dir / folder / "budget" / BASE_EVAL_FILE for folder in REGIME_DIRS.values()]
+    base_path = next((p for p in base_paths if p.is_file()), None)
+    base = json.loads(base_path.read_text()) if base_path else None
     base_em = 100 * base["exact_match"] if base else None
 
     all_runs = _finished_runs(out_dir)
@@ -603,6 +606,22 @@ def evidence_span(timing: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def _comparison_rows(comparisons: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| a - b | n | diff (points) | 95% CI | p | p adjusted | d_z [95% CI] | n80 |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |",
+    ]
+    for c in comparisons:
+        lines.append(
+            f"| {c['a']} - {c['b']} | {c['n']} | {_fmt(c['diff'], '{:+.1f}')} | "
+            f"{_fmt_ci(c['ci95'], '{:+.1f}')} | {_fmt(c['p'], '{:.3f}')} | "
+            f"{_fmt(c['p_adjusted'], '{:.3f}')} | {_fmt(c['effect_size_dz'], '{:+.2f}')} "
+            f"{_fmt_ci(c['effect_size_ci95'], '{:+.2f}')} | "
+            f"{c['seeds_for_80pct_power'] if c['seeds_for_80pct_power'] else 'n/a (no effect)'} |"
+        )
+    return lines
+
+
 def _mechanism_sections(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:
     """The regimes (methods with their controlled fraction, the significant pairs), the
     ablations per regime and the sign-cosine relation."""
@@ -611,15 +630,21 @@ def _mechanism_sections(summary: dict[str, Any], figures: dict[str, str]) -> lis
         lines += [
             f"## Regime `{regime}`",
             "",
-            "| method | tuned lr | seeds | mean (%) | 95% CI | controlled fraction |",
-            "| --- | ---: | ---: | ---: | --- | ---: |",
+            "| method | lr | seeds | mean (%) | 95% CI | gain over base | equal CPU time (%) "
+            "| controlled fraction |",
+            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
         ]
+        equal = (found.get("equal_time") or {}).get("methods", {})
         for name, m in sorted(found["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+            gain = found["gains"].get(name, {})
             lines.append(
                 f"| {name} | {_fmt(m['tuned_lr'], '{:.1e}')} | {len(m['seeds'])} | "
-                f"{_fmt(m['mean'])} | {_fmt_ci(m['ci95'])} | "
+                f"{_fmt(m['mean'])} | {_fmt_ci(m['ci95'])} | {_fmt(gain.get('diff'), '{:+.1f}')} | "
+                f"{_fmt(equal.get(name, {}).get('mean'))} | "
                 f"{_fmt(m['controlled_fraction'], '{:.3f}')} |"
             )
+        if regime != "clean":
+            lines += ["", *_comparison_rows(found["comparisons"])]
         significant = [
             c
             for c in found["comparisons"]
@@ -694,15 +719,10 @@ def plot_sign_cosine(summary: dict[str, Any], path: Path) -> Path:
     return report_lib.save_figure(fig, path)
 
 
-def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, timing) -> str:
-    lines = ["# Evidence: can the methods be told apart?", ""]
-    lines += [f"Regenerate this report from the runs: `{command}`", ""]
-    base = summary["base_exact_match"]
-    lines += [
-        f"Base model (no fine-tuning): **{_fmt(base)}%** exact match on "
-        f"{summary['eval_examples']} held-out problems.",
-        "",
-    ]
+def _clean_sections(summary: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The clean regime's tables at the top level: final exact match, paired comparisons,
+    equal training time and its figures."""
+    lines: list[str] = []
     lines += [
         "## Final exact match at each method's tuned rate",
         "",
@@ -724,17 +744,8 @@ def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, t
         "difference / its SD, with its exact 95% interval; n80: seeds needed to detect the "
         "observed d_z with 80% power at alpha 0.05.",
         "",
-        "| a - b | n | diff (points) | 95% CI | p | p adjusted | d_z [95% CI] | n80 |",
-        "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |",
     ]
-    for c in summary["comparisons"]:
-        lines.append(
-            f"| {c['a']} - {c['b']} | {c['n']} | {_fmt(c['diff'], '{:+.1f}')} | "
-            f"{_fmt_ci(c['ci95'], '{:+.1f}')} | {_fmt(c['p'], '{:.3f}')} | "
-            f"{_fmt(c['p_adjusted'], '{:.3f}')} | {_fmt(c['effect_size_dz'], '{:+.2f}')} "
-            f"{_fmt_ci(c['effect_size_ci95'], '{:+.2f}')} | "
-            f"{c['seeds_for_80pct_power'] if c['seeds_for_80pct_power'] else 'n/a (no effect)'} |"
-        )
+    lines += _comparison_rows(summary["comparisons"])
     eq = summary.get("equal_time")
     if eq:
         lines += [
@@ -762,6 +773,20 @@ def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, t
         f"![training loss]({figures['loss']})",
         "",
     ]
+    return lines
+
+
+def _report_md(summary: dict[str, Any], figures: dict[str, str], command: str, timing) -> str:
+    lines = ["# Evidence: can the methods be told apart?", ""]
+    lines += [f"Regenerate this report from the runs: `{command}`", ""]
+    base = summary["base_exact_match"]
+    lines += [
+        f"Base model (no fine-tuning): **{_fmt(base)}%** exact match on "
+        f"{summary['eval_examples']} held-out problems.",
+        "",
+    ]
+    if summary["methods"]:
+        lines += _clean_sections(summary, figures)
     if summary["stability"]:
         lines += [
             "## Stability grid",
@@ -817,7 +842,7 @@ def write_evidence_report(
     if not out_dir.is_dir():
         raise ValueError(f"--out {str(out_dir)!r}: not a directory (the evidence runs' --out)")
     summary = build_summary(out_dir)
-    if not summary["methods"] and not summary["stability"]:
+    if not summary["methods"] and not summary["stability"] and not summary["regimes"]:
         raise ValueError(
             f"--out {str(out_dir)!r}: no finished run of the budget or stability part to report "
             "on (run those parts with this --out first)"
