@@ -100,12 +100,28 @@ REGIME_DIRS = {"clean": "", "conflict": "conflict"}  # regime -> its runs' folde
 COMPARED_PARTS = ("budget", "lora")
 
 
-def _runs_by_method(roots: Sequence[Path]) -> dict[str, dict[int, report_lib.Run]]:
+def _runs_by_method(
+    roots: Sequence[Path], runs: Sequence[report_lib.Run] | None = None
+) -> dict[str, dict[int, report_lib.Run]]:
+    """method -> seed -> run of the finished runs under ``roots``: picked from ``runs`` when
+    given (already loaded), else read from disk."""
     by_method: dict[str, dict[int, report_lib.Run]] = {}
     for root in roots:
-        for run in _finished_runs(root):
+        found = (
+            _finished_runs(root)
+            if runs is None
+            else [r for r in runs if r.path.is_relative_to(root)]
+        )
+        for run in found:
             by_method.setdefault(run.method, {})[run.seed] = run
     return by_method
+
+
+def _seed_scores(runs: dict[int, report_lib.Run]) -> dict[str, Any]:
+    """``seeds``, ``final_exact_match`` (%) per seed, their ``mean`` and ``ci95``."""
+    seeds = sorted(runs)
+    ems = [100 * runs[s].final_exact_match for s in seeds]
+    return {"seeds": seeds, "final_exact_match": ems, **_ci(ems)}
 
 
 def _model_weights(runs: Sequence[report_lib.Run]) -> np.ndarray | None:
@@ -117,21 +133,22 @@ def _model_weights(runs: Sequence[report_lib.Run]) -> np.ndarray | None:
 
 
 def _regime_summary(
-    regime_dir: Path, base_em: float | None, lrs: dict[str, float], weights: np.ndarray | None
+    regime_dir: Path,
+    base_em: float | None,
+    lrs: dict[str, float],
+    weights: np.ndarray | None,
+    runs_loaded: Sequence[report_lib.Run],
 ) -> dict[str, Any]:
     """``methods``, ``comparisons``, ``gains`` and ``equal_time`` of one regime's budget and
-    LoRA runs (under ``regime_dir``), each method with its time-averaged ``controlled_fraction``
-    (mean over seeds; None without a controller)."""
-    by_method = _runs_by_method([regime_dir / part for part in COMPARED_PARTS])
+    LoRA runs (those of ``runs_loaded`` under ``regime_dir``), each method with its
+    time-averaged ``controlled_fraction`` (mean over seeds; None without a controller)."""
+    by_method = _runs_by_method([regime_dir / part for part in COMPARED_PARTS], runs_loaded)
     methods = {}
     for name, runs in by_method.items():
         seeds = sorted(runs)
-        ems = [100 * runs[s].final_exact_match for s in seeds]
         fractions = [f for f in (_fraction(runs[s], weights) for s in seeds) if f is not None]
         methods[name] = {
-            "seeds": seeds,
-            "final_exact_match": ems,
-            **_ci(ems),
+            **_seed_scores(runs),
             "tuned_lr": lr_for(name, lrs),
             "diverged": sum(runs[s].diverged for s in seeds),
             # training clocks of the whole run, mean and 95% CI over seeds (wall and CPU)
@@ -203,19 +220,17 @@ def _regime_summary(
     }
 
 
-def _ablation_summary(regime_dir: Path) -> dict[str, dict[str, Any]]:
-    """Per method of the regime's ablations part: exact match per seed, mean and 95% CI, and
-    how often the micro-dev buffer was refreshed and how many examples it swapped (mean per
-    run)."""
+def _ablation_summary(
+    regime_dir: Path, runs_loaded: Sequence[report_lib.Run]
+) -> dict[str, dict[str, Any]]:
+    """Per method of the regime's ablations part (those of ``runs_loaded``): exact match per
+    seed, mean and 95% CI, and how often the micro-dev buffer was refreshed and how many
+    examples it swapped (mean per run)."""
     out = {}
-    for name, runs in sorted(_runs_by_method([regime_dir / "ablations"]).items()):
-        seeds = sorted(runs)
-        ems = [100 * runs[s].final_exact_match for s in seeds]
-        summaries = [runs[s].summary or {} for s in seeds]
+    for name, runs in sorted(_runs_by_method([regime_dir / "ablations"], runs_loaded).items()):
+        summaries = [runs[s].summary or {} for s in sorted(runs)]
         out[name] = {
-            "seeds": seeds,
-            "final_exact_match": ems,
-            **_ci(ems),
+            **_seed_scores(runs),
             "microdev_refreshes": float(
                 np.mean([x.get("microdev_refreshes", 0) for x in summaries])
             ),
@@ -302,15 +317,15 @@ def build_summary(out_dir: str | Path) -> dict[str, Any]:
         if not lrs_path.is_file():
             lrs_path = out_dir / "lrs.yaml"  # a regime run at the clean regime's rates
         lrs = load_lrs(lrs_path) if lrs_path.is_file() else {}
-        found = _regime_summary(regime_dir, base_em, lrs, weights)
+        found = _regime_summary(regime_dir, base_em, lrs, weights, all_runs)
         if found["methods"]:
             regimes[regime] = found
-        for name, row in _ablation_summary(regime_dir).items():
+        for name, row in _ablation_summary(regime_dir, all_runs).items():
             ablations.setdefault(name, {})[regime] = row
-    clean = regimes.get("clean") or _regime_summary(out_dir, base_em, {}, weights)
+    clean = regimes.get("clean") or _regime_summary(out_dir, base_em, {}, weights, [])
     theta = next((r.config["controller"]["hacbo"]["theta_neg"] for r in all_runs if r.config), 0.04)
     cells: dict[tuple[str, float, str], list[report_lib.Run]] = {}
-    for run in _finished_runs(stability_root):
+    for run in (r for r in all_runs if r.path.is_relative_to(stability_root)):
         budget = run.path.parent.parent.name.removeprefix("budget_")
         lr = float(run.config["optim"]["lr"])
         cells.setdefault((run.method, lr, budget), []).append(run)
